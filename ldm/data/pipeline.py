@@ -1,0 +1,262 @@
+"""Streaming batches from WebDataset shards, the same way on one CPU or many DDP ranks.
+
+Training streams are infinite and sliced into a fixed number of batches per rank and epoch, so
+every rank takes the same number of optimiser steps whatever the shard sizes (uneven shards
+never hang or crash a run). Validation streams read every sample exactly once, split across
+ranks at the sample level and truncated to an equal count per rank.
+
+Rank and world size are passed in explicitly (the datamodule takes them from the Trainer);
+workers are found with torch.utils.data.get_worker_info(). All randomness is seeded from
+(seed, epoch, rank, worker), so a stream is reproducible.
+"""
+from __future__ import annotations
+
+import io
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from braceexpand import braceexpand
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ldm.data.index import ShardIndex, count_from_index
+from ldm.data.transforms import ImageTransform
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp")
+
+
+def expand_urls(urls: str | list[str]) -> list[str]:
+    """Shard URLs from a brace pattern, a '::'-separated list, a list, or a folder with an
+    index.json (its shards in order). `pipe:` and remote URLs pass through unchanged."""
+    items = [urls] if isinstance(urls, str) else list(urls)
+    out: list[str] = []
+    for item in items:
+        for part in str(item).split("::"):
+            path = Path(part)
+            if "://" not in part and not part.startswith("pipe:") and path.is_dir():
+                index = ShardIndex.load(path)
+                if index is None:
+                    raise FileNotFoundError(f"{path} is a folder without index.json; pass shard files or a brace pattern")
+                out.extend(str(path / name) for name in sorted(index.shards))
+            else:
+                out.extend(braceexpand(part))
+    if not out:
+        raise ValueError(f"no shards in {urls!r}")
+    local_missing = [u for u in out if "://" not in u and not u.startswith("pipe:") and not Path(u).exists()]
+    if local_missing:
+        raise FileNotFoundError(f"{len(local_missing)} shard(s) not found, e.g. {local_missing[0]}; "
+                                "write them with `python -m ldm.data.write` or fix data.*_urls")
+    return out
+
+
+def count_samples(urls: list[str]) -> int:
+    """Number of samples with an image member in `urls` (index files first, else a scan)."""
+    counted = count_from_index(urls)
+    if counted is not None:
+        return counted
+    stream = wds.tarfile_to_samples(handler=wds.warn_and_continue)({"url": u} for u in urls)
+    return sum(1 for s in stream if any(k in s for k in IMAGE_KEYS))
+
+
+@dataclass
+class SkipCounter:
+    """Samples dropped since the last emitted one (attached to the next batch as `skipped`)."""
+
+    pending: int = 0
+
+    def count(self) -> None:
+        self.pending += 1
+
+    def handler(self, exn: Exception) -> bool:
+        """webdataset exception handler (unreadable tar member or stream): count, continue."""
+        self.count()
+        return True
+
+    def take(self) -> int:
+        n, self.pending = self.pending, 0
+        return n
+
+
+@dataclass
+class SampleDecoder:
+    """Raw tar members -> a training sample dict (image tensor, caption, label, metadata).
+
+    `extra_keys` maps batch keys to member extensions decoded by type: json -> object,
+    txt -> str, cls -> int, npy -> tensor.
+    """
+
+    transform: ImageTransform
+    extra_keys: dict[str, str] = field(default_factory=dict)
+
+    def __call__(self, raw: dict, rng: random.Random) -> dict:
+        key = next((k for k in IMAGE_KEYS if k in raw), None)
+        if key is None:
+            raise ValueError(f"sample {raw.get('__key__')} in {raw.get('__url__')} has no image member")
+        with Image.open(io.BytesIO(raw[key])) as img:
+            img.load()
+            image = self.transform(img, rng)
+        sample = {
+            "image": image,
+            "caption": raw["txt"].decode("utf-8").strip() if "txt" in raw else "",
+            "class_label": int(raw["cls"]) if "cls" in raw else -1,
+            "meta": json.loads(raw["json"]) if "json" in raw else {},
+            "__key__": raw["__key__"],
+        }
+        for name, ext in self.extra_keys.items():
+            if ext not in raw:
+                raise KeyError(f"sample {raw['__key__']} lacks member .{ext} (data.extra_keys.{name})")
+            sample[name] = _decode_member(ext, raw[ext])
+        return sample
+
+
+def _decode_member(ext: str, data: bytes):
+    if ext.endswith("json"):
+        return json.loads(data)
+    if ext.endswith("txt"):
+        return data.decode("utf-8")
+    if ext.endswith("cls"):
+        return int(data)
+    if ext.endswith("npy"):
+        return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False))
+    return data
+
+
+def collate(samples: list[dict], skipped: int) -> dict:
+    """Stack a list of sample dicts into a batch dict."""
+    batch: dict = {"skipped": torch.tensor(skipped)}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        if isinstance(values[0], torch.Tensor):
+            batch[key] = torch.stack(values)
+        elif key == "class_label":
+            batch[key] = torch.tensor(values, dtype=torch.long)
+        else:
+            batch[key] = values
+    return batch
+
+
+class ShardStream(IterableDataset):
+    """Batches from WebDataset shards for one DDP rank.
+
+    train=True: an endless stream (shards split across ranks and workers, or resampled with
+    replacement), shuffled through a buffer of raw samples before decoding, cut to
+    `batches_per_epoch` batches per rank and epoch.
+    train=False: every sample once; rank r takes samples r, r + world, ...; each rank gets
+    floor(N / world) samples so all ranks run the same number of validation steps.
+    """
+
+    def __init__(self, urls: str | list[str], batch_size: int, decoder: SampleDecoder, *, train: bool,
+                 rank: int = 0, world_size: int = 1, seed: int = 0, batches_per_epoch: int | None = None,
+                 shuffle_buffer: int = 1000, resampled: bool = False, max_samples: int | None = None):
+        self.urls = expand_urls(urls)
+        if train and not batches_per_epoch:
+            raise ValueError("a training stream needs batches_per_epoch (data.batches_per_epoch) > 0")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.batch_size, self.decoder, self.train = batch_size, decoder, train
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.batches_per_epoch, self.shuffle_buffer, self.resampled = batches_per_epoch, shuffle_buffer, resampled
+        self.epoch = 0
+        self.samples_per_rank = None
+        if not train:
+            total = count_samples(self.urls)
+            if max_samples is not None:
+                total = min(total, max_samples)
+            self.samples_per_rank = total // world_size
+            if self.samples_per_rank == 0:
+                raise ValueError(f"validation set of {total} samples is smaller than the {world_size} ranks")
+
+    def __len__(self) -> int:
+        if self.train:
+            return self.batches_per_epoch
+        return (self.samples_per_rank + self.batch_size - 1) // self.batch_size
+
+    def _worker(self) -> tuple[int, int]:
+        info = get_worker_info()
+        return (0, 1) if info is None else (info.id, info.num_workers)
+
+    def _rng(self, *salt: int) -> random.Random:
+        state = np.random.SeedSequence([self.seed, self.epoch, self.rank, *salt]).generate_state(2)
+        return random.Random(int(state[0]) << 32 | int(state[1]))
+
+    def _train_shards(self, worker: int, n_workers: int) -> Iterator[dict]:
+        rng = self._rng(worker, 0)
+        if self.resampled:
+            while True:
+                yield {"url": rng.choice(self.urls)}
+        mine = self.urls[self.rank::self.world_size][worker::n_workers]
+        if not mine:
+            raise ValueError(
+                f"{len(self.urls)} shards cannot be split over {self.world_size} rank(s) x {n_workers} "
+                "worker(s): write more, smaller shards (--per-shard), use fewer data.num_workers, "
+                "or set data.resampled=true")
+        while True:  # endless passes over this worker's shards, reshuffled each pass
+            order = list(mine)
+            rng.shuffle(order)
+            yield from ({"url": u} for u in order)
+
+    def _batches(self, samples: Iterator[dict], counter: SkipCounter, rng: random.Random) -> Iterator[dict]:
+        batch: list[dict] = []
+        for raw in samples:
+            try:
+                sample = self.decoder(raw, rng)
+            except Exception:  # an undecodable sample is skipped and counted, never fatal
+                counter.count()
+                continue
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                yield collate(batch, counter.take())
+                batch = []
+        if batch:
+            yield collate(batch, counter.take())
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, n_workers = self._worker()
+        counter = SkipCounter()
+        rng = self._rng(worker, 1)
+        if self.train:
+            raw = wds.tarfile_to_samples(handler=counter.handler)(self._train_shards(worker, n_workers))
+            raw = wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=self._rng(worker, 2))(raw)
+            share = self.batches_per_epoch // n_workers + (worker < self.batches_per_epoch % n_workers)
+            for n, batch in enumerate(self._batches(raw, counter, rng)):
+                if n >= share:
+                    break
+                yield batch
+        else:
+            raw = wds.tarfile_to_samples(handler=counter.handler)({"url": u} for u in self.urls)
+            yield from self._batches(self._val_samples(raw, worker, n_workers), counter, rng)
+
+    def _val_samples(self, raw: Iterator[dict], worker: int, n_workers: int) -> Iterator[dict]:
+        for i, sample in enumerate(s for s in raw if any(k in s for k in IMAGE_KEYS)):
+            j, r = divmod(i, self.world_size)
+            if j >= self.samples_per_rank:
+                return
+            if r == self.rank and j % n_workers == worker:
+                yield sample
+
+
+class EpochLoader(DataLoader):
+    """DataLoader that tells its ShardStream the epoch before each pass, so every epoch draws a
+    new shuffle. (Lightning's set_epoch hook only reaches samplers, which iterable datasets lack.)
+    Workers are forked per pass and receive the updated epoch."""
+
+    def __init__(self, dataset: ShardStream, start_epoch: int = 0, **kwargs):
+        super().__init__(dataset, batch_size=None, **kwargs)
+        self._next_epoch = start_epoch
+
+    def __iter__(self):
+        self.dataset.epoch = self._next_epoch
+        self._next_epoch += 1
+        return super().__iter__()
+
+
+def make_loader(dataset: ShardStream, num_workers: int, start_epoch: int = 0) -> EpochLoader:
+    """A loader over `dataset`: batching happens in the dataset, so batch_size=None here."""
+    return EpochLoader(dataset, start_epoch=start_epoch, num_workers=num_workers,
+                       pin_memory=torch.cuda.is_available(), persistent_workers=False)

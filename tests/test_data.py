@@ -1,0 +1,259 @@
+"""Synthetic dataset, shard writer, shard reader and datamodule."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldm.data.datamodule import ShardDataModule
+from ldm.data.index import ShardIndex
+from ldm.data.pipeline import SampleDecoder, ShardStream, count_samples, expand_urls, make_loader
+from ldm.data.sources import FolderSource, SyntheticSource, TarShardSource
+from ldm.data.synthetic import NUM_CLASSES, SHAPES, ShapesGenerator, class_label, describe_class
+from ldm.data.transforms import ImageTransform
+from ldm.data.write import main as write_main
+from ldm.data.write import write_shards
+
+
+def _pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image)
+
+
+def test_synthetic_is_deterministic_and_varied():
+    a, b = ShapesGenerator(64, seed=3), ShapesGenerator(64, seed=3)
+    for i in (0, 5, 123):
+        assert np.array_equal(_pixels(a[i].image), _pixels(b[i].image))
+        assert a[i].caption == b[i].caption
+    other = ShapesGenerator(64, seed=4)
+    assert not np.array_equal(_pixels(a[0].image), _pixels(other[0].image))
+    captions = {a[i].caption for i in range(200)}
+    assert len(captions) > 190
+    counts = {a[i].labels["n_objects"] for i in range(200)}
+    assert counts == {1, 2, 3}
+    shapes_seen = {a[i].labels["shape"] for i in range(200)}
+    assert shapes_seen == set(range(len(SHAPES)))
+
+
+def test_synthetic_caption_matches_labels_and_resolutions():
+    g = ShapesGenerator(32, seed=0)
+    for i in range(50):
+        s = g[i]
+        first = s.objects[0]
+        assert s.caption.startswith(f"a {first.size} {first.color} {first.shape}")
+        assert s.caption.endswith(f"on a {s.background} background")
+        assert s.labels["class_label"] == class_label(first.shape, first.color)
+        assert describe_class(s.labels["class_label"]) == f"{first.color} {first.shape}"
+        assert 0 <= s.labels["class_label"] < NUM_CLASSES
+    assert ShapesGenerator(512, seed=0)[0].image.size == (512, 512)
+    with pytest.raises(ValueError, match="resolution"):
+        ShapesGenerator(16)
+
+
+def test_objects_do_not_overlap():
+    g = ShapesGenerator(64, seed=1)
+    from ldm.data.synthetic import SIZES
+
+    for i in range(300):
+        objs = g[i].objects
+        for j, o in enumerate(objs):
+            for p in objs[j + 1:]:
+                assert np.hypot(o.cx - p.cx, o.cy - p.cy) > SIZES[o.size] + SIZES[p.size]
+
+
+def _read_all(urls, size=64, world=1, rank=0, batch=7, workers=0):
+    stream = ShardStream(urls, batch, SampleDecoder(ImageTransform(size)), train=False, rank=rank, world_size=world)
+    return list(make_loader(stream, workers))
+
+
+def test_write_and_read_back_exactly(tmp_path):
+    index = write_shards(SyntheticSource(25, 64, seed=7), tmp_path / "s", per_shard=10, progress=False)
+    assert index.shards == {"shard-000000.tar": 10, "shard-000001.tar": 10, "shard-000002.tar": 5}
+    assert ShardIndex.load(tmp_path / "s").total == 25
+    with tarfile.open(tmp_path / "s" / "shard-000000.tar") as tar:
+        names = tar.getnames()
+    assert names[:4] == ["000000000.png", "000000000.txt", "000000000.cls", "000000000.json"]
+    batches = _read_all(str(tmp_path / "s"))
+    assert [len(b["caption"]) for b in batches] == [7, 7, 7, 4]
+    g = ShapesGenerator(64, seed=7)
+    keys = [k for b in batches for k in b["__key__"]]
+    assert keys == [f"{i:09d}" for i in range(25)]
+    images = torch.cat([b["image"] for b in batches])
+    for i in (0, 13, 24):
+        expected = torch.from_numpy(_pixels(g[i].image).astype(np.float32)).permute(2, 0, 1) / 127.5 - 1
+        assert torch.equal(images[i], expected)
+    captions = [c for b in batches for c in b["caption"]]
+    labels = torch.cat([b["class_label"] for b in batches])
+    assert captions[13] == g[13].caption and labels[13].item() == g[13].labels["class_label"]
+    assert batches[0]["meta"][0]["objects"][0]["shape"] == g[0].objects[0].shape
+
+
+def test_writer_resumes_after_a_kill_and_refuses_other_settings(tmp_path):
+    out = tmp_path / "s"
+    reference = write_shards(SyntheticSource(30, 32, seed=1), tmp_path / "ref", per_shard=10, progress=False)
+
+    class Dying(SyntheticSource):
+        def iter_from(self, start):
+            for i, m in enumerate(super().iter_from(start)):
+                if start + i == 24:
+                    raise KeyboardInterrupt  # killed while writing the third shard
+                yield m
+
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(Dying(30, 32, seed=1), out, per_shard=10, progress=False)
+    assert sorted(ShardIndex.load(out).shards) == ["shard-000000.tar", "shard-000001.tar"]
+    first_mtime = (out / "shard-000000.tar").stat().st_mtime_ns
+    index = write_shards(SyntheticSource(30, 32, seed=1), out, per_shard=10, progress=False)
+    assert index.shards == reference.shards
+    assert (out / "shard-000000.tar").stat().st_mtime_ns == first_mtime  # complete shards are skipped
+    for name in reference.shards:
+        assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
+    assert not list(out.glob("*.tmp"))
+
+    with pytest.raises(FileExistsError, match="per_shard"):
+        write_shards(SyntheticSource(30, 32, seed=1), out, per_shard=5, progress=False)
+    index = write_shards(SyntheticSource(30, 32, seed=1), out, per_shard=5, overwrite=True, progress=False)
+    assert len(index.shards) == 6 and not (out / "shard-000000.tar").read_bytes() == b""
+
+
+def test_cli_synthetic(tmp_path, capsys):
+    write_main(["synthetic", "--out", str(tmp_path / "c"), "--n", "12", "--per-shard", "5",
+                "--resolution", "32", "--format", "jpg", "--quiet"])
+    assert "12 samples in 3 shards" in capsys.readouterr().out
+    with tarfile.open(tmp_path / "c" / "shard-000002.tar") as tar:
+        assert "000000010.jpg" in tar.getnames()
+
+
+def _png(color, size=(40, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_folder_source_with_labels_captions_and_a_corrupt_file(tmp_path):
+    root = tmp_path / "imgs"
+    for cls, color in (("cats", (200, 0, 0)), ("dogs", (0, 200, 0))):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            (root / cls / f"{i}.png").write_bytes(_png(color))
+    (root / "cats" / "0.txt").write_text("a red cat\n")
+    (root / "dogs" / "broken.png").write_bytes(b"not an image")
+    table = tmp_path / "captions.csv"
+    with table.open("w", newline="") as fh:
+        csv.writer(fh).writerows([("file", "caption"), ("dogs/1.png", "a green dog")])
+    src = FolderSource(root, captions=table, labels_from_folders=True)
+    assert src.classes == ["cats", "dogs"] and len(src) == 7
+    index = write_shards(src, tmp_path / "out", per_shard=4, progress=False)
+    assert index.total == 6 and index.settings["skipped"] == 1 and index.classes == ["cats", "dogs"]
+    batches = _read_all(str(tmp_path / "out"), size=24, batch=10)
+    b = batches[0]
+    by_file = {m["source_file"]: (c, int(lbl)) for m, c, lbl in zip(b["meta"], b["caption"], b["class_label"])}
+    assert by_file["cats/0.png"] == ("a red cat", 0)
+    assert by_file["dogs/1.png"] == ("a green dog", 1)
+    assert by_file["dogs/2.png"] == ("", 1)
+    assert b["image"].shape == (6, 3, 24, 24)
+
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text(json.dumps({"file": "0.png", "caption": "by name"}) + "\n")
+    assert FolderSource(root, captions=jsonl)._caption(root / "dogs" / "0.png") == "by name"
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path,text\nx,y\n")
+    with pytest.raises(ValueError, match="'file' and 'caption'"):
+        FolderSource(root, captions=bad)
+
+
+def test_img2dataset_shards_are_resharded_without_reencoding(tmp_path):
+    src = tmp_path / "in-00000.tar"
+    blobs = {}
+    with tarfile.open(src, "w") as tar:
+        for i in range(5):
+            key = f"{i:09d}"
+            blobs[key] = _png((i * 40, 10, 10))
+            for ext, data in (("jpg", blobs[key]), ("txt", f"caption {i}".encode()),
+                              ("json", json.dumps({"url": f"http://x/{i}", "width": 40}).encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    index = write_shards(TarShardSource([str(src)]), tmp_path / "out", per_shard=2, progress=False)
+    assert index.total == 5 and len(index.shards) == 3
+    with tarfile.open(tmp_path / "out" / "shard-000001.tar") as tar:
+        assert tar.extractfile("000000002.jpg").read() == blobs["000000002"]
+    captions = [c for b in _read_all(str(tmp_path / "out"), size=16) for c in b["caption"]]
+    assert captions == [f"caption {i}" for i in range(5)]
+
+
+def _write_with_corrupt_member(path: Path, n: int, corrupt: set[int]) -> None:
+    g = ShapesGenerator(32, seed=0)
+    with tarfile.open(path, "w") as tar:
+        for i in range(n):
+            buf = io.BytesIO()
+            g[i].image.save(buf, format="PNG")
+            data = b"\x89PNG garbage" if i in corrupt else buf.getvalue()
+            for ext, blob in (("png", data), ("txt", g[i].caption.encode())):
+                info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                info.size = len(blob)
+                tar.addfile(info, io.BytesIO(blob))
+
+
+def test_corrupt_samples_are_skipped_and_counted(tmp_path):
+    _write_with_corrupt_member(tmp_path / "a.tar", 10, corrupt={3, 7})
+    batches = _read_all(str(tmp_path / "a.tar"), size=32, batch=4)
+    assert sum(len(b["caption"]) for b in batches) == 8
+    assert sum(int(b["skipped"]) for b in batches) == 2
+    train = ShardStream(str(tmp_path / "a.tar"), 4, SampleDecoder(ImageTransform(32)), train=True,
+                        batches_per_epoch=6, shuffle_buffer=5)
+    got = list(make_loader(train, 0))
+    assert len(got) == 6  # the stream keeps going past corrupt samples
+    assert sum(int(b["skipped"]) for b in got) >= 2
+
+
+def test_train_stream_is_seeded_per_epoch_and_pipe_urls_work(tmp_path):
+    write_shards(SyntheticSource(40, 32, seed=0), tmp_path / "s", per_shard=10, progress=False)
+    urls = expand_urls(str(tmp_path / "s"))
+    assert len(urls) == 4 and count_samples(urls) == 40
+
+    def keys(epoch, seed=0):
+        stream = ShardStream(urls, 5, SampleDecoder(ImageTransform(32)), train=True, batches_per_epoch=4,
+                             shuffle_buffer=20, seed=seed)
+        loader = make_loader(stream, 0, start_epoch=epoch)
+        return [k for b in loader for k in b["__key__"]]
+
+    assert keys(0) == keys(0)
+    assert keys(0) != keys(1)
+    assert keys(0) != keys(0, seed=1)
+    piped = [f"pipe:cat {u}" for u in urls]
+    assert count_samples(piped) == 40
+    assert sum(len(b["caption"]) for b in _read_all(piped, size=32)) == 40
+    with pytest.raises(FileNotFoundError, match="ldm.data.write"):
+        expand_urls(str(tmp_path / "s" / "shard-{000000..000009}.tar"))
+
+
+def test_too_few_shards_for_workers_is_a_clear_error(tmp_path):
+    write_shards(SyntheticSource(10, 32, seed=0), tmp_path / "s", per_shard=10, progress=False)
+    stream = ShardStream(str(tmp_path / "s"), 2, SampleDecoder(ImageTransform(32)), train=True,
+                         rank=1, world_size=2, batches_per_epoch=2)
+    with pytest.raises(ValueError, match="resampled"):
+        next(iter(make_loader(stream, 0)))
+    stream.resampled = True
+    assert len(list(make_loader(stream, 0))) == 2
+
+
+def test_datamodule_writes_synthetic_shards(tmp_path):
+    dm = ShardDataModule(str(tmp_path / "train"), str(tmp_path / "val"), image_size=32, batch_size=4,
+                         num_workers=0, batches_per_epoch=3,
+                         synthetic={"train_samples": 20, "val_samples": 6, "resolution": 32, "per_shard": 10})
+    dm.prepare_data()
+    assert ShardIndex.load(tmp_path / "train").total == 20
+    assert ShardIndex.load(tmp_path / "val").total == 6
+    train = list(dm.train_dataloader())
+    assert len(train) == 3 and train[0]["image"].shape == (4, 3, 32, 32)
+    assert [len(b["caption"]) for b in dm.val_dataloader()] == [4, 2]
+    val_captions = {c for b in dm.val_dataloader() for c in b["caption"]}
+    train_captions = {ShapesGenerator(32, seed=0)[i].caption for i in range(20)}
+    assert not val_captions & train_captions

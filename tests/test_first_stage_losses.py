@@ -17,7 +17,7 @@ from ldm.first_stage.losses import (
     kl_term,
     vanilla_d_loss,
 )
-from ldm.nets.discriminator import NLayerDiscriminator
+from ldm.nets.discriminator import NLayerDiscriminator, weights_init
 from ldm.utils.checkpoint import load_strict
 
 
@@ -141,7 +141,8 @@ def test_kl_loss_generator_step_matches_manual_recomputation():
 
     torch.testing.assert_close(loss, expected)
     assert set(log) == {f"train/{k}" for k in
-                        ("total_loss", "logvar", "kl_loss", "nll_loss", "rec_loss", "d_weight", "disc_factor", "g_loss")}
+                        ("total_loss", "logvar", "kl_loss", "nll_loss", "rec_loss", "d_weight", "disc_factor",
+                         "g_loss")}
     torch.testing.assert_close(log["train/total_loss"], expected.detach())
     torch.testing.assert_close(log["train/nll_loss"], nll.detach())
     torch.testing.assert_close(log["train/kl_loss"], kl.detach())
@@ -160,7 +161,8 @@ def test_kl_loss_before_disc_start_is_nll_plus_kl():
     loss, log = loss_fn(x, xr, posterior, 0, global_step=99, last_layer=last)
     torch.testing.assert_close(loss, log["train/nll_loss"] + 1e-2 * log["train/kl_loss"])
     assert log["train/disc_factor"].item() == 0.0
-    assert log["train/d_weight"].item() > 0  # still computed and logged, as in the reference
+    # the GAN term is off: neither the discriminator nor the gradient norms are evaluated
+    assert log["train/d_weight"].item() == 0.0 and log["train/g_loss"].item() == 0.0
 
 
 def test_kl_loss_l2_and_weights():
@@ -251,7 +253,8 @@ def test_vq_loss_generator_step_matches_manual_recomputation():
 
     torch.testing.assert_close(loss, expected)
     assert set(log) == {f"train/{k}" for k in
-                        ("total_loss", "quant_loss", "nll_loss", "rec_loss", "p_loss", "d_weight", "disc_factor", "g_loss")}
+                        ("total_loss", "quant_loss", "nll_loss", "rec_loss", "p_loss", "d_weight", "disc_factor",
+                         "g_loss")}
     torch.testing.assert_close(log["train/nll_loss"], nll.detach())
     torch.testing.assert_close(log["train/p_loss"], p.mean().detach())
     torch.testing.assert_close(log["train/d_weight"], d_weight.detach())
@@ -270,7 +273,8 @@ def test_vq_loss_discriminator_step():
     assert set(log) == {"train/disc_loss", "train/logits_real", "train/logits_fake"}
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning:torchvision")  # lpips passes the deprecated `pretrained=`
+# lpips passes torchvision the deprecated `pretrained=` argument
+@pytest.mark.filterwarnings("ignore::UserWarning:torchvision")
 def test_kl_loss_with_lpips_random_backbone():
     """The real LPIPS module (random trunk, packaged linear heads: nothing is downloaded) fits
     the perceptual slot: it is frozen and stays in eval mode."""
@@ -325,6 +329,12 @@ def test_discriminator_init_and_norm_variants():
     assert abs(disc.main[8].weight.std().item() - 0.02) < 5e-4 and abs(disc.main[8].weight.mean().item()) < 1e-3
     assert abs(disc.main[9].weight.mean().item() - 1.0) < 5e-3 and abs(disc.main[9].weight.std().item() - 0.02) < 5e-3
     assert torch.count_nonzero(disc.main[9].bias) == 0
+    norm = nn.GroupNorm(2, 8)
+    nn.init.constant_(norm.bias, 3.0)
+    conv = nn.Conv2d(8, 8, 3)
+    nn.init.constant_(conv.bias, 3.0)
+    nn.Sequential(norm, conv).apply(weights_init)
+    assert torch.count_nonzero(norm.bias) == 0 and (conv.bias == 3.0).all()  # conv biases keep their init
 
     group = NLayerDiscriminator(ndf=32, norm="group")
     assert [type(group.main[i]) for i in (3, 6, 9)] == [nn.GroupNorm] * 3

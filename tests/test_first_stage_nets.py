@@ -20,7 +20,7 @@ REFERENCE_MODELS = ("txt_crossattn_f4", "uncond_selfattn_f4")
 
 
 def tiny_ddconfig(**overrides):
-    cfg = dict(double_z=True, z_channels=4, resolution=32, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2],
+    cfg = dict(double_z=True, z_channels=4, resolution=16, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2],
                num_res_blocks=1, attn_resolutions=[], dropout=0.0)
     cfg.update(overrides)
     return cfg
@@ -39,17 +39,23 @@ def reference_first_stage(reference_dir, name):
 
 # --- shapes and layout ------------------------------------------------------------------------------
 
+def image_side(f):
+    """Smallest test image for f (the machine is slow): 16 px, or one latent pixel."""
+    return max(16, f)
+
+
 @pytest.mark.parametrize("f", ALL_F)
 def test_kl_shapes_for_every_f(f):
     torch.manual_seed(0)
-    ddconfig = first_stage_ddconfig(f, ch=32, num_res_blocks=1, resolution=64)
+    side = image_side(f)
+    ddconfig = first_stage_ddconfig(f, ch=32, num_res_blocks=1, resolution=side)
     model = AutoencoderKL(ddconfig, embed_dim=ddconfig["z_channels"]).eval()
     assert model.downsampling_factor == f and len(ddconfig["ch_mult"]) == int(math.log2(f)) + 1
-    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    x = torch.rand(2, 3, side, side) * 2 - 1
     with torch.no_grad():
         posterior = model.encode(x)
         z = posterior.sample()
-        assert z.shape == (2, model.latent_channels, 64 // f, 64 // f)
+        assert z.shape == (2, model.latent_channels, side // f, side // f)
         assert posterior.logvar.shape == z.shape
         assert model.decode(z).shape == x.shape
     # The decoder mirrors the encoder: up[i] sits at the resolution of down[i], with one extra block.
@@ -63,17 +69,18 @@ def test_kl_shapes_for_every_f(f):
 @pytest.mark.parametrize("f", ALL_F)
 def test_vq_shapes_for_every_f(f):
     torch.manual_seed(0)
-    ddconfig = first_stage_ddconfig(f, ch=32, num_res_blocks=1, resolution=64, z_channels=3, double_z=False)
+    side = image_side(f)
+    ddconfig = first_stage_ddconfig(f, ch=32, num_res_blocks=1, resolution=side, z_channels=3, double_z=False)
     model = AutoencoderVQ(ddconfig, n_embed=16, embed_dim=3).eval()
-    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    x = torch.rand(2, 3, side, side) * 2 - 1
     with torch.no_grad():
         latent = model.encode(x)
-        assert latent.sample().shape == (2, 3, 64 // f, 64 // f)
+        assert latent.sample().shape == (2, 3, side // f, side // f)
         assert model.decode(latent.sample()).shape == x.shape
         reconstruction, loss, info = model(x)
     assert model.downsampling_factor == f and model.latent_channels == 3
     assert reconstruction.shape == x.shape and loss.dim() == 0
-    assert info.indices.shape == (2, 64 // f, 64 // f) and int(info.indices.max()) < 16
+    assert info.indices.shape == (2, side // f, side // f) and int(info.indices.max()) < 16
     assert 1.0 <= float(info.perplexity) <= 16.0 + 1e-4
 
 
@@ -91,7 +98,7 @@ def test_paper_ddconfig_per_f():
 def test_decoder_last_layer_is_final_conv_and_gets_gradient():
     model = AutoencoderKL(tiny_ddconfig(), embed_dim=4)
     assert model.decoder.last_layer is model.decoder.conv_out.weight
-    reconstruction, _ = model(torch.randn(1, 3, 32, 32))
+    reconstruction, _ = model(torch.randn(1, 3, 16, 16))
     (grad,) = torch.autograd.grad(reconstruction.abs().mean(), model.decoder.last_layer)
     assert grad.shape == model.decoder.conv_out.weight.shape and grad.abs().sum() > 0
 
@@ -152,8 +159,8 @@ def test_diffusers_vae_converts_both_ways():
 
     ours = AutoencoderKL(ddconfig, embed_dim=4).eval()
     load_strict(ours, from_diffusers(theirs.state_dict()), source="diffusers")
-    x = torch.rand(2, 3, 32, 32) * 2 - 1
-    z = torch.randn(2, 4, 16, 16)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    z = torch.randn(2, 4, 8, 8)
     with torch.no_grad():
         their_posterior, our_posterior = theirs.encode(x).latent_dist, ours.encode(x)
         torch.testing.assert_close(our_posterior.mean, their_posterior.mean, rtol=1e-5, atol=1e-6)
@@ -170,7 +177,7 @@ def test_diffusers_vae_converts_both_ways():
 
 
 def test_diffusers_export_refuses_inexpressible_models():
-    model = AutoencoderKL(tiny_ddconfig(attn_resolutions=[16]), embed_dim=4)
+    model = AutoencoderKL(tiny_ddconfig(attn_resolutions=[8]), embed_dim=4)
     with pytest.raises(ValueError, match="attn_resolutions"):
         to_diffusers(model.state_dict())
     with pytest.raises(ValueError, match="attn_resolutions"):
@@ -207,7 +214,7 @@ def test_diagonal_gaussian_clamps_logvar():
 def test_kl_forward_samples_or_takes_the_mean():
     torch.manual_seed(0)
     model = AutoencoderKL(tiny_ddconfig(), embed_dim=4).eval()
-    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
     with torch.no_grad():
         posterior = model.encode(x)
         from_mean, _ = model(x, sample_posterior=False)
@@ -239,7 +246,7 @@ def test_vq_loss_and_gradients_follow_the_formula(legacy):
     z_q, loss, info = vq(z)
     torch.testing.assert_close(z_q, HAND_CODES)
     assert info.indices.tolist() == [[[0, 1, 1]]]
-    assert float(loss) == pytest.approx(1.25 * HAND_MSE)  # both terms have the same value
+    assert loss.item() == pytest.approx(1.25 * HAND_MSE)  # both terms have the same value
     p = torch.tensor([1 / 3, 2 / 3])
     assert float(info.perplexity) == pytest.approx(math.exp(-(p * p.log()).sum().item()), rel=1e-5)
     assert float(info.usage) == pytest.approx(2 / 3)
@@ -267,7 +274,7 @@ def test_ema_codebook_moves_codes_towards_assigned_vectors():
     assert not vq.embedding.weight.requires_grad
     z = HAND_Z.clone().requires_grad_(True)
     _, loss, _ = vq.train()(z)
-    assert float(loss) == pytest.approx(0.25 * HAND_MSE)  # commitment only
+    assert loss.item() == pytest.approx(0.25 * HAND_MSE)  # commitment only
     # One update, decay 0.5, counts start at 1: code 1 got (0.9, 1.2) and (0.8, 0.7).
     code1 = (0.5 * torch.tensor([1.0, 1.0]) + 0.5 * torch.tensor([1.7, 1.9])) / (0.5 * 1 + 0.5 * 2)
     code0 = (0.5 * torch.tensor([0.0, 0.0]) + 0.5 * torch.tensor([0.1, 0.2])) / (0.5 * 1 + 0.5 * 1)
@@ -294,7 +301,7 @@ def test_quantizer_rejects_bad_settings():
 def test_vq_encode_is_pre_quantisation_and_decode_quantises():
     torch.manual_seed(0)
     model = AutoencoderVQ(tiny_ddconfig(double_z=False), n_embed=8, embed_dim=4).eval()
-    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
     with torch.no_grad():
         latent = model.encode(x)
         assert isinstance(latent, DeterministicLatent)
@@ -323,8 +330,8 @@ def test_identity_first_stage_is_pixel_space():
 @pytest.mark.parametrize("overrides, embed_dim, image_size, names", [
     (dict(ch_mult=[1, 1, 1, 1, 1, 1, 1]), 4, None, "ddconfig.ch_mult"),  # f = 64
     (dict(ch=8), 4, None, "ddconfig.ch"),  # GroupNorm(32) cannot split 8 channels
-    (dict(resolution=30), 4, None, "ddconfig.resolution"),
-    (dict(), 4, 50, "image_size"),
+    (dict(resolution=15), 4, None, "ddconfig.resolution"),
+    (dict(), 4, 33, "image_size"),
     (dict(attn_resolutions=[12]), 4, None, "ddconfig.attn_resolutions"),
     (dict(double_z=False), 4, None, "ddconfig.double_z"),
     (dict(), 3, None, "embed_dim"),

@@ -143,15 +143,23 @@ def test_forward_refuses_inconsistent_inputs(call, match):
 
 # --- precision and memory ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_autocast_forward_and_backward_close_to_fp32(dtype):
-    model = randomize(UNetModel(**dict(CROSS, num_classes=3)))
+AUTOCAST_MODELS = {
+    "crossattn_class": (dict(CROSS, num_classes=3), {"context": torch.randn(2, 3, 16), "y": torch.tensor([0, 2])}),
+    "selfattn_updown": (dict(TINY, attention_resolutions=[1, 2], num_head_channels=16, use_scale_shift_norm=True,
+                             resblock_updown=True), {}),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("kind", list(AUTOCAST_MODELS))
+def test_autocast_forward_and_backward_close_to_fp32(kind, dtype):
+    kwargs, cond = AUTOCAST_MODELS[kind]
+    model = randomize(UNetModel(**kwargs))
     x, t = _inputs()
-    ctx, y = torch.randn(2, 3, 16), torch.tensor([0, 2])
     with torch.no_grad():
-        ref = model(x, t, ctx, y)
+        ref = model(x, t, **cond)
     with torch.autocast("cpu", dtype=dtype):
-        out = model(x, t, ctx, y)
+        out = model(x, t, **cond)
     assert out.dtype == torch.float32
     err = ((out.detach() - ref).norm() / ref.norm()).item()
     assert 0 < err < 3e-2  # reduced precision really ran, and stayed close

@@ -28,7 +28,7 @@ _DIFFUSERS_FIXED: dict[str, Any] = {
     "center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0,
     "mid_block_type": "UNetMidBlock2DCrossAttn", "only_cross_attention": False, "downsample_padding": 1,
     "mid_block_scale_factor": 1, "act_fn": "silu", "norm_num_groups": 32, "norm_eps": 1e-5,
-    "dual_cross_attention": False, "use_linear_projection": False, "upcast_attention": False,
+    "dual_cross_attention": False, "use_linear_projection": False,
     "num_attention_heads": None, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
     "addition_embed_type": None, "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
     "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
@@ -108,8 +108,26 @@ def diffusers_config_from_unet_kwargs(unet_kwargs: Mapping[str, Any], sample_siz
         num_class_embeds=cfg["num_classes"],
         class_embed_type="projection" if cfg["adm_in_channels"] is not None else None,
         projection_class_embeddings_input_dim=cfg["adm_in_channels"],
+        upcast_attention=False,  # a precision setting only; accepted either way on import
     )
     return config
+
+
+def _single(value: Any) -> Any:
+    """A per-block diffusers entry that must hold one value: that value, or None when it varies."""
+    if isinstance(value, (list, tuple)):
+        return value[0] if len(set(value)) == 1 else None
+    return value
+
+
+def _heads_rule(widths: list[int], heads: list[int]) -> tuple[int, int] | None:
+    """(num_heads, num_head_channels) giving `heads` at `widths`: a fixed count or a fixed width."""
+    if len(set(heads)) == 1:
+        return heads[0], -1
+    head_widths = {w // h for w, h in zip(widths, heads)}
+    if len(head_widths) == 1 and all(w % h == 0 for w, h in zip(widths, heads)):
+        return -1, head_widths.pop()
+    return None
 
 
 def unet_kwargs_from_diffusers_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -120,49 +138,43 @@ def unet_kwargs_from_diffusers_config(config: Mapping[str, Any]) -> dict[str, An
     attn = [t == "CrossAttnDownBlock2D" for t in down]
     if any(t not in ("CrossAttnDownBlock2D", "DownBlock2D") for t in down):
         wrong["down_block_types"] = down
-    expected_up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)]
-    if list(config["up_block_types"]) != expected_up:
+    if list(config["up_block_types"]) != ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)]:
         wrong["up_block_types"] = list(config["up_block_types"])
     class_type = config.get("class_embed_type")
     if class_type not in (None, "projection"):
         wrong["class_embed_type"] = class_type
-    depth = config.get("transformer_layers_per_block", 1)
-    if not isinstance(depth, int):
-        if len(set(depth)) != 1:
-            wrong["transformer_layers_per_block"] = depth
-        depth = int(depth[0])
-    widths = list(config["block_out_channels"])
-    base = widths[0]
-    if any(w % base for w in widths):
+    time_shift = config.get("resnet_time_scale_shift", "default")
+    if time_shift not in ("default", "scale_shift"):
+        wrong["resnet_time_scale_shift"] = time_shift
+    single = {k: _single(config.get(k, d)) for k, d in
+              (("transformer_layers_per_block", 1), ("layers_per_block", None), ("cross_attention_dim", None))}
+    wrong.update({k: config.get(k) for k, v in single.items() if v is None})
+    widths = [int(w) for w in config["block_out_channels"]]
+    if any(w % widths[0] for w in widths):
         wrong["block_out_channels"] = widths
     heads = config["attention_head_dim"]
-    heads = [int(heads)] * len(widths) if isinstance(heads, int) else [int(h) for h in heads]
-    if len(set(heads)) == 1:
-        num_heads, num_head_channels = heads[0], -1
-    elif len({w // h for w, h in zip(widths, heads)}) == 1 and all(w % h == 0 for w, h in zip(widths, heads)):
-        num_heads, num_head_channels = -1, widths[0] // heads[0]
-    else:
-        wrong["attention_head_dim"] = heads  # neither a fixed head count nor a fixed head width
+    heads = [int(h) for h in heads] if isinstance(heads, (list, tuple)) else [int(heads)] * len(widths)
+    rule = _heads_rule(widths, heads)
+    if rule is None:
+        wrong["attention_head_dim"] = heads
     if wrong:
         raise ValueError(f"diffusers UNet config entries without a UNetModel equivalent: {wrong}")
-    if config.get("cross_attention_dim") is None:
-        raise ValueError("the diffusers config has no cross_attention_dim")
     return dict(
         in_channels=config["in_channels"],
         out_channels=config["out_channels"],
-        model_channels=base,
-        num_res_blocks=config["layers_per_block"],
+        model_channels=widths[0],
+        num_res_blocks=single["layers_per_block"],
         attention_resolutions=[2 ** level for level, a in enumerate(attn) if a],
         dropout=config.get("dropout", 0.0),
-        channel_mult=[w // base for w in widths],
+        channel_mult=[w // widths[0] for w in widths],
         num_classes=config.get("num_class_embeds"),
         adm_in_channels=config.get("projection_class_embeddings_input_dim") if class_type == "projection" else None,
-        num_heads=num_heads,
-        num_head_channels=num_head_channels,
-        use_scale_shift_norm=config.get("resnet_time_scale_shift", "default") == "scale_shift",
+        num_heads=rule[0],
+        num_head_channels=rule[1],
+        use_scale_shift_norm=time_shift == "scale_shift",
         use_spatial_transformer=True,
-        transformer_depth=depth,
-        context_dim=config["cross_attention_dim"],
+        transformer_depth=single["transformer_layers_per_block"],
+        context_dim=single["cross_attention_dim"],
     )
 
 
@@ -202,7 +214,8 @@ def _module_map(cfg: Mapping[str, Any]) -> dict[str, str]:
     return mapping
 
 
-def _rename(state_dict: Mapping[str, torch.Tensor], modules: Mapping[str, str], direction: str) -> dict[str, torch.Tensor]:
+def _rename(state_dict: Mapping[str, torch.Tensor], modules: Mapping[str, str],
+            direction: str) -> dict[str, torch.Tensor]:
     """Rename keys by their longest module prefix found in `modules`; refuse keys without one."""
     out, unmapped = {}, []
     for key, value in state_dict.items():

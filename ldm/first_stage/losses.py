@@ -129,7 +129,7 @@ class _AdversarialFirstStageLoss(nn.Module):
         lets Lightning switch on LPIPS's dropout during training, which only adds noise."""
         super().train(mode)
         if self.perceptual_loss is not None:
-            pass
+            self.perceptual_loss.eval()
         return self
 
     def reconstruction_terms(self, inputs: Tensor, reconstructions: Tensor) -> tuple[Tensor, Tensor]:
@@ -161,7 +161,20 @@ class _AdversarialFirstStageLoss(nn.Module):
         """-mean D(x_rec) for the autoencoder step; gradients reach the reconstructions."""
         return generator_adversarial_loss(self.discriminator(reconstructions.contiguous()))
 
-    def discriminator_step(self, inputs: Tensor, reconstructions: Tensor, global_step: int, split: str) -> tuple[Tensor, dict[str, Tensor]]:
+    def gan_terms(self, nll_loss: Tensor, reconstructions: Tensor, last_layer: Tensor | None,
+                  disc_factor: float) -> tuple[Tensor, Tensor]:
+        """(g_loss, d_weight) of the autoencoder step. While the discriminator is off
+        (disc_factor 0, e.g. before disc_start) the term is multiplied by 0, so both are 0 without
+        running the discriminator or the two gradient norms (the reference computes them anyway)."""
+        if disc_factor == 0.0:
+            zero = torch.zeros((), device=reconstructions.device)
+            return zero, zero
+        g_loss = self.generator_loss(reconstructions)
+        return g_loss, self.adaptive_weight(nll_loss, g_loss, last_layer)
+
+    def discriminator_step(
+        self, inputs: Tensor, reconstructions: Tensor, global_step: int, split: str
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Discriminator loss on detached real and reconstructed images, and its log."""
         logits_real = self.discriminator(inputs.contiguous().detach())
         logits_fake = self.discriminator(reconstructions.contiguous().detach())
@@ -241,12 +254,8 @@ class KLAutoencoderLoss(_AdversarialFirstStageLoss):
         nll_loss = nll.sum() / batch
         kl_loss = kl_term(posterior)
 
-        g_loss = self.generator_loss(reconstructions)
-        if self.disc_factor > 0.0:
-            d_weight = self.adaptive_weight(nll_loss, g_loss, last_layer)
-        else:
-            d_weight = torch.zeros((), device=inputs.device)
         disc_factor = self.disc_factor_at(global_step)
+        g_loss, d_weight = self.gan_terms(nll_loss, reconstructions, last_layer, disc_factor)
         loss = weighted_nll_loss + self.kl_weight * kl_loss + d_weight * disc_factor * g_loss
 
         log = {
@@ -313,9 +322,8 @@ class VQAutoencoderLoss(_AdversarialFirstStageLoss):
         rec_loss, p_loss = self.reconstruction_terms(inputs, reconstructions)
         nll_loss = rec_loss.mean()
 
-        g_loss = self.generator_loss(reconstructions)
-        d_weight = self.adaptive_weight(nll_loss, g_loss, last_layer)
         disc_factor = self.disc_factor_at(global_step)
+        g_loss, d_weight = self.gan_terms(nll_loss, reconstructions, last_layer, disc_factor)
         loss = nll_loss + d_weight * disc_factor * g_loss + self.codebook_weight * codebook_loss.mean()
 
         log = {

@@ -22,6 +22,7 @@ import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.error import URLError
 
 import torch
 import torch.nn.functional as F
@@ -115,7 +116,7 @@ class InceptionV3Features(FeatureExtractor):
                 feature_extractor_weights_path=None if weights_path is None else str(weights_path),
                 verbose=False,
             )
-        except OSError as err:  # urllib's URLError is an OSError
+        except URLError as err:
             raise RuntimeError(f"could not download the Inception weights ({err}); fetch {INCEPTION_URL} "
                                "elsewhere and pass its path as weights_path") from err
         super().__init__("inception-v3-tf-2015-12-05", dim, {
@@ -140,7 +141,7 @@ class VGG16Features(FeatureExtractor):
         if weights is None:
             try:
                 net = torchvision.models.vgg16(weights=torchvision.models.VGG16_Weights.IMAGENET1K_V1)
-            except OSError as err:
+            except URLError as err:
                 raise RuntimeError(f"could not download the torchvision VGG16 weights ({err}); pass a local "
                                    "vgg16 state dict file as weights") from err
         else:

@@ -98,15 +98,21 @@ class FeatureStatistics:
         return cls(mu.cpu().numpy(), sigma.cpu().numpy(), len(features), extractor, dict(settings))
 
 
+def check_same_extractor(name_a: str, settings_a: Mapping[str, Any], name_b: str, settings_b: Mapping[str, Any]) -> None:
+    """Raise ExtractorMismatchError unless the two extractor names and settings are equal."""
+    settings_a, settings_b = _normalised_settings(settings_a), _normalised_settings(settings_b)
+    if name_a == name_b and settings_a == settings_b:
+        return
+    keys = sorted(k for k in set(settings_a) | set(settings_b) if settings_a.get(k) != settings_b.get(k))
+    detail = (f"; settings differ in {keys}: {[settings_a.get(k) for k in keys]} vs "
+              f"{[settings_b.get(k) for k in keys]}") if keys else ""
+    raise ExtractorMismatchError(f"features come from different extractors: {name_a!r} vs {name_b!r}{detail}. "
+                                 "Recompute the reference statistics with the extractor used for the samples.")
+
+
 def check_compatible(a: FeatureStatistics, b: FeatureStatistics) -> None:
     """Raise ExtractorMismatchError unless `a` and `b` come from the same extractor and settings."""
-    if a.extractor != b.extractor or a.settings != b.settings:
-        keys = sorted(k for k in set(a.settings) | set(b.settings) if a.settings.get(k) != b.settings.get(k))
-        raise ExtractorMismatchError(
-            f"statistics come from different feature extractors: {a.extractor!r} vs {b.extractor!r}"
-            + (f", settings differ in {keys}: {[a.settings.get(k) for k in keys]} vs "
-               f"{[b.settings.get(k) for k in keys]}" if keys else "")
-            + ". Recompute the reference statistics with the extractor used for the samples.")
+    check_same_extractor(a.extractor, a.settings, b.extractor, b.settings)
     if a.mu.shape != b.mu.shape:
         raise ExtractorMismatchError(f"feature sizes differ: {a.mu.shape[0]} vs {b.mu.shape[0]}")
 

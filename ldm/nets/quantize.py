@@ -69,11 +69,9 @@ class VectorQuantizer(nn.Module):
         nn.init.uniform_(self.embedding.weight, -1.0 / n_embed, 1.0 / n_embed)
         if ema_decay is not None:
             self.embedding.weight.requires_grad_(False)
-            # Start as if each code had been assigned itself once: the ratio embed_avg / cluster_size
-            # is then the code from the first step on, and codes nobody picks stay where they are
-            # instead of being divided by a vanishing count.
+            # Counts start at one, as if each code had been assigned itself once: codes nobody picks
+            # then stay where they are instead of being divided by a vanishing count.
             self.register_buffer("cluster_size", torch.ones(n_embed))
-            self.register_buffer("embed_avg", self.embedding.weight.detach().clone())
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, QuantizerInfo]:
         if z.dim() != 4 or z.shape[1] != self.embed_dim:
@@ -98,9 +96,18 @@ class VectorQuantizer(nn.Module):
         info = QuantizerInfo(indices=indices.view(b, h, w), perplexity=perplexity, usage=usage)
         return z_q.permute(0, 3, 1, 2).contiguous(), loss, info
 
+    def _smoothed_counts(self) -> torch.Tensor:
+        """Laplace-smoothed counts (VQ-VAE-2): kept away from zero, same total."""
+        total = self.cluster_size.sum()
+        return (self.cluster_size + self.eps) / (total + self.n_embed * self.eps) * total
+
     @torch.no_grad()
     def _ema_update(self, flat: torch.Tensor, indices: torch.Tensor) -> None:
-        """Move each code towards the mean of the vectors assigned to it (summed over DDP ranks)."""
+        """Move each code towards the mean of the vectors assigned to it (summed over DDP ranks).
+
+        The running sum of assigned vectors is not stored: it is the code times its smoothed count,
+        so the codebook weight stays the single source of truth (e.g. when set from a checkpoint).
+        """
         onehot = F.one_hot(indices, self.n_embed).float()
         counts = onehot.sum(0)
         sums = onehot.t() @ flat.float()
@@ -109,9 +116,7 @@ class VectorQuantizer(nn.Module):
             dist.all_reduce(counts)
             dist.all_reduce(sums)
         decay = self.ema_decay
+        running_sum = self.embedding.weight.float() * self._smoothed_counts().unsqueeze(1)
+        running_sum.mul_(decay).add_(sums, alpha=1.0 - decay)
         self.cluster_size.mul_(decay).add_(counts, alpha=1.0 - decay)
-        self.embed_avg.mul_(decay).add_(sums, alpha=1.0 - decay)
-        total = self.cluster_size.sum()
-        # Laplace smoothing, as in VQ-VAE-2: keeps the counts away from zero, keeps their total.
-        smoothed = (self.cluster_size + self.eps) / (total + self.n_embed * self.eps) * total
-        self.embedding.weight.copy_(self.embed_avg / smoothed.unsqueeze(1))
+        self.embedding.weight.copy_(running_sum / self._smoothed_counts().unsqueeze(1))

@@ -151,7 +151,8 @@ class UNetModel(nn.Module):
     needs `use_spatial_transformer` with `context_dim` (context: (B, M, context_dim)); concat
     conditioning is `in_channels` > `out_channels`. `use_checkpoint` recomputes each block's
     activations in the backward pass (torch.utils.checkpoint, non-reentrant). `dropout` acts
-    in the ResBlocks, as in the reference.
+    in the ResBlocks, as in the reference. `config` holds every argument (defaults filled in,
+    plain containers) for checkpoints and the converters.
     """
 
     def __init__(
@@ -218,7 +219,8 @@ class UNetModel(nn.Module):
         def resblock(ch_in: int, ch_out: int, **updown: bool) -> ResBlock:
             return ResBlock(ch_in, emb_dim, dropout, ch_out, use_scale_shift_norm=use_scale_shift_norm, **updown)
 
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
+        stem = nn.Conv2d(in_channels, model_channels, 3, padding=1)
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(stem)])
         skip_channels = [model_channels]
         ch, ds = model_channels, 1
         for level, mult in enumerate(channel_mult):

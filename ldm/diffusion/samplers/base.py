@@ -31,8 +31,9 @@ def select_timesteps(num_timesteps: int, num_steps: int, method: str = "uniform"
     arange(0, T, c) + 1, which has ceil(T / c) entries (not always S); quad takes
     floor(linspace(0, sqrt(0.8 T), S)^2) + 1, repeats included. Step counts for which the
     reference would pick timestep T (and crash) raise a ValueError.
-    Otherwise exactly S distinct timesteps: uniform ends at T - 1 and is evenly spaced
-    (round((i + 1) T / S) - 1), quad is the reference's quad spacing with repeats pushed up.
+    Otherwise exactly S distinct timesteps: uniform spreads them evenly over 0..T-1, both ends
+    included (a single step sits at T - 1); quad is the reference's quad spacing with repeats
+    pushed up.
     """
     T, S = num_timesteps, num_steps
     if method not in TIMESTEP_METHODS:
@@ -46,8 +47,10 @@ def select_timesteps(num_timesteps: int, num_steps: int, method: str = "uniform"
     elif compat:
         c = T // S
         steps = torch.arange(0, T, c) + 1
+    elif S == 1:
+        return torch.tensor([T - 1])
     else:
-        return (torch.arange(1, S + 1, dtype=torch.float64) * T / S).round().long() - 1
+        return torch.linspace(0, T - 1, S, dtype=torch.float64).round().long()
     if compat:
         if int(steps.max()) > T - 1:
             raise ValueError(f"the reference {method} DDIM schedule with {S} steps selects timestep "
@@ -109,7 +112,9 @@ class SamplingRun:
 
 
 class Sampler(ABC):
-    """Base of all samplers. Subclasses implement `_sample(run, x_T) -> x`.
+    """Base of all samplers. Subclasses set `timesteps` (increasing long tensor: the grid the
+    sampler walks down; DPM-Solver++ includes its end point t = 0) and implement
+    `_sample(run, x_T) -> x`.
 
     parameterization: what the denoiser outputs ('eps', 'x0' or 'v').
     clip_denoised: clamp each x0 prediction to [-1, 1]; for pixel-space models only (the
@@ -117,6 +122,7 @@ class Sampler(ABC):
     """
 
     name: str = ""
+    timesteps: torch.Tensor
     # Reference mode: keeps the reference's quirks, including not pasting the known region
     # back after the last step of masked sampling.
     compat: bool = False

@@ -1,8 +1,6 @@
 """Ancestral DDPM sampling (Ho et al. 2020) through all T timesteps with the true posterior."""
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ldm.diffusion.samplers.base import Sampler, SamplingRun
@@ -18,6 +16,7 @@ class DDPMSampler(Sampler):
     def __init__(self, schedule: DiffusionSchedule, parameterization: str = "eps",
                  clip_denoised: bool = False):
         super().__init__(schedule, parameterization, clip_denoised)
+        self.timesteps = torch.arange(schedule.num_timesteps)
         self.coef1 = schedule.posterior_mean_coef1.tolist()
         self.coef2 = schedule.posterior_mean_coef2.tolist()
         self.std = (0.5 * schedule.posterior_log_variance_clipped).exp().tolist()

@@ -1,0 +1,74 @@
+"""The logic behind train.py: build everything from the composed config and fit."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
+    """A checkpoint to resume from: a .ckpt file, a run folder (its checkpoints/last.ckpt), or
+    "last" (this run folder's). None starts fresh."""
+    if ckpt_path is None:
+        return None
+    path = output_dir if ckpt_path == "last" else Path(ckpt_path)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: no checkpoint at {path}. Pass a .ckpt file or a run "
+                                "folder holding checkpoints/last.ckpt (and set hydra.run.dir to it to continue "
+                                "in the same folder)")
+    return str(path)
+
+
+def _instantiate_group(group: DictConfig | None) -> list:
+    """Instantiate each `_target_` entry of a dict-of-components group (callbacks, loggers)."""
+    if not group:
+        return []
+    return [instantiate(node) for node in group.values() if node is not None and "_target_" in node]
+
+
+def plain(cfg: DictConfig) -> dict:
+    """Resolved plain-container copy of a config (safe in weights_only checkpoints)."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit the configured model on the configured data; returns the final logged metrics.
+
+    Writes into cfg.paths.output_dir: config.yaml (resolved), checkpoints/, csv/ logs,
+    wandb/ (offline unless configured) and metrics.json.
+    """
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.get("seed") is not None:
+        pl.seed_everything(cfg.seed, workers=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out)
+
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    # The module can rebuild itself from this (sample.py, evaluate.py, fine-tuning).
+    model.build_config = plain(cfg.model)
+    callbacks = _instantiate_group(cfg.get("callbacks"))
+    loggers = _instantiate_group(cfg.get("logger"))
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for lg in loggers:
+        lg.log_hyperparams(plain(cfg))
+
+    log.info("run folder: %s", out.resolve())
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, (int, float, torch.Tensor))
+               and torch.as_tensor(v).numel() == 1}
+    if trainer.is_global_zero:
+        (out / "metrics.json").write_text(json.dumps({"global_step": trainer.global_step, **metrics}, indent=1))
+        log.info("checkpoints: %s", out / "checkpoints")
+    return metrics

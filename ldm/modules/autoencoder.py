@@ -1,0 +1,142 @@
+"""LightningModule that trains a KL or VQ first stage with L1/L2 + LPIPS + patch-GAN losses.
+
+Thin glue: the networks live in ldm.first_stage / ldm.nets, the losses in
+ldm.first_stage.losses, the metrics in ldm.metrics. Manual optimisation: one autoencoder step
+and (once the discriminator is on) one discriminator step per batch.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ldm.diffusion.ema import EMA
+from ldm.first_stage.base import FirstStage
+from ldm.first_stage.vq import AutoencoderVQ
+from ldm.metrics.collection import FID
+from ldm.metrics.features import FeatureExtractor
+from ldm.metrics.lpips import LPIPS
+from ldm.metrics.reconstruction import psnr, ssim
+from ldm.modules.base import BuildableModule
+from ldm.utils.images import log_grid
+from ldm.utils.lr import trainer_effective_lr
+
+
+class AutoencoderModule(BuildableModule):
+    """Trains `first_stage` with `loss` (KLAutoencoderLoss or VQAutoencoderLoss).
+
+    base_lr / scale_lr: Adam learning rate, multiplied by batch x GPUs x accumulation when
+        scale_lr (the reference's rule); the result is logged as `effective_lr`.
+    ema_decay: keep an EMA of the autoencoder weights (used for validation) when set.
+    rfid_extractor: feature network for the validation rFID (None: no rFID).
+    lpips: perceptual network for the validation LPIPS; defaults to the loss's perceptual net.
+    """
+
+    def __init__(self, first_stage: FirstStage, loss: nn.Module, base_lr: float = 4.5e-6, scale_lr: bool = True,
+                 betas: tuple[float, float] = (0.5, 0.9), ema_decay: float | None = None,
+                 rfid_extractor: FeatureExtractor | None = None, lpips: LPIPS | None = None,
+                 log_images: int = 8):
+        super().__init__()
+        self.save_hyperparameters(ignore=["first_stage", "loss", "rfid_extractor", "lpips"])
+        self.automatic_optimization = False
+        self.first_stage, self.loss = first_stage, loss
+        self.is_vq = isinstance(first_stage, AutoencoderVQ)
+        self.ema = EMA(first_stage, ema_decay) if ema_decay else None
+        # Metric helpers are kept out of the state dict: they are not part of the model.
+        self._lpips = lpips if lpips is not None else getattr(loss, "perceptual_loss", None)
+        self._rfid = FID(rfid_extractor) if rfid_extractor is not None else None
+        self._val_batch: torch.Tensor | None = None
+        self.ae_steps = 0  # autoencoder updates; Lightning's global_step also counts discriminator steps
+
+    def __setattr__(self, name, value):
+        if name in ("_lpips", "_rfid"):  # plain attributes, not registered submodules
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def _ae_parameters(self) -> list[nn.Parameter]:
+        params = list(self.first_stage.parameters())
+        logvar = getattr(self.loss, "logvar", None)
+        if logvar is not None and logvar.requires_grad:
+            params.append(logvar)
+        return params
+
+    def configure_optimizers(self):
+        lr = trainer_effective_lr(self, self.hparams.base_lr, self.hparams.scale_lr)
+        betas = tuple(self.hparams.betas)
+        opt_ae = torch.optim.Adam(self._ae_parameters(), lr=lr, betas=betas)
+        opt_d = torch.optim.Adam(self.loss.discriminator.parameters(), lr=lr, betas=betas)
+        return [opt_ae, opt_d]
+
+    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, object, dict[str, torch.Tensor]]:
+        """(reconstruction, posterior or codebook loss, extra logs)."""
+        if self.is_vq:
+            rec, qloss, info = self.first_stage(x)
+            return rec, qloss, {"perplexity": info.perplexity.detach(), "codebook_usage": info.usage.detach()}
+        rec, posterior = self.first_stage(x)
+        return rec, posterior, {}
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        x = batch["image"]
+        opt_ae, opt_d = self.optimizers()
+        rec, reg, extra = self.reconstruct(x)
+        last_layer = self.first_stage.decoder.last_layer
+        ae_loss, log = self.loss(x, rec, reg, 0, self.ae_steps, last_layer=last_layer, split="train")
+        opt_ae.zero_grad(set_to_none=True)
+        self.manual_backward(ae_loss)
+        opt_ae.step()
+        if self.loss.disc_factor_at(self.ae_steps) > 0:  # before disc_start the D loss is 0: skip the work
+            d_loss, d_log = self.loss(x, rec.detach(), reg, 1, self.ae_steps, split="train")
+            opt_d.zero_grad(set_to_none=True)
+            self.manual_backward(d_loss)
+            opt_d.step()
+            log.update(d_log)
+        if self.ema is not None:
+            self.ema.update(self.first_stage)
+        self.ae_steps += 1
+        log.update({f"train/{k}": v for k, v in extra.items()})
+        self.log("train/rec_loss", log.pop("train/rec_loss"), prog_bar=True)
+        self.log_dict(log)
+
+    def on_validation_epoch_start(self) -> None:
+        if self.ema is not None:
+            self.ema.store(self.first_stage)
+            self.ema.copy_to(self.first_stage)
+        for helper in (self._lpips, self._rfid):
+            if helper is not None:
+                helper.to(self.device)
+        if self._rfid is not None:
+            self._rfid.reset()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        x = batch["image"]
+        rec, reg, extra = self.reconstruct(x)
+        _, log = self.loss(x, rec, reg, 0, self.ae_steps, split="val")
+        rec = rec.clamp(-1, 1)
+        log["val/psnr"] = psnr(x, rec).mean()
+        log["val/ssim"] = ssim(x, rec).mean()
+        if self._lpips is not None:
+            log["val/lpips"] = self._lpips(x, rec).mean()
+        log.update({f"val/{k}": v for k, v in extra.items()})
+        self.log_dict(log, sync_dist=True)
+        if self._rfid is not None:
+            self._rfid.update(x, real=True)
+            self._rfid.update(rec, real=False)
+        if batch_idx == 0:
+            self._val_batch = torch.cat([x[: self.hparams.log_images], rec[: self.hparams.log_images]])
+
+    def on_validation_epoch_end(self) -> None:
+        if self._rfid is not None:
+            self.log("val/rfid", self._rfid.compute().to(self.device))
+        if self._val_batch is not None and not self.trainer.sanity_checking:
+            log_grid(self.trainer, "val/reconstructions", self._val_batch, nrow=len(self._val_batch) // 2)
+        self._val_batch = None
+        if self.ema is not None:
+            self.ema.restore(self.first_stage)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["ae_steps"] = self.ae_steps
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.ae_steps = checkpoint.get("ae_steps", 0)

@@ -1,0 +1,42 @@
+"""Image grids on disk and in the experiment loggers."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+from torchvision.utils import make_grid
+
+from ldm.data.transforms import to_uint8
+
+
+def grid_image(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> Image.Image:
+    """[-1, 1] NCHW images -> one PIL grid image."""
+    grid = make_grid(to_uint8(images.detach().float().cpu()), nrow=nrow, padding=padding, pad_value=255)
+    return Image.fromarray(grid.permute(1, 2, 0).numpy())
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> Path:
+    """Write a PNG grid of `images` to `path` (folders created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid_image(images, nrow).save(path)
+    return path
+
+
+def log_grid(trainer: pl.Trainer, key: str, images: torch.Tensor, nrow: int = 8) -> Path | None:
+    """Save a grid under <run>/images/<key>_step<N>.png (rank 0) and send it to wandb and
+    TensorBoard loggers when present. Returns the PNG path on rank 0."""
+    if not trainer.is_global_zero:
+        return None
+    path = save_grid(images, Path(trainer.default_root_dir) / "images" / f"{key.replace('/', '_')}_step{trainer.global_step:07d}.png", nrow)
+    for logger in trainer.loggers:
+        name = type(logger).__name__
+        if name == "WandbLogger":
+            logger.log_image(key=key, images=[str(path)], step=trainer.global_step)
+        elif name == "TensorBoardLogger":
+            import numpy as np
+
+            logger.experiment.add_image(key, np.asarray(Image.open(path)), trainer.global_step, dataformats="HWC")
+    return path

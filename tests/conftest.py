@@ -20,3 +20,25 @@ torch.set_num_threads(1)
 def reference_dir() -> Path:
     """Folder with the reference LDM implementation's checkpoints and outputs."""
     return REFERENCE
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def compose(config_name: str, overrides: list[str], out_dir: Path, data_dir: Path | None = None):
+    """A Hydra config as train.py would get it, with the run folder and data under tmp paths."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    paths = [f"paths.output_dir={out_dir}", f"paths.log_dir={out_dir.parent}"]
+    if data_dir is not None:
+        paths.append(f"paths.data_dir={data_dir}")
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides + paths)
+
+
+# Small data and steps for end-to-end runs of the toy experiments.
+TINY_RUN = [
+    "data.synthetic.train_samples=48", "data.synthetic.val_samples=8", "data.synthetic.per_shard=12",
+    "data.batch_size=4", "data.batches_per_epoch=3", "data.num_workers=0", "trainer.max_epochs=1",
+    "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "callbacks.progress=null", "trainer.log_every_n_steps=1",
+]

@@ -199,6 +199,7 @@ def test_precision_recall_matches_torch_fidelity():
     assert precision_recall(real, fake, k=3, block_size=20) == pytest.approx((ref["precision"], ref["recall"]), abs=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:The ``compute`` method of metric PrecisionRecall was called before")
 def test_precision_recall_metric_equals_function_and_can_keep_reals():
     real, fake = correlated_features(40, 4, seed=15), correlated_features(30, 4, seed=16, shift=0.5)
     metric = PrecisionRecall(precomputed(4), k=3, block_size=9, reset_real_features=False)
@@ -269,7 +270,7 @@ def test_inception_score_matches_formula_known_values_and_torch_fidelity():
     assert mean == pytest.approx(is_formula(logits.numpy()), rel=1e-12) and std == 0
     # Confident, evenly spread predictions over C classes score C; identical predictions score 1.
     confident = 100 * torch.eye(5).repeat(4, 1)
-    assert inception_score(confident, splits=2)[0] == pytest.approx(5, rel=1e-9)
+    assert inception_score(confident, splits=1)[0] == pytest.approx(5, rel=1e-9)
     assert inception_score(torch.zeros(20, 5), splits=2)[0] == pytest.approx(1, rel=1e-12)
 
     ref = isc_features_to_metric(logits, splits=10, shuffle=True, rng_seed=7)
@@ -432,7 +433,7 @@ def test_lpips_loads_a_local_vgg16_backbone(random_lpips, tmp_path):
 
     del trunk["features.0.weight"]
     save_safetensors(trunk, tmp_path / "broken.safetensors")
-    with pytest.raises(CheckpointMismatchError, match="slice1.0.weight"):
+    with pytest.raises(CheckpointMismatchError, match=r"missing \(1\):\s+features.0.weight"):
         build_lpips(backbone_weights=tmp_path / "broken.safetensors")
     with pytest.raises(ValueError, match="either"):
         build_lpips(backbone_weights=tmp_path / "vgg16.safetensors", random_backbone=True)
@@ -482,19 +483,21 @@ def test_inception_extractor_loads_a_local_weight_file(tmp_path, monkeypatch):
         InceptionV3Features(tmp_path / "missing.pth")
 
 
+@pytest.mark.slow  # ~10 s on 2 CPU cores: two full VGG16s (138M parameters each)
 def test_vgg16_extractor_matches_torch_fidelity_fc7():
     g = torch.Generator().manual_seed(72)
     with torch.device("meta"):  # the layout only: no slow random init
         layout = torchvision.models.vgg16().state_dict()
-    state = {k: torch.randn(v.shape, generator=g) * (2.0 / max(1, v[0].numel())) ** 0.5 if v.ndim > 1
+    # He-uniform weights keep activations alive through the 15 layers.
+    state = {k: torch.empty(v.shape).uniform_(-1, 1, generator=g) * (6.0 / v[0].numel()) ** 0.5 if v.ndim > 1
              else torch.zeros(v.shape) for k, v in layout.items()}
     buffer = io.BytesIO()
     torch.save(state, buffer)
     buffer.seek(0)
     reference = FeatureExtractorVGG16("vgg16", ["fc2_relu"], feature_extractor_weights_path=buffer)
     ours = VGG16Features(state)
-    images = torch.randint(0, 256, (2, 3, 48, 40), dtype=torch.uint8, generator=g)
+    images = torch.randint(0, 256, (1, 3, 48, 40), dtype=torch.uint8, generator=g)
     expected = reference(images)[0]
     assert expected.abs().sum() > 0
-    torch.testing.assert_close(ours(images), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours(images), expected, rtol=1e-6, atol=1e-6)
     assert ours.num_features == 4096 and ours.settings["layer"] == "fc7_relu"

@@ -130,7 +130,7 @@ def test_ddim_steps_by_hand():
         sigma = 0.5 * math.sqrt((1 - ap) / (1 - a)) * math.sqrt(1 - a / ap)
         eps = _smooth(x, torch.full((3,), t))
         x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
-        x = math.sqrt(ap) * x0 + math.sqrt(1 - ap - sigma**2) * eps + sigma * torch.randn(x.shape, generator=gen, dtype=torch.float64)
+        x = math.sqrt(ap) * x0 + math.sqrt(1 - ap - sigma**2) * eps + sigma * torch.randn(x.shape, generator=gen).double()
     torch.testing.assert_close(out, x, rtol=1e-12, atol=1e-12)
     assert [c[1].tolist() for c in den.calls] == [[501] * 3, [1] * 3]
     assert den.calls[0][1].dtype == torch.long
@@ -186,8 +186,20 @@ def test_ddpm_step_by_hand():
         x0 = (x - math.sqrt(1 - abar) * _smooth(x, torch.full((2,), t))) / math.sqrt(abar)
         mean = (beta * math.sqrt(abar_prev) * x0 + (1 - abar_prev) * math.sqrt(1 - beta) * x) / (1 - abar)
         var = beta * (1 - abar_prev) / (1 - abar)
-        x = mean + math.sqrt(var) * torch.randn(x.shape, generator=gen, dtype=torch.float64) if t > 0 else mean
+        x = mean + math.sqrt(var) * torch.randn(x.shape, generator=gen).double() if t > 0 else mean
     torch.testing.assert_close(out, x, rtol=1e-10, atol=1e-12)
+
+
+def test_ddim_with_every_timestep_and_eta_one_is_ddpm():
+    """Outside compat mode the last step lands on clean data, so DDIM over all T timesteps
+    with eta = 1 is ancestral DDPM, noise draw for noise draw."""
+    sched = DiffusionSchedule.from_name("linear", 200, 0.001, 0.03)
+    x_T = torch.randn(2, 3, dtype=torch.float64)
+    den = lambda x, t, c: _smooth(x, t)  # noqa: E731
+    ddim = DDIMSampler(sched, 200, eta=1.0).sample(den, x_T, generator=torch.Generator().manual_seed(5),
+                                                   progress=False)
+    ddpm = DDPMSampler(sched).sample(den, x_T, generator=torch.Generator().manual_seed(5), progress=False)
+    torch.testing.assert_close(ddim, ddpm, rtol=1e-9, atol=1e-9)
 
 
 # ---------------------------------------------------------------- Gaussian toy problem

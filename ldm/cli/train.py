@@ -54,7 +54,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out)
 
     datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model)
+    model = instantiate(cfg.model, _convert_="all")  # plain containers: weights_only checkpoints
     # The module can rebuild itself from this (sample.py, evaluate.py, fine-tuning).
     model.build_config = plain(cfg.model)
     callbacks = _instantiate_group(cfg.get("callbacks"))

@@ -32,7 +32,7 @@ from ldm.metrics.features import FeatureExtractor
 from ldm.metrics.fid import FeatureStatistics, check_same_extractor, frechet_distance
 from ldm.metrics.inception_score import inception_score
 from ldm.metrics.kid import kernel_inception_distance
-from ldm.metrics.precision_recall import PrecisionRecall
+from ldm.metrics.precision_recall import PrecisionRecall, stored_rows
 
 METRIC_NAMES = ("fid", "kid", "is", "precision_recall")
 
@@ -101,15 +101,19 @@ class KID(KernelInceptionDistance):
                          degree=degree, gamma=None if gamma is None else float(gamma), coef=float(coef0),
                          reset_real_features=reset_real_features, **kwargs)
         self.seed = seed
+        # torchmetrics gathers these list states batch by batch, which hangs when ranks saw
+        # different numbers of batches; 'cat' concatenates per rank first.
+        self.add_state("real_features", [], dist_reduce_fx="cat")
+        self.add_state("fake_features", [], dist_reduce_fx="cat")
 
     def compute(self) -> dict[str, Tensor]:
         """{'kid_mean', 'kid_std'} over all ranks' features."""
-        if not self.real_features or not self.fake_features:
+        if not stored_rows(self.real_features) or not stored_rows(self.fake_features):
             raise RuntimeError("KID needs real and generated samples; update() saw none of one kind")
         mean, std = kernel_inception_distance(dim_zero_cat(self.real_features), dim_zero_cat(self.fake_features),
                                               self.subsets, self.subset_size, self.degree, self.gamma, self.coef,
                                               self.seed)
-        return {"kid_mean": torch.tensor(mean), "kid_std": torch.tensor(std)}
+        return {"kid_mean": torch.tensor(mean, dtype=torch.float64), "kid_std": torch.tensor(std, dtype=torch.float64)}
 
 
 class IS(InceptionScore):
@@ -120,6 +124,7 @@ class IS(InceptionScore):
     def __init__(self, logits_extractor: FeatureExtractor, splits: int = 10, seed: int = 2020, **kwargs: Any):
         super().__init__(feature=_require_extractor(logits_extractor, "logits_extractor"), splits=splits, **kwargs)
         self.seed = seed
+        self.add_state("features", [], dist_reduce_fx="cat")  # see KID
 
     def update(self, imgs: Tensor, real: bool) -> None:  # type: ignore[override]
         """Store the logits of generated batches; real batches do not enter the IS."""
@@ -128,10 +133,10 @@ class IS(InceptionScore):
 
     def compute(self) -> dict[str, Tensor]:
         """{'is_mean', 'is_std'} over all ranks' generated samples."""
-        if not self.features:
+        if not stored_rows(self.features):
             raise RuntimeError("IS needs generated samples; update(..., real=False) was never called")
         mean, std = inception_score(dim_zero_cat(self.features), self.splits, self.seed)
-        return {"is_mean": torch.tensor(mean), "is_std": torch.tensor(std)}
+        return {"is_mean": torch.tensor(mean, dtype=torch.float64), "is_std": torch.tensor(std, dtype=torch.float64)}
 
 
 def build_metrics(

@@ -157,8 +157,10 @@ class VGG16Features(FeatureExtractor):
         super().__init__("vgg16-torchvision-fc7", 4096, {
             "layer": "fc7_relu", "resize": "224 bilinear (TF1)", "weights": weights_fingerprint(net)})
         self.net = net
-        self.register_buffer("mean", 255 * torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", 255 * torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+        # Scaled in double precision before rounding to float32, as torch-fidelity's constants are.
+        mean, std = [255 * m for m in (0.485, 0.456, 0.406)], [255 * s for s in (0.229, 0.224, 0.225)]
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
         self.eval()
 

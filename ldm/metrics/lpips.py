@@ -20,21 +20,36 @@ import lpips as lpips_package
 import torch
 from torch import Tensor
 
-from ldm.utils.checkpoint import load_state_dict_file, load_strict
+from ldm.utils.checkpoint import CheckpointMismatchError, load_state_dict_file, load_strict
 
 # lpips looks for its weights next to the file of the class it builds, i.e. ours: point it home.
 LINEAR_WEIGHTS = Path(lpips_package.__file__).parent / "weights" / "v0.1" / "vgg.pth"
 
 
-def _trunk_state(net: torch.nn.Module, vgg_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """torchvision `features.{i}.*` keys renamed to lpips' `slice{s}.{i}.*` trunk keys."""
-    rename = {f"features.{name.split('.', 1)[1]}": name for name in net.state_dict()}
+# lpips cuts torchvision's vgg16.features into slices 1-5 at layers 4, 9, 16 and 23; these are
+# the conv layers (the ones with weights) and their slice.
+_TRUNK_SLICE = {0: 1, 2: 1, 5: 2, 7: 2, 10: 3, 12: 3, 14: 3, 17: 4, 19: 4, 21: 4, 24: 5, 26: 5, 28: 5}
+
+
+def trunk_state(vgg_state: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
+    """The `features.*` entries of a torchvision vgg16 state dict under lpips' trunk names
+    (`features.{i}.weight` -> `slice{s}.{i}.weight`); checked before any network is built."""
     features = {k: v for k, v in vgg_state.items() if k.startswith("features.")}
     if not features:
-        raise ValueError("the VGG16 weights hold no `features.*` keys; pass torchvision's vgg16 state dict "
+        raise ValueError(f"{source} holds no `features.*` keys; pass torchvision's vgg16 state dict "
                          "(e.g. vgg16-397923af.pth)")
-    # Keys that are no trunk layer keep their name, so load_strict reports them as unexpected.
-    return {rename.get(k, k): v for k, v in features.items()}
+    renamed, unexpected = {}, []
+    for key, value in features.items():
+        _, index, param = key.split(".", 2)
+        if index.isdigit() and int(index) in _TRUNK_SLICE and param in ("weight", "bias"):
+            renamed[f"slice{_TRUNK_SLICE[int(index)]}.{index}.{param}"] = value
+        else:
+            unexpected.append(key)
+    missing = sorted(f"features.{i}.{p}" for i in _TRUNK_SLICE for p in ("weight", "bias")
+                     if f"slice{_TRUNK_SLICE[i]}.{i}.{p}" not in renamed)
+    if missing or unexpected:
+        raise CheckpointMismatchError(source, missing, sorted(unexpected), [])
+    return renamed
 
 
 class LPIPS(lpips_package.LPIPS):
@@ -47,6 +62,9 @@ class LPIPS(lpips_package.LPIPS):
     def __init__(self, backbone_weights: str | Path | None = None, random_backbone: bool = False):
         if backbone_weights is not None and random_backbone:
             raise ValueError("pass either backbone_weights or random_backbone=True, not both")
+        trunk = None
+        if backbone_weights is not None:
+            trunk = trunk_state(load_state_dict_file(backbone_weights), str(backbone_weights))
         with warnings.catch_warnings():
             # lpips calls torchvision.models.vgg16(pretrained=...), deprecated in torchvision.
             warnings.filterwarnings("ignore", message=".*(pretrained|weight enum).*", category=UserWarning)
@@ -62,9 +80,8 @@ class LPIPS(lpips_package.LPIPS):
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(0)
                     super().__init__(net="vgg", pnet_rand=True, model_path=str(LINEAR_WEIGHTS), verbose=False)
-        if backbone_weights is not None:
-            state = load_state_dict_file(backbone_weights)
-            load_strict(self.net, _trunk_state(self.net, state), source=str(backbone_weights))
+        if trunk is not None:
+            load_strict(self.net, trunk, source=str(backbone_weights))  # also checks the shapes
         # lpips also registers the linear layers as `lins.*`; the reference keeps them only as
         # lin0..lin4, so a plain list keeps the state dict in the reference layout.
         lins = list(self.lins)

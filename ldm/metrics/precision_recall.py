@@ -69,8 +69,8 @@ def precision_recall(real: Tensor, fake: Tensor, k: int = 3, block_size: int = 1
     return precision.double().mean().item(), recall.double().mean().item()
 
 
-def _num_rows(state: list[Tensor] | Tensor) -> int:
-    # A list before a DDP sync, one concatenated tensor after it.
+def stored_rows(state: list[Tensor] | Tensor) -> int:
+    """Rows in a 'cat' metric state: a list of batches before a DDP sync, one tensor after it."""
     return sum(len(t) for t in state) if isinstance(state, list) else len(state)
 
 
@@ -102,12 +102,12 @@ class PrecisionRecall(Metric):
 
     def compute(self) -> dict[str, Tensor]:
         """{'precision', 'recall'} over every stored (and, under DDP, gathered) feature."""
-        if _num_rows(self.real_features) <= self.k or _num_rows(self.fake_features) <= self.k:
+        if stored_rows(self.real_features) <= self.k or stored_rows(self.fake_features) <= self.k:
             raise RuntimeError(f"precision/recall with k={self.k} needs more than {self.k} real and generated "
-                               f"samples; got {_num_rows(self.real_features)} and {_num_rows(self.fake_features)}")
+                               f"samples; got {stored_rows(self.real_features)} and {stored_rows(self.fake_features)}")
         real, fake = dim_zero_cat(self.real_features), dim_zero_cat(self.fake_features)
         p, r = precision_recall(real, fake, self.k, self.block_size, self.distance_dtype)
-        return {"precision": torch.tensor(p), "recall": torch.tensor(r)}
+        return {"precision": torch.tensor(p, dtype=torch.float64), "recall": torch.tensor(r, dtype=torch.float64)}
 
     def reset(self) -> None:
         """Clear the stored features (the real ones only if reset_real_features)."""

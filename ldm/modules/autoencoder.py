@@ -94,8 +94,8 @@ class AutoencoderModule(BuildableModule):
             self.ema.update(self.first_stage)
         self.ae_steps += 1
         log.update({f"train/{k}": v for k, v in extra.items()})
-        self.log("train/rec_loss", log.pop("train/rec_loss"), prog_bar=True)
-        self.log_dict(log)
+        self.log("train/rec_loss", log.pop("train/rec_loss"), prog_bar=True, batch_size=len(x))
+        self.log_dict(log, batch_size=len(x))
 
     def on_validation_epoch_start(self) -> None:
         if self.ema is not None:
@@ -117,7 +117,7 @@ class AutoencoderModule(BuildableModule):
         if self._lpips is not None:
             log["val/lpips"] = self._lpips(x, rec).mean()
         log.update({f"val/{k}": v for k, v in extra.items()})
-        self.log_dict(log, sync_dist=True)
+        self.log_dict(log, sync_dist=True, batch_size=len(x))
         if self._rfid is not None:
             self._rfid.update(x, real=True)
             self._rfid.update(rec, real=False)

@@ -12,14 +12,15 @@ NoiseGenerator = torch.Generator | Sequence[torch.Generator] | None
 
 def draw_noise(shape: Sequence[int], generator: NoiseGenerator = None,
                device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Standard normal noise of the batch shape `shape` on `device`.
+    """Standard normal noise of the batch shape `shape` on `device`, cast to `dtype`.
 
+    It is drawn in float32 whatever `dtype`, so a seed gives the same noise at any precision.
     With a list of generators, image b is drawn from generator[b] (on that generator's device,
     then moved), so it does not depend on the other images.
     """
     shape = tuple(shape)
     if generator is None:
-        return torch.randn(shape, device=device, dtype=dtype)
+        return torch.randn(shape, device=device).to(dtype=dtype)
     if isinstance(generator, torch.Generator):
         return torch.randn(shape, generator=generator, device=generator.device).to(device, dtype)
     if len(generator) != shape[0]:

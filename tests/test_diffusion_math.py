@@ -120,7 +120,8 @@ def test_posterior_matches_gaussian_conditioning():
 def test_derived_tables_formulas():
     s = DiffusionSchedule.from_name("cosine", 200)
     abar = torch.cumprod(1 - s.betas, 0)
-    torch.testing.assert_close(s.sqrt_recip_alphas_cumprod * s.sqrt_alphas_cumprod, torch.ones(200, dtype=torch.float64))
+    torch.testing.assert_close(s.sqrt_recip_alphas_cumprod * s.sqrt_alphas_cumprod,
+                               torch.ones(200, dtype=torch.float64))
     torch.testing.assert_close(s.sqrt_recipm1_alphas_cumprod**2, 1 / abar - 1)
     torch.testing.assert_close(s.log_one_minus_alphas_cumprod.exp(), s.sqrt_one_minus_alphas_cumprod**2)
     torch.testing.assert_close(s.alphas_cumprod_prev[1:], abar[:-1])

@@ -113,6 +113,41 @@ def test_registry_builds_every_sampler():
         assert isinstance(sampler, cls) and sampler.name == name
 
 
+@pytest.mark.parametrize("name, kind", [("uncond_selfattn_f4", "ddim"), ("uncond_selfattn_f4", "plms"),
+                                        ("txt_crossattn_f4", "ddim"), ("txt_crossattn_f4", "plms")])
+def test_compat_sampling_reproduces_reference(reference_dir, name, kind):
+    """The reference's 10-step DDIM / PLMS latents (EMA UNet, CFG 3 for the conditional model)."""
+    from torch import nn
+
+    from ldm.diffusion.ema import EMA
+    from ldm.nets.unet import UNetModel
+    from ldm.utils.checkpoint import load_strict, sub_state_dict
+
+    io = torch.load(reference_dir / f"{name}_io.pt", weights_only=True)
+    state = torch.load(reference_dir / f"{name}.ckpt", weights_only=True)["state_dict"]
+    params = {k: v for k, v in io["config"]["unet_config"]["params"].items() if k != "image_size"}
+    wrapper = nn.Module()  # the reference's DiffusionWrapper, whose parameters the EMA names
+    wrapper.diffusion_model = UNetModel(**params)
+    load_strict(wrapper, sub_state_dict(state, "model."))
+    ema = EMA(wrapper)
+    ema.load_state_dict(sub_state_dict(state, "model_ema."))
+    ema.copy_to(wrapper)
+    unet = wrapper.diffusion_model.eval()
+
+    ref, cfg = io[kind], io["config"]
+    cond = uncond = None
+    if ref["class_label"] is not None:  # the reference's ClassEmbedder: one token per label
+        table = state["cond_stage_model.embedding.weight"]
+        cond, uncond = table[ref["class_label"]][:, None], table[ref["unconditional_class_label"]][:, None]
+    schedule = DiffusionSchedule.from_name(cfg["beta_schedule"], cfg["timesteps"], cfg["linear_start"],
+                                           cfg["linear_end"])
+    extra = {"eta": ref["eta"]} if kind == "ddim" else {}
+    sampler = get_sampler(kind, schedule=schedule, num_steps=ref["steps"], compat=True, **extra)
+    out = sampler.sample(lambda x, t, c: unet(x, t, context=c), ref["x_T"], cond, uncond=uncond,
+                         guidance_scale=ref["guidance_scale"], progress=False)
+    torch.testing.assert_close(out, ref["latent"], rtol=1e-5, atol=1e-4)
+
+
 # ---------------------------------------------------------------- hand-computed steps
 
 def test_ddim_steps_by_hand():
@@ -130,7 +165,8 @@ def test_ddim_steps_by_hand():
         sigma = 0.5 * math.sqrt((1 - ap) / (1 - a)) * math.sqrt(1 - a / ap)
         eps = _smooth(x, torch.full((3,), t))
         x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
-        x = math.sqrt(ap) * x0 + math.sqrt(1 - ap - sigma**2) * eps + sigma * torch.randn(x.shape, generator=gen).double()
+        noise = torch.randn(x.shape, generator=gen).double()
+        x = math.sqrt(ap) * x0 + math.sqrt(1 - ap - sigma**2) * eps + sigma * noise
     torch.testing.assert_close(out, x, rtol=1e-12, atol=1e-12)
     assert [c[1].tolist() for c in den.calls] == [[501] * 3, [1] * 3]
     assert den.calls[0][1].dtype == torch.long
@@ -195,11 +231,28 @@ def test_ddim_with_every_timestep_and_eta_one_is_ddpm():
     with eta = 1 is ancestral DDPM, noise draw for noise draw."""
     sched = DiffusionSchedule.from_name("linear", 200, 0.001, 0.03)
     x_T = torch.randn(2, 3, dtype=torch.float64)
-    den = lambda x, t, c: _smooth(x, t)  # noqa: E731
+
+    def den(x, t, cond):
+        return _smooth(x, t)
     ddim = DDIMSampler(sched, 200, eta=1.0).sample(den, x_T, generator=torch.Generator().manual_seed(5),
                                                    progress=False)
     ddpm = DDPMSampler(sched).sample(den, x_T, generator=torch.Generator().manual_seed(5), progress=False)
     torch.testing.assert_close(ddim, ddpm, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name, kwargs, tol", [("ddpm", {}, 1e-5), ("ddim", {"num_steps": 5}, 1e-5),
+                                             ("dpmpp_2m", {"num_steps": 5}, 0.3)])
+def test_clip_denoised_clamps_the_x0_prediction(name, kwargs, tol):
+    sched = DiffusionSchedule.from_name("linear", 50, 0.001, 0.05)
+    x_T = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
+
+    def far_out(x, t, cond):  # an x0-predictor saying "5" everywhere
+        return torch.full_like(x, 5.0)
+    runs = [get_sampler(name, schedule=sched, parameterization="x0", clip_denoised=clip, **kwargs).sample(
+        far_out, x_T, generator=torch.Generator().manual_seed(1), progress=False) for clip in (False, True)]
+    # DDPM and DDIM end on the x0 prediction; DPM-Solver++ ends at t = 0, near it.
+    torch.testing.assert_close(runs[0], torch.full_like(x_T, 5.0), rtol=0, atol=tol)
+    torch.testing.assert_close(runs[1], torch.ones_like(x_T), rtol=0, atol=tol)
 
 
 # ---------------------------------------------------------------- Gaussian toy problem
@@ -336,7 +389,8 @@ def test_sampler_with_guidance():
     uncond = {"crossattn": torch.rand(2, 4, 8), "concat": torch.zeros(2, 1, 3, 3)}
     sampler = DDIMSampler(_linear(), 5)
     plain = sampler.sample(_conditional, x_T, cond, progress=False)
-    assert torch.equal(sampler.sample(_conditional, x_T, cond, uncond=uncond, guidance_scale=1.0, progress=False), plain)
+    same = sampler.sample(_conditional, x_T, cond, uncond=uncond, guidance_scale=1.0, progress=False)
+    assert torch.equal(same, plain)
     guided = sampler.sample(_conditional, x_T, cond, uncond=uncond, guidance_scale=4.0, progress=False)
     assert not torch.allclose(guided, plain)
     # Guidance s on a denoiser linear in its condition's concat part equals the conditional
@@ -388,7 +442,8 @@ def test_masked_sampling_keeps_the_known_region():
     assert not torch.allclose(out[~known], x0[~known], atol=0.1)
     # Before the first step the known region is x0 noised to level 999 with the first draw.
     abar = _linear().alphas_cumprod[999].item()
-    first = math.sqrt(abar) * x0 + math.sqrt(1 - abar) * torch.randn(x0.shape, generator=torch.Generator().manual_seed(4))
+    first_noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(4))
+    first = math.sqrt(abar) * x0 + math.sqrt(1 - abar) * first_noise
     torch.testing.assert_close(den.calls[0][0][known], first[known])
     torch.testing.assert_close(den.calls[0][0][~known], x_T[~known])
     with pytest.raises(ValueError, match="both mask and x0"):

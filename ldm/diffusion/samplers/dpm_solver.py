@@ -18,6 +18,8 @@ def solver_timesteps(lambdas: torch.Tensor, num_steps: int, spacing: str = "logs
     `lambdas` holds log(alpha_t / sigma_t) for t = 0..T-1. spacing 'logsnr' picks the timesteps
     whose lambda is nearest to an even grid in lambda (steps crowded together where lambda moves
     fast, i.e. near t = 0, are pushed apart to stay distinct); 'time' spaces them evenly in t.
+    'logsnr' suits the linear LDM schedules; the cosine schedule's clipped betas send lambda at
+    T - 1 to about -10, where 'logsnr' would spend several steps: use 'time' there.
     """
     T = lambdas.numel()
     if not 1 <= num_steps <= T - 1:

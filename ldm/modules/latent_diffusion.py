@@ -1,0 +1,315 @@
+"""The latent diffusion stage as a LightningModule: a denoiser trained on frozen first-stage latents.
+
+Thin glue over ldm.diffusion (schedule, objective, EMA, samplers) and ldm.nets (UNet, wrapper,
+condition encoders). Submodule and buffer names are those of the reference LatentDiffusion
+(`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*`, `model_ema.*`, schedule
+buffers, `scale_factor` when scale_by_std), so original LDM checkpoints load strictly and ours
+export back unchanged.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ldm.diffusion.ema import EMA
+from ldm.diffusion.objective import (check_parameterization, logvar_weighted, loss_simple, lvlb_weights,
+                                     training_target, vlb_term)
+from ldm.diffusion.samplers import get_sampler, noise_for_seeds
+from ldm.diffusion.schedule import DiffusionSchedule, make_betas, q_sample
+from ldm.first_stage.base import FirstStage
+from ldm.modules.base import BuildableModule
+from ldm.nets.wrapper import DiffusionWrapper
+from ldm.utils.images import log_grid
+from ldm.utils.lr import trainer_effective_lr
+
+
+def drop_conditions(values, drop: torch.Tensor, null):
+    """Replace the entries where `drop` is True by `null` (classifier-free guidance training).
+    values: a list of strings or a tensor with the batch first."""
+    if isinstance(values, torch.Tensor):
+        null_t = torch.as_tensor(null, dtype=values.dtype, device=values.device)
+        return torch.where(drop.view(-1, *([1] * (values.ndim - 1))).to(values.device), null_t, values)
+    return [null if d else v for v, d in zip(values, drop.tolist())]
+
+
+class LatentDiffusion(BuildableModule):
+    """Denoising diffusion on scaled latents of a frozen first stage.
+
+    unet: the denoiser (ldm.nets.unet.UNetModel).
+    first_stage: a trained FirstStage (frozen here); ldm.modules.loading.load_first_stage reads
+        one from a first-stage run.
+    cond_stage: condition encoder fed batch[cond_stage_key] (text encoder, class embedder), or None.
+    conditioning_key: None, 'crossattn', 'concat', 'hybrid' or 'adm' (see ldm.nets.wrapper).
+    concat_stage: builds the concat condition from the batch (ldm.nets.concat), for concat/hybrid.
+    uncond_value: the null input of the condition ("" for text, the null class id): used for
+        condition dropout (p_uncond) and as the unconditional branch of guidance.
+    image_size: training resolution in pixels (the default size of samples).
+    scale_factor / scale_by_std: latents are scale_factor * z; with scale_by_std it becomes
+        1/std of the first training batch's latents (all DDP ranks pooled) and is saved.
+    """
+
+    def __init__(self, unet: nn.Module, first_stage: FirstStage, cond_stage: nn.Module | None = None,
+                 conditioning_key: str | None = None, cond_stage_key: str | None = None,
+                 cond_stage_trainable: bool = True, concat_stage: nn.Module | None = None,
+                 uncond_value: str | int | None = None, p_uncond: float = 0.0,
+                 timesteps: int = 1000, beta_schedule: str = "linear", linear_start: float = 0.00085,
+                 linear_end: float = 0.012, cosine_s: float = 8e-3, parameterization: str = "eps",
+                 loss_type: str = "l2", learn_logvar: bool = False, logvar_init: float = 0.0,
+                 scale_factor: float = 1.0, scale_by_std: bool = False, ema_decay: float | None = 0.9999,
+                 base_lr: float = 1e-4, scale_lr: bool = True, weight_decay: float = 0.01, warmup_steps: int = 0,
+                 image_size: int = 256, val_sampler: dict | None = None, log_images: int = 8):
+        super().__init__()
+        self.save_hyperparameters(ignore=["unet", "first_stage", "cond_stage", "concat_stage"])
+        if not 0.0 <= p_uncond < 1.0:
+            raise ValueError(f"p_uncond must be in [0, 1), got {p_uncond}")
+        if p_uncond > 0 and uncond_value is None:
+            raise ValueError("p_uncond > 0 needs uncond_value: the null condition (\"\" for text, the null class id)")
+        if conditioning_key in ("crossattn", "hybrid") and cond_stage is None:
+            raise ValueError(f"conditioning_key={conditioning_key!r} needs a cond_stage (text or class encoder)")
+        if conditioning_key in ("concat", "hybrid") and concat_stage is None:
+            raise ValueError(f"conditioning_key={conditioning_key!r} needs a concat_stage (ldm.nets.concat)")
+        self.parameterization = check_parameterization(parameterization)
+        self.model = DiffusionWrapper(unet, conditioning_key)
+        self.first_stage_model = first_stage.eval().requires_grad_(False)
+        self.cond_stage_model = cond_stage
+        if cond_stage is not None and not cond_stage_trainable:
+            cond_stage.eval().requires_grad_(False)
+        self.concat_stage = concat_stage
+        self.schedule = DiffusionSchedule(make_betas(beta_schedule, timesteps, linear_start, linear_end, cosine_s))
+        self._register_schedule(self.schedule)
+        self.lvlb_weights = lvlb_weights(self.schedule, parameterization, compat=True) \
+            if parameterization != "v" else lvlb_weights(self.schedule, parameterization)
+        logvar = torch.full((timesteps,), float(logvar_init))
+        if learn_logvar:
+            self.logvar = nn.Parameter(logvar)
+        else:
+            self.logvar = logvar
+        if scale_by_std:
+            self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
+        else:
+            self.scale_factor = float(scale_factor)
+        self.model_ema = EMA(self.model, ema_decay) if ema_decay else None
+        self._restarted = False
+        self._val_batch: dict | None = None
+
+    # --- schedule -------------------------------------------------------------------------
+    def _register_schedule(self, schedule: DiffusionSchedule) -> None:
+        for name, value in schedule.buffers().items():
+            if name in self._buffers:
+                self._buffers[name] = value.to(self._buffers[name].device)
+            else:
+                self.register_buffer(name, value)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint's schedule buffers override the config, as in the reference.
+        if prefix + "betas" in state_dict:
+            self.schedule = DiffusionSchedule.from_state_dict(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.first_stage_model.eval()  # frozen: no dropout, no norm statistics updates
+        if self.cond_stage_model is not None and not self.hparams.cond_stage_trainable:
+            self.cond_stage_model.eval()
+        return self
+
+    # --- latents and conditions ------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, sample: bool = True,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """scale_factor x z for [-1, 1] images (a posterior sample, as the reference trains on)."""
+        posterior = self.first_stage_model.encode(images)
+        z = posterior.sample(generator) if sample else posterior.mode()
+        return self.scale_factor * z
+
+    @torch.no_grad()
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """[-1, 1] images (unclamped) from scaled latents."""
+        return self.first_stage_model.decode(z / self.scale_factor)
+
+    def encode_condition(self, values) -> torch.Tensor:
+        """The cond_stage output for raw condition inputs (captions, class ids)."""
+        if self.cond_stage_model is None:
+            return values
+        return self.cond_stage_model(values)
+
+    def condition(self, batch: dict, latent_hw: tuple[int, int], drop: torch.Tensor | None = None) -> dict | None:
+        """The condition dict for a batch; entries where `drop` is True get the null condition."""
+        key = self.model.conditioning_key
+        if key is None:
+            return None
+        cond: dict = {}
+        if key in ("crossattn", "hybrid", "adm"):
+            if self.hparams.cond_stage_key not in batch:
+                raise KeyError(f"the model is conditioned on batch[{self.hparams.cond_stage_key!r}], which is missing")
+            values = batch[self.hparams.cond_stage_key]
+            if drop is not None and bool(drop.any()):
+                values = drop_conditions(values, drop, self.hparams.uncond_value)
+            encoded = self.encode_condition(values)
+            cond["y" if key == "adm" else "crossattn"] = encoded
+        if key in ("concat", "hybrid"):
+            cond["concat"] = self.concat_stage(batch, lambda im: self.encode_images(im, sample=False), latent_hw)
+        return cond
+
+    def null_condition(self, batch: dict, latent_hw: tuple[int, int]) -> dict | None:
+        """The unconditional branch for guidance: the null input in place of the condition;
+        concat conditions (the image to super-resolve or inpaint) stay."""
+        if self.model.conditioning_key in (None, "concat"):
+            return self.condition(batch, latent_hw)
+        if self.hparams.uncond_value is None:
+            raise ValueError("guidance needs uncond_value (the null condition) in the model config")
+        n = len(batch[self.hparams.cond_stage_key])
+        return self.condition(batch, latent_hw, drop=torch.ones(n, dtype=torch.bool))
+
+    # --- training ------------------------------------------------------------------------
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        if (self.hparams.scale_by_std and self.global_step == 0 and batch_idx == 0 and not self._restarted):
+            self._set_scale_by_std(batch["image"])
+
+    @torch.no_grad()
+    def _set_scale_by_std(self, images: torch.Tensor) -> None:
+        """scale_factor = 1 / std of the unscaled latents, pooled over all DDP ranks (the reference
+        computes it on rank 0 only and leaves the other ranks at 1.0)."""
+        z = self.first_stage_model.encode(images).sample().double().flatten()
+        stats = torch.stack([z.new_tensor(z.numel()), z.sum(), (z * z).sum()])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(stats)
+        n, s, ss = stats
+        std = torch.sqrt((ss - s * s / n) / (n - 1))
+        self.scale_factor.fill_(float(1.0 / std))
+        self.print(f"scale_by_std: scale_factor = {self.scale_factor.item():.6f}")
+
+    def diffusion_loss(self, z: torch.Tensor, cond: dict | None, t: torch.Tensor | None = None,
+                       noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training loss on clean scaled latents z, and its logs (prefix-free names)."""
+        if t is None:
+            t = torch.randint(0, self.schedule.num_timesteps, (z.shape[0],), device=z.device)
+        noise = torch.randn_like(z) if noise is None else noise
+        x_t = q_sample(self.schedule, z, t, noise)
+        out = self.model(x_t, t, cond)
+        target = training_target(self.parameterization, self.schedule, z, noise, t)
+        per_sample = loss_simple(out.float(), target.float(), self.hparams.loss_type)
+        loss = logvar_weighted(per_sample, self.logvar, t).mean()
+        logs = {"loss_simple": per_sample.mean(), "loss_vlb": vlb_term(per_sample, self.lvlb_weights, t), "loss": loss}
+        if self.hparams.learn_logvar:
+            logs["logvar"] = self.logvar.mean()
+        return loss, logs
+
+    def _step(self, batch: dict, split: str, drop: bool) -> torch.Tensor:
+        z = self.encode_images(batch["image"])
+        mask = None
+        if drop and self.hparams.p_uncond > 0:
+            mask = torch.rand(z.shape[0]) < self.hparams.p_uncond
+        cond = self.condition(batch, tuple(z.shape[-2:]), drop=mask)
+        loss, logs = self.diffusion_loss(z, cond)
+        self.log_dict({f"{split}/{k}": v for k, v in logs.items()}, prog_bar=(split == "train"),
+                      sync_dist=(split == "val"), batch_size=z.shape[0])
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train", drop=True)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.model_ema is not None:
+            self.model_ema.update(self.model)
+
+    def on_validation_epoch_start(self) -> None:
+        if self.model_ema is not None:
+            self.model_ema.store(self.model)
+            self.model_ema.copy_to(self.model)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._step(batch, "val", drop=False)
+        if batch_idx == 0:
+            n = self.hparams.log_images
+            self._val_batch = {k: v[:n] for k, v in batch.items() if isinstance(v, (torch.Tensor, list))}
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val_batch is not None and self.hparams.log_images and not self.trainer.sanity_checking:
+            spec = dict(self.hparams.val_sampler or {})
+            images = self.sample(self._val_batch, progress=False, use_ema=False, **spec)
+            log_grid(self.trainer, "val/samples", torch.cat([self._val_batch["image"], images]),
+                     nrow=len(images))
+        self._val_batch = None
+        if self.model_ema is not None:
+            self.model_ema.restore(self.model)
+
+    def configure_optimizers(self):
+        lr = trainer_effective_lr(self, self.hparams.base_lr, self.hparams.scale_lr)
+        params = list(self.model.parameters())
+        if self.cond_stage_model is not None and self.hparams.cond_stage_trainable:
+            params += list(self.cond_stage_model.parameters())
+        if self.hparams.learn_logvar:
+            params.append(self.logvar)
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=self.hparams.weight_decay)
+        if not self.hparams.warmup_steps:
+            return optimizer
+        warmup = self.hparams.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._restarted = True
+
+    # --- sampling ------------------------------------------------------------------------
+    def latent_shape(self, image_size: int) -> tuple[int, int, int]:
+        """(C, h, w) of the latents of `image_size` px images."""
+        f = self.first_stage_model.downsampling_factor
+        if image_size % f:
+            raise ValueError(f"image size {image_size} is not divisible by the first stage's f = {f}")
+        return (self.first_stage_model.latent_channels, image_size // f, image_size // f)
+
+    @torch.no_grad()
+    def sample(self, batch: dict | None = None, n: int | None = None, image_size: int | None = None,
+               name: str = "ddim", num_steps: int = 50, guidance_scale: float = 1.0,
+               seeds: Sequence[int] | None = None, use_ema: bool = True, progress: bool = True,
+               mask: torch.Tensor | None = None, known: torch.Tensor | None = None,
+               x_T: torch.Tensor | None = None, return_latents: bool = False, **sampler_kwargs) -> torch.Tensor:
+        """Generate images.
+
+        batch: condition inputs (e.g. {'caption': [...]}, {'class_label': tensor},
+            {'lowres': images}); None for unconditional models (then give n).
+        image_size: output side in pixels (default: the batch's `image` size or the first
+            stage's training resolution); larger than training works (the UNet is convolutional).
+        seeds: one per image; image i depends only on its seed, not on the batch size.
+        mask, known: inpainting by masked sampling: pixels where mask == 1 are kept from `known`.
+        x_T: start from this latent noise instead of the seeds' (later noise still comes from the seeds).
+        sampler_kwargs: passed to the sampler (eta, compat, discretize, ...).
+        """
+        batch = dict(batch or {})
+        if n is None:
+            n = len(next(iter(batch.values()))) if batch else None
+        if n is None:
+            raise ValueError("an unconditional model needs n, the number of images")
+        if image_size is None:
+            image_size = batch["image"].shape[-1] if "image" in batch else self.hparams.image_size
+        shape = self.latent_shape(image_size)
+        seeds = list(range(n)) if seeds is None else list(seeds)
+        if len(seeds) != n:
+            raise ValueError(f"{len(seeds)} seeds for {n} images")
+        batch = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        cond = self.condition(batch, shape[1:])
+        uncond = self.null_condition(batch, shape[1:]) if guidance_scale != 1.0 else None
+        seed_noise, generators = noise_for_seeds(seeds, shape, device=self.device)
+        x_T = seed_noise if x_T is None else x_T.to(self.device)
+        z0 = self.encode_images(known.to(self.device), sample=False) if known is not None else None
+        if mask is not None:
+            mask = torch.nn.functional.interpolate(mask.to(self.device).float(), size=shape[1:], mode="nearest")
+        if name != "ddpm":  # DDPM always walks all T steps
+            sampler_kwargs["num_steps"] = num_steps
+        sampler = get_sampler(name, schedule=self.schedule, parameterization=self.parameterization, **sampler_kwargs)
+        swap = use_ema and self.model_ema is not None
+        if swap:
+            self.model_ema.store(self.model)
+            self.model_ema.copy_to(self.model)
+        try:
+            z = sampler.sample(self.model, x_T, cond, uncond=uncond, guidance_scale=guidance_scale,
+                               mask=mask, x0=z0, generator=generators, progress=progress)
+        finally:
+            if swap:
+                self.model_ema.restore(self.model)
+        return z if return_latents else self.decode_latents(z)

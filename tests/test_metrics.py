@@ -316,11 +316,13 @@ def _ddp_data() -> dict[str, torch.Tensor]:
             "fake": correlated_features(71, 6, seed=41, shift=0.3).float()}
 
 
-# Uneven shards: rank 0 gets the first rows, rank 1 the rest (torchmetrics gathers in rank order).
+# Uneven shards in batches of 15: rank 0 gets the first rows in 3 batches each, rank 1 the rest in
+# 4 and 3 (different batch counts per rank); torchmetrics gathers in rank order.
 _SPLIT = {"real": 37, "fake": 40}
 
 
 def _ddp_metrics() -> torch.nn.Module:
+    # IS reads the same 6-d features as logits: any (N, C) scores do for checking the sync.
     return build_metrics(["fid", "kid", "is", "precision_recall"], precomputed(6), precomputed(6),
                          kid_subsets=4, kid_subset_size=30, is_splits=3, pr_block_size=16)
 
@@ -330,11 +332,18 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         data, metrics = _ddp_data(), _ddp_metrics()
+        cached = FID(precomputed(6), reset_real_features=False)
+        cached.load_real_statistics(load_statistics(f"{out_dir}/real.npz"))  # on rank 0 only, in effect
         for kind in ("real", "fake"):
             shard = data[kind][:_SPLIT[kind]] if rank == 0 else data[kind][_SPLIT[kind]:]
             for chunk in shard.split(15):
                 metrics.update(chunk, real=kind == "real")
-        torch.save({k: v.item() for k, v in metrics.compute().items()}, f"{out_dir}/rank{rank}.pt")
+                if kind == "fake":
+                    cached.update(chunk, real=False)
+        results = {k: v.item() for k, v in metrics.compute().items()}
+        results["fid_from_cached_reals"] = cached.compute().item()
+        results["real_mu"] = metrics["fid"].real_statistics().mu
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -346,17 +355,23 @@ def _free_port() -> int:
 
 
 def test_metrics_synchronise_over_two_ddp_ranks(tmp_path):
+    data = _ddp_data()
+    reals = FeatureStatistics.from_features(data["real"], "test-features", {"layer": "given"})
+    save_statistics(tmp_path / "real.npz", reals)
     mp.spawn(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
-    data, single = _ddp_data(), _ddp_metrics()
+
+    single = _ddp_metrics()
     single.update(data["real"], real=True)
     single.update(data["fake"], real=False)
     expected = {k: v.item() for k, v in single.compute().items()}
     assert 0 < expected["precision"] < 1 and 0 < expected["recall"] < 1
     for rank in range(2):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
-        assert got.keys() == expected.keys()
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
         for key in expected:
             assert got[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-9), key
+        # Reference statistics loaded on every rank count once, not once per rank.
+        assert got["fid_from_cached_reals"] == pytest.approx(expected["fid"], rel=1e-6)
+        np.testing.assert_allclose(got["real_mu"], reals.mu, rtol=1e-6)
 
 
 # ---------------------------------------------------------------- reconstruction metrics
@@ -425,7 +440,9 @@ def test_lpips_loads_a_local_vgg16_backbone(random_lpips, tmp_path):
              for k, v in random_lpips.net.state_dict().items()}
     trunk["classifier.0.bias"] = torch.zeros(4096)  # a full torchvision file also holds the classifier
     save_safetensors(trunk, tmp_path / "vgg16.safetensors")
+    rng = torch.random.get_rng_state()
     loaded = build_lpips(backbone_weights=tmp_path / "vgg16.safetensors")
+    assert torch.equal(torch.random.get_rng_state(), rng)
     for k, v in loaded.net.state_dict().items():
         torch.testing.assert_close(v, trunk[f"features.{k.split('.', 1)[1]}"])
     x = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1
@@ -452,7 +469,9 @@ def test_images_to_uint8_and_toy_features_are_deterministic():
     with pytest.raises(ValueError, match="RGB"):
         images_to_uint8(torch.zeros(2, 1, 8, 8))
 
+    rng = torch.random.get_rng_state()
     a, b = ToyFeatures(seed=3), ToyFeatures(seed=3)
+    assert torch.equal(torch.random.get_rng_state(), rng)  # the caller's random stream is untouched
     assert a.settings == b.settings and a.settings != ToyFeatures(seed=4).settings
     assert torch.equal(a(images), b(as_float)) and a(images).shape == (4, a.num_features)
     logits = ToyFeatures(seed=3, output="logits", num_classes=7)
@@ -470,7 +489,9 @@ def test_inception_extractor_loads_a_local_weight_file(tmp_path, monkeypatch):
     torch.save(state, tmp_path / "inception.pth")
     monkeypatch.setattr(tf_inception, "load_state_dict_from_url", lambda *a, **k: pytest.fail("tried to download"))
 
+    rng = torch.random.get_rng_state()
     pool = InceptionV3Features(tmp_path / "inception.pth")
+    assert torch.equal(torch.random.get_rng_state(), rng)
     logits = InceptionV3Features(tmp_path / "inception.pth", output="logits")
     images = torch.rand(2, 3, 40, 40, generator=torch.Generator().manual_seed(71)) * 2 - 1
     f, z = pool(images), logits(images)

@@ -11,8 +11,9 @@ All metrics share one calling convention, `update(images, real: bool)`, so one M
 takes every batch; IS ignores real batches. Results are flat scalar tensors: fid, kid_mean,
 kid_std, is_mean, is_std, precision, recall.
 
-Each metric runs the extractor itself: with FID, KID and precision/recall on Inception features,
-a batch passes through Inception three times (small next to sampling the images).
+Each metric runs its extractor itself: with FID, KID and precision/recall on Inception features
+and IS on its logits, a generated batch passes through Inception four times (small next to
+sampling the images).
 """
 from __future__ import annotations
 

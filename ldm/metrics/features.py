@@ -111,11 +111,13 @@ class InceptionV3Features(FeatureExtractor):
             raise FileNotFoundError(f"no Inception weight file at {weights_path}; download {INCEPTION_URL} "
                                     "there, or pass weights_path=None on a machine with a network")
         try:
-            net = FeatureExtractorInceptionV3(
-                "inception-v3-compat", [layer],
-                feature_extractor_weights_path=None if weights_path is None else str(weights_path),
-                verbose=False,
-            )
+            # Its throwaway random init must not advance the caller's random stream.
+            with torch.random.fork_rng(devices=[]):
+                net = FeatureExtractorInceptionV3(
+                    "inception-v3-compat", [layer],
+                    feature_extractor_weights_path=None if weights_path is None else str(weights_path),
+                    verbose=False,
+                )
         except URLError as err:
             raise RuntimeError(f"could not download the Inception weights ({err}); fetch {INCEPTION_URL} "
                                "elsewhere and pass its path as weights_path") from err
@@ -134,13 +136,14 @@ class VGG16Features(FeatureExtractor):
 
     weights: a torchvision vgg16 state dict (file or mapping; keys `features.*`, `classifier.*`),
     or None to download torchvision's IMAGENET1K_V1 weights. These are not the NVlabs vgg16.pt
-    (converted from Keras) that StyleGAN2-ADA uses, so numbers differ somewhat from its tables.
+    (converted from Keras) that StyleGAN2-ADA uses: its tables are not reproduced exactly.
     """
 
     def __init__(self, weights: str | Path | Mapping[str, Tensor] | None = None):
         if weights is None:
             try:
-                net = torchvision.models.vgg16(weights=torchvision.models.VGG16_Weights.IMAGENET1K_V1)
+                with torch.random.fork_rng(devices=[]):  # see InceptionV3Features
+                    net = torchvision.models.vgg16(weights=torchvision.models.VGG16_Weights.IMAGENET1K_V1)
             except URLError as err:
                 raise RuntimeError(f"could not download the torchvision VGG16 weights ({err}); pass a local "
                                    "vgg16 state dict file as weights") from err
@@ -172,7 +175,7 @@ class VGG16Features(FeatureExtractor):
 
 
 class ToyFeatures(FeatureExtractor):
-    """A fixed random conv net (seeded He-normal weights, no file): images resized to 32x32,
+    """A fixed random conv net (He-normal weights from `seed`, no file): images resized to 32x32,
     three 3x3 conv + ReLU stages (16, 32, 64 channels, the last two with stride 2), each
     average-pooled and concatenated into 112 features; output='logits' adds a fixed random
     linear head to `num_classes` logits (for IS).
@@ -186,16 +189,18 @@ class ToyFeatures(FeatureExtractor):
     def __init__(self, seed: int = 0, output: Literal["pool", "logits"] = "pool", num_classes: int = 10):
         if output not in ("pool", "logits"):
             raise ValueError(f"unknown toy output {output!r}; choose 'pool' or 'logits'")
+        # Built on the meta device and initialised from a private generator: the global
+        # random stream of the caller (e.g. a training run) is left untouched.
         gen = torch.Generator().manual_seed(seed)
         convs, c_in = [], 3
         for i, c_out in enumerate(self.widths):
-            conv = nn.Conv2d(c_in, c_out, 3, stride=1 if i == 0 else 2, padding=1)
+            conv = nn.Conv2d(c_in, c_out, 3, stride=1 if i == 0 else 2, padding=1, device="meta").to_empty(device="cpu")
             nn.init.normal_(conv.weight, std=(2.0 / (9 * c_in)) ** 0.5, generator=gen)
             nn.init.normal_(conv.bias, std=0.1, generator=gen)
             convs.append(conv)
             c_in = c_out
         pool_dim = sum(self.widths)
-        head = nn.Linear(pool_dim, num_classes)
+        head = nn.Linear(pool_dim, num_classes, device="meta").to_empty(device="cpu")
         nn.init.normal_(head.weight, std=pool_dim ** -0.5, generator=gen)
         nn.init.zeros_(head.bias)
         dim = pool_dim if output == "pool" else num_classes

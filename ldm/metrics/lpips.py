@@ -68,18 +68,16 @@ class LPIPS(lpips_package.LPIPS):
         with warnings.catch_warnings():
             # lpips calls torchvision.models.vgg16(pretrained=...), deprecated in torchvision.
             warnings.filterwarnings("ignore", message=".*(pretrained|weight enum).*", category=UserWarning)
-            if backbone_weights is None and not random_backbone:
+            # On a forked RNG with a fixed seed: a random trunk is the same in every run, and
+            # the caller's random stream is untouched by the initialisation.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
                 try:
-                    super().__init__(net="vgg", pnet_rand=False, model_path=str(LINEAR_WEIGHTS), verbose=False)
+                    super().__init__(net="vgg", pnet_rand=backbone_weights is not None or random_backbone,
+                                     model_path=str(LINEAR_WEIGHTS), verbose=False)
                 except URLError as err:
                     raise RuntimeError(f"could not download torchvision's VGG16 weights for LPIPS ({err}); pass "
                                        "backbone_weights=<local vgg16 .pth or .safetensors>") from err
-            else:
-                # A fixed seed, on a forked RNG: the random trunk is the same in every run and
-                # the caller's random stream is untouched.
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(0)
-                    super().__init__(net="vgg", pnet_rand=True, model_path=str(LINEAR_WEIGHTS), verbose=False)
         if trunk is not None:
             load_strict(self.net, trunk, source=str(backbone_weights))  # also checks the shapes
         # lpips also registers the linear layers as `lins.*`; the reference keeps them only as

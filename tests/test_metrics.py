@@ -196,7 +196,8 @@ def test_precision_recall_matches_torch_fidelity():
     real, fake = correlated_features(64, 6, seed=13), correlated_features(48, 6, seed=14, shift=0.3)
     ref = prc_features_to_metric(fake, real, prc_neighborhood=3, prc_batch_size=20, save_cpu_ram=True, verbose=False)
     # torch-fidelity averages in float32; one sample more or less would move the share by 1/48.
-    assert precision_recall(real, fake, k=3, block_size=20) == pytest.approx((ref["precision"], ref["recall"]), abs=1e-6)
+    expected = (ref["precision"], ref["recall"])
+    assert precision_recall(real, fake, k=3, block_size=20) == pytest.approx(expected, abs=1e-6)
 
 
 @pytest.mark.filterwarnings("ignore:The ``compute`` method of metric PrecisionRecall was called before")
@@ -241,7 +242,8 @@ def test_kid_matches_formula_and_torch_fidelity():
     real, fake = correlated_features(70, 8, seed=22), correlated_features(60, 8, seed=23, shift=0.3)
     ours = kernel_inception_distance(real, fake, subsets=7, subset_size=25, seed=5)
     ref = kid_features_to_metric(real, fake, kid_subsets=7, kid_subset_size=25, rng_seed=5, verbose=False)
-    assert ours == pytest.approx((ref["kernel_inception_distance_mean"], ref["kernel_inception_distance_std"]), rel=1e-10)
+    expected = (ref["kernel_inception_distance_mean"], ref["kernel_inception_distance_std"])
+    assert ours == pytest.approx(expected, rel=1e-10)
     with pytest.raises(ValueError, match="subset_size 100 is larger"):
         kernel_inception_distance(real, fake, subset_size=100)
 
@@ -431,7 +433,8 @@ def test_lpips_state_dict_layout_and_calibrated_linear_layers(random_lpips):
     assert not any(k.startswith("lins.") for k in keys)
     package = torch.load(LINEAR_WEIGHTS, map_location="cpu", weights_only=True)
     for i in range(5):
-        torch.testing.assert_close(random_lpips.state_dict()[f"lin{i}.model.1.weight"], package[f"lin{i}.model.1.weight"])
+        key = f"lin{i}.model.1.weight"
+        torch.testing.assert_close(random_lpips.state_dict()[key], package[key])
 
 
 def test_lpips_loads_a_local_vgg16_backbone(random_lpips, tmp_path):

@@ -82,7 +82,8 @@ class FID(FrechetInceptionDistance):
         reset_real_features=True the next reset() clears them again."""
         check_same_extractor(stats.extractor, stats.settings, self.inception.name, self.inception.settings)
         if stats.mu.shape != self.real_features_sum.shape:
-            raise ValueError(f"statistics have {stats.mu.shape[0]} features, the extractor {self.inception.num_features}")
+            raise ValueError(f"statistics have {stats.mu.shape[0]} features, the extractor "
+                             f"{self.inception.num_features}")
         mu = torch.as_tensor(stats.mu, dtype=torch.float64, device=self.device)
         sigma = torch.as_tensor(stats.sigma, dtype=torch.float64, device=self.device)
         owner = not (dist.is_available() and dist.is_initialized()) or dist.get_rank(self.process_group) == 0

@@ -98,7 +98,8 @@ class FeatureStatistics:
         return cls(mu.cpu().numpy(), sigma.cpu().numpy(), len(features), extractor, dict(settings))
 
 
-def check_same_extractor(name_a: str, settings_a: Mapping[str, Any], name_b: str, settings_b: Mapping[str, Any]) -> None:
+def check_same_extractor(name_a: str, settings_a: Mapping[str, Any],
+                         name_b: str, settings_b: Mapping[str, Any]) -> None:
     """Raise ExtractorMismatchError unless the two extractor names and settings are equal."""
     settings_a, settings_b = _normalised_settings(settings_a), _normalised_settings(settings_b)
     if name_a == name_b and settings_a == settings_b:

@@ -41,7 +41,8 @@ def kernel_inception_distance(
     real and fake (N, D) features (population std, as torch-fidelity)."""
     real, fake = torch.as_tensor(real), torch.as_tensor(fake)
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
-        raise ValueError(f"need real and fake features (N, D) of one D, got {tuple(real.shape)} and {tuple(fake.shape)}")
+        raise ValueError(f"need real and fake features (N, D) of one D, got {tuple(real.shape)} "
+                         f"and {tuple(fake.shape)}")
     if subset_size < 2 or subsets < 1:
         raise ValueError(f"need subsets >= 1 and subset_size >= 2, got {subsets} and {subset_size}")
     if min(len(real), len(fake)) < subset_size:

@@ -47,7 +47,8 @@ def knn_radii(features: Tensor, k: int = 3, block_size: int = 10000, dtype: torc
 def within_manifold(queries: Tensor, points: Tensor, radii: Tensor, block_size: int = 10000,
                     dtype: torch.dtype = torch.float64) -> Tensor:
     """(Nq,) bool: whether each query lies within radii[j] of some point j."""
-    q_all, p_all, r_all = queries.to(dtype), points.to(device=queries.device, dtype=dtype), radii.to(queries.device, dtype)
+    q_all = queries.to(dtype)
+    p_all, r_all = points.to(q_all.device, dtype), radii.to(q_all.device, dtype)
     hits = []
     for q0 in range(0, len(q_all), block_size):
         q = q_all[q0:q0 + block_size]
@@ -62,7 +63,8 @@ def precision_recall(real: Tensor, fake: Tensor, k: int = 3, block_size: int = 1
                      dtype: torch.dtype = torch.float64) -> tuple[float, float]:
     """(precision, recall) of generated features `fake` against real features `real`, both (N, D)."""
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
-        raise ValueError(f"need real and fake features (N, D) of one D, got {tuple(real.shape)} and {tuple(fake.shape)}")
+        raise ValueError(f"need real and fake features (N, D) of one D, got {tuple(real.shape)} "
+                         f"and {tuple(fake.shape)}")
     if block_size < 1:
         raise ValueError(f"block_size must be positive, got {block_size}")
     fake = fake.to(real.device)

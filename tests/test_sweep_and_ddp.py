@@ -1,0 +1,43 @@
+"""A Hydra multirun over f through the real train.py, and autoencoder training on 2 DDP ranks."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from conftest import TINY_RUN, compose
+from ldm.cli.train import train
+from ldm.modules.loading import load_module
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_multirun_over_f_trains_one_autoencoder_per_f(tmp_path):
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "train.py", "-m", "experiment=toy/ae_kl", "first_stage.f=2,8", *TINY_RUN,
+           f"paths.data_dir={tmp_path / 'data'}", f"hydra.sweep.dir={sweep}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for f in (2, 8):
+        run = sweep / f"first_stage.f={f}"
+        assert (run / "checkpoints" / "last.ckpt").is_file()
+        assert json.loads((run / "metrics.json").read_text())["val/psnr"] > 0
+        module = load_module(run)
+        assert module.first_stage.downsampling_factor == f
+        with torch.no_grad():
+            assert module.first_stage.encode(torch.zeros(1, 3, 32, 32)).mode().shape[-1] == 32 // f
+
+
+def test_autoencoder_trains_on_two_ddp_ranks_with_the_discriminator_on(tmp_path):
+    out = tmp_path / "run"
+    cfg = compose("train", ["experiment=toy/ae_kl", "trainer=ddp_cpu", *TINY_RUN, "model.loss.disc_start=1"], out, tmp_path / "data")
+    train(cfg)
+    module = load_module(out)
+    assert module.ae_steps == 3  # 3 batches per rank and epoch; both ranks step together
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["train/disc_loss"] > 0 and saved["val/psnr"] > 0

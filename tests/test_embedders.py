@@ -212,6 +212,8 @@ def test_text_encoder_from_file_and_pickles(tokenizer, captions, tmp_path):
         _text_encoder(tokenizer, n_head=3)
     with pytest.raises(TypeError, match="list of strings"):
         enc("a red circle")
+    with pytest.raises(ValueError, match="exceed max_seq_len 24"):
+        enc.encode(torch.zeros(1, 30, dtype=torch.long), torch.ones(1, 30, dtype=torch.bool))
 
 
 # ---- frozen CLIP --------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -54,6 +55,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out)
 
     datamodule = instantiate(cfg.data)
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        # Data first: building the model may need it (a text model trains its tokenizer on the
+        # captions). Ranks launched later by DDP find it written.
+        datamodule.prepare_data()
     model = instantiate(cfg.model, _convert_="all")  # plain containers: weights_only checkpoints
     # The module can rebuild itself from this (sample.py, evaluate.py, fine-tuning).
     model.build_config = plain(cfg.model)

@@ -19,6 +19,9 @@ class ShardDataModule(pl.LightningDataModule):
     `class_label` (long, -1 when a sample has none), `meta` (list of dicts from .json),
     `skipped` (samples dropped as unreadable since the previous batch) and any `extra_keys`.
 
+    `batch_transforms`: callables batch -> batch run in the loader workers after collation
+    (ldm.data.degradations: SR low-res inputs, inpainting masks).
+
     `synthetic`, when given, names the built-in dataset to write into `train_urls` and
     `val_urls` (both then folders) before training, e.g.
     {train_samples: 2000, val_samples: 256, resolution: 64, seed: 0, per_shard: 100}.
@@ -29,7 +32,7 @@ class ShardDataModule(pl.LightningDataModule):
                  num_workers: int = 2, batches_per_epoch: int = 1000, shuffle_buffer: int = 1000,
                  resampled: bool = False, seed: int = 0, crop: str = "random", flip: bool = False,
                  val_max_samples: int | None = None, extra_keys: dict[str, str] | None = None,
-                 synthetic: dict | None = None):
+                 synthetic: dict | None = None, batch_transforms: list | None = None):
         super().__init__()
         self.train_urls, self.val_urls = train_urls, val_urls
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
@@ -39,6 +42,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.train_decoder = SampleDecoder(ImageTransform(image_size, crop, flip), dict(extra_keys or {}))
         self.val_decoder = SampleDecoder(ImageTransform(image_size, "center", False), dict(extra_keys or {}))
         self.image_size = image_size
+        self.batch_transforms = list(batch_transforms or [])
 
     def prepare_data(self) -> None:
         """Write the synthetic shards when configured (resumes; a no-op once complete)."""
@@ -65,7 +69,8 @@ class ShardDataModule(pl.LightningDataModule):
         rank, world = self._rank_world()
         stream = ShardStream(self.train_urls, self.batch_size, self.train_decoder, train=True, rank=rank,
                              world_size=world, seed=self.seed, batches_per_epoch=self.batches_per_epoch,
-                             shuffle_buffer=self.shuffle_buffer, resampled=self.resampled)
+                             shuffle_buffer=self.shuffle_buffer, resampled=self.resampled,
+                             batch_transforms=self.batch_transforms)
         start_epoch = self.trainer.current_epoch if self.trainer is not None else 0
         return make_loader(stream, self.num_workers, start_epoch=start_epoch)
 
@@ -74,5 +79,6 @@ class ShardDataModule(pl.LightningDataModule):
             return []
         rank, world = self._rank_world()
         stream = ShardStream(self.val_urls, self.val_batch_size, self.val_decoder, train=False, rank=rank,
-                             world_size=world, seed=self.seed, max_samples=self.val_max_samples)
+                             world_size=world, seed=self.seed, max_samples=self.val_max_samples,
+                             batch_transforms=self.batch_transforms)
         return make_loader(stream, min(self.num_workers, 1))

@@ -64,8 +64,10 @@ class SRDegradation:
 
 
 def hole_fraction(mask: torch.Tensor) -> torch.Tensor:
-    """Coverage of (..., 1, H, W) masks (1 = keep, 0 = hole): the share of hole pixels, shape (...)."""
-    return 1 - mask.flatten(-3).float().mean(-1)
+    """Coverage of (..., 1, H, W) masks (1 = keep, 0 = hole): the share of hole pixels, shape (...).
+
+    float64, so a binary mask's coverage is exactly holes / pixels and bucket edges are exact."""
+    return (1 - mask.double()).flatten(-3).mean(-1)
 
 
 def in_coverage_bucket(mask: torch.Tensor, low: float, high: float) -> torch.Tensor:

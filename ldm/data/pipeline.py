@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,8 +153,10 @@ class ShardStream(IterableDataset):
 
     def __init__(self, urls: str | list[str], batch_size: int, decoder: SampleDecoder, *, train: bool,
                  rank: int = 0, world_size: int = 1, seed: int = 0, batches_per_epoch: int | None = None,
-                 shuffle_buffer: int = 1000, resampled: bool = False, max_samples: int | None = None):
+                 shuffle_buffer: int = 1000, resampled: bool = False, max_samples: int | None = None,
+                 batch_transforms: list[Callable[[dict], dict]] | None = None):
         self.urls = expand_urls(urls)
+        self.batch_transforms = list(batch_transforms or [])
         if train and not batches_per_epoch:
             raise ValueError("a training stream needs batches_per_epoch (data.batches_per_epoch) > 0")
         if not 0 <= rank < world_size:
@@ -201,6 +203,12 @@ class ShardStream(IterableDataset):
             rng.shuffle(order)
             yield from ({"url": u} for u in order)
 
+    def _collate(self, samples: list[dict], skipped: int) -> dict:
+        batch = collate(samples, skipped)
+        for transform in self.batch_transforms:  # e.g. SR / inpainting degradations, in the workers
+            batch = transform(batch)
+        return batch
+
     def _batches(self, samples: Iterator[dict], counter: SkipCounter, rng: random.Random) -> Iterator[dict]:
         batch: list[dict] = []
         for raw in samples:
@@ -211,10 +219,10 @@ class ShardStream(IterableDataset):
                 continue
             batch.append(sample)
             if len(batch) == self.batch_size:
-                yield collate(batch, counter.take())
+                yield self._collate(batch, counter.take())
                 batch = []
         if batch:
-            yield collate(batch, counter.take())
+            yield self._collate(batch, counter.take())
 
     def __iter__(self) -> Iterator[dict]:
         worker, n_workers = self._worker()

@@ -114,6 +114,21 @@ def captions_from_shards(urls: str | list[str]) -> Iterator[str]:
             yield sample["txt"].decode("utf-8").strip()
 
 
+def ensure_tokenizer(path: str | Path, shards: str | list[str], vocab_size: int = 512) -> CaptionTokenizer:
+    """The tokenizer at `path`; trained on the captions of `shards` and saved there first when
+    the file does not exist yet (a run trains it once and reuses it when resumed)."""
+    path = Path(path)
+    if path.is_file():
+        return CaptionTokenizer.load(path)
+    captions = _Counter(captions_from_shards(shards))
+    tokenizer = CaptionTokenizer.train(captions, vocab_size)
+    if captions.n == 0:
+        raise ValueError(f"no .txt captions in the shards {shards!r}: a text-conditional model needs captions")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(path)
+    return tokenizer
+
+
 class _Counter:
     """Passes an iterable through and counts its items (the trainer consumes it once)."""
 

@@ -225,7 +225,8 @@ class LatentDiffusion(BuildableModule):
         self._step(batch, "val", drop=False)
         if batch_idx == 0:
             n = self.hparams.log_images
-            self._val_batch = {k: v[:n] for k, v in batch.items() if isinstance(v, (torch.Tensor, list))}
+            self._val_batch = {k: v[:n] for k, v in batch.items()
+                               if isinstance(v, list) or (isinstance(v, torch.Tensor) and v.ndim > 0)}
 
     def on_validation_epoch_end(self) -> None:
         if self._val_batch is not None and self.hparams.log_images and not self.trainer.sanity_checking:
@@ -250,6 +251,14 @@ class LatentDiffusion(BuildableModule):
         warmup = self.hparams.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        # Store the first stage's architecture instead of "load it from run X": the weights are
+        # in this checkpoint, so it rebuilds without the first-stage run folder.
+        arch = getattr(self.first_stage_model, "build_config", None)
+        if arch is not None and "build_config" in checkpoint:
+            checkpoint["build_config"] = {**checkpoint["build_config"], "first_stage": arch}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)

@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 from hydra.utils import instantiate
 
+from ldm.first_stage.base import FirstStage
 from ldm.modules.base import BuildableModule
 from ldm.utils.checkpoint import load_strict
 
@@ -32,3 +33,17 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> B
     load_strict(module, ckpt["state_dict"], str(ckpt_path))
     module.on_load_checkpoint(ckpt)
     return module.eval()
+
+
+def load_first_stage(path: str | Path) -> FirstStage:
+    """The trained first stage of a first-stage run (folder or .ckpt), frozen, for the
+    latent diffusion stage. Its EMA weights are used when the run kept an EMA."""
+    module = load_module(path)
+    first_stage = getattr(module, "first_stage", None)
+    if not isinstance(first_stage, FirstStage):
+        raise ValueError(f"{path} is not a first-stage run (it holds a {type(module).__name__})")
+    if getattr(module, "ema", None) is not None:
+        module.ema.copy_to(first_stage)
+    # The architecture, so a latent diffusion checkpoint can rebuild it without this run folder.
+    first_stage.build_config = module.build_config["first_stage"]
+    return first_stage.eval().requires_grad_(False)

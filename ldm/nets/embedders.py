@@ -109,6 +109,9 @@ class TransformerTextEncoder(nn.Module):
 
     def encode(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Ids and attention mask (B, L) with L <= max_seq_len -> hidden states (B, L, n_embed)."""
+        if ids.shape[1] > self.max_seq_len:
+            raise ValueError(f"{ids.shape[1]} tokens exceed max_seq_len {self.max_seq_len}; "
+                             "tokenize with tokenize(), which truncates")
         x = self.token_embedding(ids) + self.position_embedding[:ids.shape[1]]
         padding = ~mask  # PyTorch's key_padding_mask: True = ignore this key
         for layer in self.layers:

@@ -54,7 +54,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out)
 
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate(cfg.data, _convert_="all")
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         # Data first: building the model may need it (a text model trains its tokenizer on the
         # captions). Ranks launched later by DDP find it written.

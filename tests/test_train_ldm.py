@@ -1,0 +1,103 @@
+"""Latent diffusion training end to end: a toy first stage, then LDMs with each conditioning."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from conftest import TINY_RUN, compose
+from ldm.cli.train import train
+from ldm.modules.latent_diffusion import LatentDiffusion, drop_conditions
+from ldm.modules.loading import load_module
+
+
+@pytest.fixture(scope="module")
+def first_stage_run(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny trained KL-f4 autoencoder run (32 px, z = 4) and the data folder it used."""
+    root = tmp_path_factory.mktemp("ae")
+    train(compose("train", ["experiment=toy/ae_kl", *TINY_RUN], root / "run", root / "data"))
+    return root / "run", root / "data"
+
+
+@pytest.mark.parametrize("cond", ["uncond", "class", "text", "sr", "inpaint"])
+def test_toy_ldm_trains_samples_and_reloads(tmp_path, first_stage_run, cond):
+    ae_run, data = first_stage_run
+    out = tmp_path / "run"
+    train(compose("train", [f"experiment=toy/ldm_{cond}", *TINY_RUN, f"first_stage.path={ae_run}"], out, data))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["global_step"] == 3 and metrics["val/loss"] > 0
+    assert list((out / "images").glob("val_samples_step*.png"))
+    if cond == "text":
+        assert (out / "tokenizer.json").is_file()
+
+    model = load_module(out)  # rebuilds from the checkpoint alone (first stage included)
+    assert isinstance(model, LatentDiffusion) and model.scale_factor.item() != 1.0
+    batch = {"uncond": None,
+             "class": {"class_label": torch.tensor([0, 5])},
+             "text": {"caption": ["a small red circle on a grey background", "a large blue star on a beige background"]},
+             "sr": {"lowres": torch.zeros(2, 3, 8, 8)},
+             "inpaint": {"masked_image": torch.zeros(2, 3, 32, 32), "mask": torch.ones(2, 1, 32, 32)}}[cond]
+    guidance = 2.0 if cond in ("class", "text") else 1.0
+    images = model.sample(batch, n=2, num_steps=3, guidance_scale=guidance, image_size=32, progress=False)
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def test_condition_dropout_rate_and_null_values():
+    torch.manual_seed(0)
+    drop = torch.rand(20000) < 0.1
+    assert drop.float().mean().item() == pytest.approx(0.1, abs=0.01)
+    captions = drop_conditions(["a"] * 4, torch.tensor([True, False, True, False]), "")
+    assert captions == ["", "a", "", "a"]
+    labels = drop_conditions(torch.tensor([3, 4, 5]), torch.tensor([False, True, False]), 48)
+    assert labels.tolist() == [3, 48, 5]
+
+
+def test_training_drops_conditions_at_p_uncond(tmp_path, first_stage_run):
+    ae_run, data = first_stage_run
+    cfg = compose("train", ["experiment=toy/ldm_class", *TINY_RUN, f"first_stage.path={ae_run}",
+                            "cond.p_uncond=0.5"], tmp_path / "run", data)
+    from hydra.utils import instantiate
+
+    model = instantiate(cfg.model, _convert_="all")
+    seen = []
+    model.encode_condition = lambda labels: (seen.append(labels.clone()), model.cond_stage_model(labels))[1]
+    batch = {"image": torch.zeros(4000, 3, 32, 32), "class_label": torch.zeros(4000, dtype=torch.long)}
+    model.first_stage_model.encode = lambda x: type("P", (), {"sample": lambda self, g=None: torch.zeros(len(x), 4, 8, 8),
+                                                            "mode": lambda self: torch.zeros(len(x), 4, 8, 8)})()
+    model.model.forward = lambda x, t, c: torch.zeros_like(x)  # the rate, not the network, is tested
+    model._step(batch, "train", drop=True)
+    assert (seen[0] == 48).float().mean().item() == pytest.approx(0.5, abs=0.03)
+
+
+class ScaleRecorder(pl.Callback):
+    """Writes, per rank, the first batch's latent sums and the scale_factor the model ends with."""
+
+    def __init__(self, out: str):
+        self.out, self.stats = out, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.stats is None:
+            z = pl_module.first_stage_model.encode(batch["image"]).mode().double()
+            self.stats = [z.numel(), z.sum().item(), (z * z).sum().item()]
+
+    def on_train_end(self, trainer, pl_module):
+        Path(self.out, f"rank{trainer.global_rank}.json").write_text(
+            json.dumps({"stats": self.stats, "scale": pl_module.scale_factor.item()}))
+
+
+def test_scale_by_std_is_pooled_and_identical_on_both_ddp_ranks(tmp_path):
+    cfg = compose("train", ["experiment=toy/ldm_uncond", "first_stage=identity", "unet.in_channels=3",
+                            "unet.out_channels=3", "trainer=ddp_cpu", *TINY_RUN, "model.log_images=0",
+                            "+callbacks.record._target_=test_train_ldm.ScaleRecorder", f"+callbacks.record.out={tmp_path}"],
+                  tmp_path / "run", tmp_path / "data")
+    train(cfg)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["scale"] == r1["scale"]
+    n, s, ss = (a + b for a, b in zip(r0["stats"], r1["stats"]))
+    pooled = 1 / ((ss - s * s / n) / (n - 1)) ** 0.5
+    assert r0["scale"] == pytest.approx(pooled, rel=1e-5)
+    n0, s0, ss0 = r0["stats"]
+    assert abs(1 / ((ss0 - s0 * s0 / n0) / (n0 - 1)) ** 0.5 - pooled) > 1e-6  # rank 0 alone would differ

@@ -101,3 +101,40 @@ def test_scale_by_std_is_pooled_and_identical_on_both_ddp_ranks(tmp_path):
     assert r0["scale"] == pytest.approx(pooled, rel=1e-5)
     n0, s0, ss0 = r0["stats"]
     assert abs(1 / ((ss0 - s0 * s0 / n0) / (n0 - 1)) ** 0.5 - pooled) > 1e-6  # rank 0 alone would differ
+
+
+def test_sample_py_end_to_end_and_bad_input(tmp_path, first_stage_run):
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    from ldm.cli.sample import sample
+
+    ae_run, data = first_stage_run
+    run = tmp_path / "ldm"
+    train(compose("train", ["experiment=toy/ldm_text", *TINY_RUN, f"first_stage.path={ae_run}"], run, data))
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "samples"
+    prompt = "prompt=a small red circle on a grey background"
+    done = subprocess.run([sys.executable, "sample.py", f"ckpt={run}", f"hydra.run.dir={out}", prompt, "n=3",
+                           "batch_size=2", "steps=4", "guidance=2.0"], cwd=root, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads((out / "samples.json").read_text())
+    assert [r["seed"] for r in record["images"]] == [0, 1, 2]
+    assert record["settings"]["guidance"] == 2.0 and record["images"][0]["prompt"].startswith("a small red")
+    assert len(list((out / "samples").glob("*.png"))) == 3 and (out / "grid.png").is_file()
+
+    def cfg(*args):
+        return compose("sample", [f"ckpt={run}", f"out_dir={tmp_path / 'again'}", *args], tmp_path / "s")
+
+    # image 2 depends on its seed only, not on the batch it was drawn in
+    sample(cfg(prompt, "n=3", "batch_size=3", "steps=4", "guidance=2.0"))
+    assert np.array_equal(np.asarray(Image.open(out / "samples" / "00002.png")),
+                          np.asarray(Image.open(tmp_path / "again" / "samples" / "00002.png")))
+    with pytest.raises(ValueError, match="not class-conditional"):
+        sample(cfg("class_label=3"))
+    with pytest.raises(ValueError, match="needs prompt="):
+        sample(cfg())

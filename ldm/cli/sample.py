@@ -1,0 +1,115 @@
+"""The logic behind sample.py: images from a trained latent diffusion checkpoint."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from tqdm import tqdm
+
+from ldm.data.transforms import ImageTransform, to_uint8
+from ldm.modules.latent_diffusion import LatentDiffusion
+from ldm.modules.loading import find_checkpoint, load_module
+from ldm.utils.images import save_grid
+
+log = logging.getLogger(__name__)
+
+
+def _load_image(path: str, size: int | None) -> torch.Tensor:
+    with Image.open(path) as img:
+        img.load()
+        return ImageTransform(size or min(img.size))(img).unsqueeze(0)
+
+
+def condition_inputs(model: LatentDiffusion, cfg: DictConfig) -> tuple[dict, list[dict]]:
+    """The batch of condition inputs for n images and a per-image record of what was asked."""
+    n, key = cfg.n, model.model.conditioning_key
+    prompts = list(cfg.prompt) if isinstance(cfg.prompt, (list, tuple)) or OmegaConf.is_list(cfg.prompt) \
+        else ([cfg.prompt] if cfg.prompt is not None else [])
+    if cfg.prompts_file:
+        prompts += [line.strip() for line in Path(cfg.prompts_file).read_text().splitlines() if line.strip()]
+    labels = cfg.class_label
+    labels = [] if labels is None else (list(labels) if OmegaConf.is_list(labels) else [labels])
+    cond_key = model.hparams.cond_stage_key
+    text_model = key in ("crossattn", "hybrid") and cond_key == "caption"
+    label_model = cond_key in ("class_label", "class") and key in ("crossattn", "adm")
+    if prompts and not text_model:
+        raise ValueError(f"this model is not text-conditional (conditioning on {cond_key or 'nothing'}): drop prompt=")
+    if labels and not label_model:
+        raise ValueError(f"this model is not class-conditional (conditioning on {cond_key or 'nothing'}): drop class_label=")
+    if text_model and not prompts:
+        raise ValueError("a text-conditional model needs prompt='...' (or prompts_file=...)")
+    if label_model and not labels:
+        raise ValueError("a class-conditional model needs class_label=<id> (or a list)")
+    batch: dict = {}
+    records = [{} for _ in range(n)]
+    if prompts:
+        batch["caption"] = [prompts[i % len(prompts)] for i in range(n)]
+        for r, p in zip(records, batch["caption"]):
+            r["prompt"] = p
+    if labels:
+        batch[cond_key] = torch.tensor([int(labels[i % len(labels)]) for i in range(n)])
+        for r, c in zip(records, batch[cond_key].tolist()):
+            r["class_label"] = c
+    if cfg.lowres:
+        low = _load_image(cfg.lowres, None)
+        f = cfg.get("sr_factor", 4)
+        expected = cfg.image_size // f if cfg.image_size else None
+        if expected and low.shape[-1] != expected:
+            raise ValueError(f"the low-res image is {low.shape[-1]} px; for image_size={cfg.image_size} and an x{f} "
+                             f"model it must be {expected} px")
+        batch["lowres"] = low.expand(n, -1, -1, -1)
+    return batch, records
+
+
+def sample(cfg: DictConfig) -> Path:
+    """Generate cfg.n images; writes PNGs, grid.png and samples.json into cfg.out_dir."""
+    out = Path(cfg.out_dir)
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    model = load_module(cfg.ckpt)
+    if not isinstance(model, LatentDiffusion):
+        raise ValueError(f"{cfg.ckpt} is a {type(model).__name__} checkpoint; sample.py needs a latent diffusion run")
+    model.to(device)
+    batch, records = condition_inputs(model, cfg)
+    image_size = cfg.image_size or model.hparams.image_size
+    mask = known = None
+    if cfg.init_image or cfg.mask:
+        if not (cfg.init_image and cfg.mask):
+            raise ValueError("inpainting needs both init_image= and mask= (white = keep)")
+        known, mask = _load_image(cfg.init_image, image_size), _load_image(cfg.mask, image_size)
+        if known.shape[-1] != image_size or mask.shape[-1] != image_size:
+            raise ValueError(f"init_image and mask must be {image_size} px squares")
+        mask = (mask.mean(1, keepdim=True) > 0).float()
+    dtype = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[str(cfg.precision)]
+    if dtype is not None and device.type != "cuda":
+        raise ValueError(f"precision={cfg.precision} needs a GPU; use precision=32 on the CPU")
+    seeds = [cfg.seed + i for i in range(cfg.n)]
+    images = []
+    chunks = range(0, cfg.n, cfg.batch_size)
+    for start in tqdm(chunks, desc="batches", disable=len(chunks) == 1):
+        part = {k: v[start:start + cfg.batch_size] for k, v in batch.items()}
+        size = min(cfg.batch_size, cfg.n - start)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            x = model.sample(part or None, n=size, image_size=image_size, name=cfg.sampler, num_steps=cfg.steps,
+                             guidance_scale=cfg.guidance, seeds=seeds[start:start + size], use_ema=cfg.use_ema,
+                             mask=None if mask is None else mask.expand(size, -1, -1, -1),
+                             known=None if known is None else known.expand(size, -1, -1, -1),
+                             **({"eta": cfg.eta} if cfg.sampler == "ddim" else {}))
+        images.append(x.float().cpu())
+    images = torch.cat(images)
+    pixels = to_uint8(images).permute(0, 2, 3, 1).numpy()
+    for i, (array, record) in enumerate(zip(pixels, records)):
+        name = f"samples/{i:05d}.png"
+        Image.fromarray(array).save(out / name)
+        record.update(file=name, seed=seeds[i])
+    save_grid(images, out / "grid.png", nrow=min(8, cfg.n))
+    settings = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "out_dir"}
+    settings["ckpt"] = str(find_checkpoint(cfg.ckpt).resolve())
+    (out / "samples.json").write_text(json.dumps({"settings": settings, "images": records}, indent=1))
+    log.info("wrote %d images, grid.png and samples.json to %s", cfg.n, out)
+    return out

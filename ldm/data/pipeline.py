@@ -29,6 +29,13 @@ from ldm.data.index import ShardIndex, count_from_index
 from ldm.data.transforms import ImageTransform
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp")
+# A latent cache sample (ldm.data.latents) holds first-stage moments in place of the image.
+MOMENTS_KEY = "moments.npy"
+
+
+def has_payload(raw: dict) -> bool:
+    """Whether a raw sample holds an image or cached first-stage moments."""
+    return MOMENTS_KEY in raw or any(k in raw for k in IMAGE_KEYS)
 
 
 def expand_urls(urls: str | list[str]) -> list[str]:
@@ -56,12 +63,12 @@ def expand_urls(urls: str | list[str]) -> list[str]:
 
 
 def count_samples(urls: list[str]) -> int:
-    """Number of samples with an image member in `urls` (index files first, else a scan)."""
+    """Number of samples with an image (or cached moments) in `urls` (index files first, else a scan)."""
     counted = count_from_index(urls)
     if counted is not None:
         return counted
     stream = wds.tarfile_to_samples(handler=wds.warn_and_continue)({"url": u} for u in urls)
-    return sum(1 for s in stream if any(k in s for k in IMAGE_KEYS))
+    return sum(1 for s in stream if has_payload(s))
 
 
 @dataclass
@@ -87,6 +94,8 @@ class SkipCounter:
 class SampleDecoder:
     """Raw tar members -> a training sample dict (image tensor, caption, label, metadata).
 
+    Latent cache samples (`moments.npy`, no image, see ldm.data.latents) give `moments` (the
+    stored tensor) and `__url__` (their shard, so a mismatch error can name the cache) instead.
     `extra_keys` maps batch keys to member extensions decoded by type: json -> object,
     txt -> str, cls -> int, npy -> tensor.
     """
@@ -96,18 +105,23 @@ class SampleDecoder:
 
     def __call__(self, raw: dict, rng: random.Random) -> dict:
         key = next((k for k in IMAGE_KEYS if k in raw), None)
-        if key is None:
-            raise ValueError(f"sample {raw.get('__key__')} in {raw.get('__url__')} has no image member")
-        with Image.open(io.BytesIO(raw[key])) as img:
-            img.load()
-            image = self.transform(img, rng)
-        sample = {
-            "image": image,
+        if key is None and MOMENTS_KEY not in raw:
+            raise ValueError(f"sample {raw.get('__key__')} in {raw.get('__url__')} has no image member "
+                             f"(nor the {MOMENTS_KEY} of a latent cache)")
+        sample: dict = {}
+        if key is not None:
+            with Image.open(io.BytesIO(raw[key])) as img:
+                img.load()
+                sample["image"] = self.transform(img, rng)
+        if MOMENTS_KEY in raw:
+            sample["moments"] = _decode_member("npy", raw[MOMENTS_KEY])
+            sample["__url__"] = raw.get("__url__", "")
+        sample.update({
             "caption": raw["txt"].decode("utf-8").strip() if "txt" in raw else "",
             "class_label": int(raw["cls"]) if "cls" in raw else -1,
             "meta": json.loads(raw["json"]) if "json" in raw else {},
             "__key__": raw["__key__"],
-        }
+        })
         for name, ext in self.extra_keys.items():
             if ext not in raw:
                 raise KeyError(f"sample {raw['__key__']} lacks member .{ext} (data.extra_keys.{name})")
@@ -241,7 +255,7 @@ class ShardStream(IterableDataset):
             yield from self._batches(self._val_samples(raw, worker, n_workers), counter, rng)
 
     def _val_samples(self, raw: Iterator[dict], worker: int, n_workers: int) -> Iterator[dict]:
-        for i, sample in enumerate(s for s in raw if any(k in s for k in IMAGE_KEYS)):
+        for i, sample in enumerate(s for s in raw if has_payload(s)):
             j, r = divmod(i, self.world_size)
             if j >= self.samples_per_rank:
                 return

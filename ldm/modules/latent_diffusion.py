@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ldm.data.latents import posterior_from_moments
 from ldm.diffusion.ema import EMA
 from ldm.diffusion.objective import (check_parameterization, logvar_weighted, loss_simple, lvlb_weights,
                                      training_target, vlb_term)
@@ -126,6 +127,19 @@ class LatentDiffusion(BuildableModule):
         return self.scale_factor * z
 
     @torch.no_grad()
+    def first_stage_latents(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Unscaled posterior sample z of a training batch: from the first-stage moments of a latent
+        cache (ldm.data.latents; checked against this first stage) when the batch has them, else by
+        encoding its images."""
+        if "moments" in batch:
+            # Stored as float16 or float32: compute in the module's dtype, like encoder outputs.
+            posterior = posterior_from_moments(batch["moments"].to(self.dtype), self.first_stage_model,
+                                               batch.get("__url__"))
+        else:
+            posterior = self.first_stage_model.encode(batch["image"])
+        return posterior.sample(generator)
+
+    @torch.no_grad()
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
         """[-1, 1] images (unclamped) from scaled latents."""
         return self.first_stage_model.decode(z / self.scale_factor)
@@ -167,13 +181,13 @@ class LatentDiffusion(BuildableModule):
     # --- training ------------------------------------------------------------------------
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         if (self.hparams.scale_by_std and self.global_step == 0 and batch_idx == 0 and not self._restarted):
-            self._set_scale_by_std(batch["image"])
+            self._set_scale_by_std(self.first_stage_latents(batch))
 
     @torch.no_grad()
-    def _set_scale_by_std(self, images: torch.Tensor) -> None:
-        """scale_factor = 1 / std of the unscaled latents, pooled over all DDP ranks (the reference
+    def _set_scale_by_std(self, z: torch.Tensor) -> None:
+        """scale_factor = 1 / std of the unscaled latents `z`, pooled over all DDP ranks (the reference
         computes it on rank 0 only and leaves the other ranks at 1.0)."""
-        z = self.first_stage_model.encode(images).sample().double().flatten()
+        z = z.double().flatten()
         stats = torch.stack([z.new_tensor(z.numel()), z.sum(), (z * z).sum()])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(stats)
@@ -199,7 +213,7 @@ class LatentDiffusion(BuildableModule):
         return loss, logs
 
     def _step(self, batch: dict, split: str, drop: bool) -> torch.Tensor:
-        z = self.encode_images(batch["image"])
+        z = self.scale_factor * self.first_stage_latents(batch)  # from images or a latent cache
         mask = None
         if drop and self.hparams.p_uncond > 0:
             mask = torch.rand(z.shape[0]) < self.hparams.p_uncond
@@ -232,8 +246,9 @@ class LatentDiffusion(BuildableModule):
         if self._val_batch is not None and self.hparams.log_images and not self.trainer.sanity_checking:
             spec = dict(self.hparams.val_sampler or {})
             images = self.sample(self._val_batch, progress=False, use_ema=False, **spec)
-            log_grid(self.trainer, "val/samples", torch.cat([self._val_batch["image"], images]),
-                     nrow=len(images))
+            # Latent cache batches hold no images: then the grid shows the samples only.
+            rows = [self._val_batch["image"], images] if "image" in self._val_batch else [images]
+            log_grid(self.trainer, "val/samples", torch.cat(rows), nrow=len(images))
         self._val_batch = None
         if self.model_ema is not None:
             self.model_ema.restore(self.model)

@@ -1,0 +1,609 @@
+"""UNet speed benchmark: our UNetModel against diffusers' UNet of the same shape and weights.
+
+For a named config it measures, per implementation and in one process:
+- training samples/s: forward + MSE + backward + AdamW (fused on CUDA) on random data;
+- inference UNet evaluations/s: forward without grad (what a sampler pays per step);
+- forward FLOPs per sample, counted by torch.utils.flop_counter.FlopCounterMode on the meta
+  device (the CPU attention kernel is not counted by FlopCounterMode, meta is exact and free);
+- MFU = 3 x forward FLOPs x training samples/s / peak FLOP/s (CUDA only; REFERENCE.md section 11
+  uses 989e12, the dense bf16 peak of H100/H200 SXM, for every precision);
+- peak memory per phase: torch.cuda.max_memory_allocated, or on the CPU the rise of the
+  process's peak RSS (VmHWM, reset per phase) over the RSS before the model was built;
+- ours/diffusers ratios. diffusers gets our randomly drawn weights through the converters, and a
+  startup cross-check prints the largest output difference, so both time the same network.
+
+    python benchmarks/unet.py --suite cpu                      # small config, fp32, 3 alternating rounds
+    python benchmarks/unet.py --suite gpu --out gpu.jsonl      # SD-1 b32 bf16 eager + compiled, CelebA b48
+    python benchmarks/unet.py --config sd1 --batch 8 --precision tf32 --device cuda
+
+JSON lines go to stdout (and are appended to --out); a markdown table ends the output; progress
+goes to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ldm.convert.diffusers_unet import (
+    _module_map,
+    diffusers_config_from_unet_kwargs,
+    full_unet_kwargs,
+    unet_state_dict_to_diffusers,
+)
+from ldm.nets.unet import UNetModel
+
+ROOT = Path(__file__).resolve().parent.parent
+H100_BF16_DENSE_FLOPS = 989e12
+PRECISIONS = ("fp32", "tf32", "bf16")
+GIB = 2 ** 30
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """A UNet shape to benchmark: UNetModel kwargs, latent side, context tokens (None: no context)."""
+
+    unet: dict[str, Any]
+    size: int
+    tokens: int | None
+
+
+def bench_config(name: str) -> BenchConfig:
+    """The named benchmark shape: `small` (CPU), `celebahq` (paper LDM-4, 274M) or `sd1` (860M)."""
+    if name == "small":
+        # SD-1's layout scaled down: cross-attention at the two finer levels, none at the coarsest.
+        return BenchConfig(dict(in_channels=4, out_channels=4, model_channels=64, channel_mult=[1, 2, 2],
+                                num_res_blocks=2, attention_resolutions=[1, 2], num_heads=4,
+                                use_spatial_transformer=True, context_dim=128, legacy=False), size=32, tokens=16)
+    if name == "celebahq":
+        # configs/latent-diffusion/celebahq-ldm-vq-4.yaml of the reference (REFERENCE.md section 7).
+        return BenchConfig(dict(in_channels=3, out_channels=3, model_channels=224, channel_mult=[1, 2, 3, 4],
+                                num_res_blocks=2, attention_resolutions=[8, 4, 2], num_head_channels=32),
+                           size=64, tokens=None)
+    if name == "sd1":
+        kwargs = yaml.safe_load((ROOT / "configs/unet/sd1.yaml").read_text())
+        kwargs.pop("_target_")
+        return BenchConfig(kwargs, size=64, tokens=77)
+    raise ValueError(f"unknown config {name!r}: choose small, celebahq or sd1")
+
+
+# --- implementations --------------------------------------------------------------------------------
+
+Call = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One implementation: how to construct it (weights drawn by default init), how to put our
+    weights into its layout, and how to call it with (x, t, context)."""
+
+    name: str
+    model_class: str
+    make: Callable[[], nn.Module]
+    convert: Callable[[Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]]
+    call: Call
+
+    def build(self, weights: Mapping[str, torch.Tensor], device: torch.device) -> nn.Module:
+        with torch.device(device):
+            model = self.make()
+        model.load_state_dict(self.convert(weights), strict=True)
+        return model
+
+
+def ours_impl(kwargs: Mapping[str, Any]) -> Impl:
+    return Impl("ours", "ldm.nets.unet.UNetModel", lambda: UNetModel(**kwargs), dict,
+                lambda m, x, t, c: m(x, t, c))
+
+
+def _unet2d_problems(cfg: Mapping[str, Any]) -> list[str]:
+    checks = {
+        "use_spatial_transformer is set (UNet2DConditionModel is the counterpart)": cfg["use_spatial_transformer"],
+        "class or vector conditioning": cfg["num_classes"] is not None or cfg["adm_in_channels"] is not None,
+        "use_scale_shift_norm": cfg["use_scale_shift_norm"],
+        "resblock_updown": cfg["resblock_updown"],
+        "conv_resample is false": not cfg["conv_resample"],
+        "a fixed head count (UNet2DModel fixes the head width: set num_head_channels)": cfg["num_head_channels"] == -1,
+    }
+    return [what for what, bad in checks.items() if bad]
+
+
+def unet2d_config(cfg: Mapping[str, Any], sample_size: int) -> dict[str, Any]:
+    """diffusers UNet2DModel config of an unconditional self-attention UNetModel (full kwargs)."""
+    attn = [2 ** level in cfg["attention_resolutions"] for level in range(len(cfg["channel_mult"]))]
+    return dict(sample_size=sample_size, in_channels=cfg["in_channels"], out_channels=cfg["out_channels"],
+                layers_per_block=cfg["num_res_blocks"],
+                block_out_channels=[cfg["model_channels"] * m for m in cfg["channel_mult"]],
+                down_block_types=["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+                up_block_types=["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+                attention_head_dim=cfg["num_head_channels"], norm_num_groups=32, norm_eps=1e-5,
+                flip_sin_to_cos=True, freq_shift=0, dropout=cfg["dropout"], downsample_padding=1,
+                act_fn="silu", mid_block_scale_factor=1, add_attention=True)
+
+
+def _split_qkv(value: torch.Tensor, head_dim: int, new_order: bool) -> tuple[torch.Tensor, ...]:
+    """Our fused Conv1d qkv weight (3C, C, 1) or bias (3C,) as separate q, k, v (C, C) / (C,)."""
+    fused = value.squeeze(-1) if value.ndim == 3 else value
+    c = fused.shape[0] // 3
+    rest = fused.shape[1:]
+    if new_order:  # [q, k, v], each split into heads
+        return tuple(fused.reshape(3, c, *rest).unbind(0))
+    # legacy: per head [q_h, k_h, v_h]
+    per_head = fused.reshape(c // head_dim, 3, head_dim, *rest)
+    return tuple(per_head[:, i].reshape(c, *rest) for i in range(3))
+
+
+def unet2d_state_dict(weights: Mapping[str, torch.Tensor], cfg: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Our weights of an unconditional self-attention UNet in diffusers UNet2DModel's layout:
+    ResBlocks and resamplers as for UNet2DConditionModel; attention norm -> group_norm, fused qkv
+    -> to_q / to_k / to_v, proj_out (Conv1d) -> to_out.0 (Linear)."""
+    modules = _module_map(cfg)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in weights.items():
+        parts = key.split(".")
+        cut = next(c for c in range(len(parts) - 1, 0, -1) if ".".join(parts[:c]) in modules)
+        target, (layer, *leaf) = modules[".".join(parts[:cut])], parts[cut:]
+        if ".attentions." not in target and not target.startswith("mid_block.attentions"):
+            out[".".join([target, layer, *leaf])] = value
+        elif layer == "norm":
+            out[".".join([target, "group_norm", *leaf])] = value
+        elif layer == "qkv":
+            for name, part in zip(("to_q", "to_k", "to_v"),
+                                  _split_qkv(value, cfg["num_head_channels"], cfg["use_new_attention_order"])):
+                out[".".join([target, name, *leaf])] = part
+        elif layer == "proj_out":
+            out[".".join([target, "to_out", "0", *leaf])] = value.squeeze(-1) if value.ndim == 3 else value
+        else:
+            raise ValueError(f"unexpected attention parameter {key}")
+    return out
+
+
+def diffusers_impl(bench: BenchConfig) -> tuple[Impl | None, str]:
+    """diffusers' counterpart of `bench` (None and the reason when there is none)."""
+    if importlib.util.find_spec("diffusers") is None:
+        return None, "diffusers is not installed"
+    import diffusers
+
+    cfg = full_unet_kwargs(bench.unet)
+    if cfg["use_spatial_transformer"]:
+        try:
+            config = diffusers_config_from_unet_kwargs(bench.unet, sample_size=bench.size)
+        except ValueError as err:
+            return None, str(err)
+        return Impl("diffusers", "diffusers.UNet2DConditionModel",
+                    lambda: diffusers.UNet2DConditionModel(**config),
+                    lambda w: unet_state_dict_to_diffusers(w, bench.unet),
+                    lambda m, x, t, c: m(x, t, encoder_hidden_states=c, return_dict=False)[0]), ""
+    problems = _unet2d_problems(cfg)
+    if problems:
+        return None, "no diffusers UNet2DModel mapping for " + "; ".join(problems)
+    config = unet2d_config(cfg, bench.size)
+    return Impl("diffusers", "diffusers.UNet2DModel", lambda: diffusers.UNet2DModel(**config),
+                lambda w: unet2d_state_dict(w, cfg), lambda m, x, t, c: m(x, t, return_dict=False)[0]), ""
+
+
+# --- inputs, weights, FLOPs, cross-check ----------------------------------------------------------------
+
+def random_weights(model: nn.Module, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
+    """Random values for every parameter of `model` (may be on meta), returned on the CPU.
+
+    Matrices / kernels ~ N(0, 1/fan_in); norm scales 1 + N(0, 0.02^2); other vectors N(0, 0.02^2).
+    The zero-initialised output convs get values too, so the cross-check sees every path.
+    """
+    gen = torch.Generator(device).manual_seed(seed)
+    weights = {}
+    for module_name, module in model.named_modules():
+        is_norm = isinstance(module, (nn.GroupNorm, nn.LayerNorm))
+        for name, p in module.named_parameters(recurse=False):
+            noise = torch.randn(p.shape, generator=gen, device=device)
+            if p.ndim >= 2:
+                value = noise * p[0].numel() ** -0.5
+            else:
+                value = (1.0 if is_norm and name == "weight" else 0.0) + 0.02 * noise
+            weights[f"{module_name}.{name}" if module_name else name] = value.cpu()
+    return weights
+
+
+def make_inputs(bench: BenchConfig, batch: int, device: torch.device, seed: int) -> dict[str, torch.Tensor | None]:
+    """Latents x, target noise, integer timesteps and (for cross-attention) a context."""
+    gen = torch.Generator(device).manual_seed(seed)
+    shape = (batch, bench.unet["in_channels"], bench.size, bench.size)
+    out_shape = (batch, bench.unet["out_channels"], bench.size, bench.size)
+    context = None
+    if bench.tokens is not None:
+        context = torch.randn(batch, bench.tokens, bench.unet["context_dim"], generator=gen, device=device)
+    return {"x": torch.randn(shape, generator=gen, device=device),
+            "target": torch.randn(out_shape, generator=gen, device=device),
+            "t": torch.randint(0, 1000, (batch,), generator=gen, device=device),
+            "context": context}
+
+
+def forward_flops(impl: Impl, bench: BenchConfig) -> int:
+    """Forward FLOPs for one sample, counted on the meta device (no memory, no compute)."""
+    meta = torch.device("meta")
+    with torch.device(meta):
+        model = impl.make().eval()
+    inputs = make_inputs(bench, 1, torch.device("cpu"), 0)
+    inputs = {k: None if v is None else v.to(meta) for k, v in inputs.items()}
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        impl.call(model, inputs["x"], inputs["t"], inputs["context"])
+    return counter.get_total_flops()
+
+
+@contextmanager
+def fp32_math(device: torch.device, tf32: bool) -> Iterator[None]:
+    """Let CUDA matmuls and convolutions use TF32 (tf32=True) or strict IEEE fp32, restoring after."""
+    if device.type != "cuda":
+        yield
+        return
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = matmul.fp32_precision, conv.fp32_precision
+    matmul.fp32_precision = conv.fp32_precision = "tf32" if tf32 else "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved
+
+
+def cross_check(impls: list[Impl], bench: BenchConfig, weights: Mapping[str, torch.Tensor],
+                device: torch.device) -> dict[str, float]:
+    """Largest |output difference| of each other implementation from ours, fp32 (no TF32), batch 2."""
+    inputs = make_inputs(bench, 2, device, 1)
+    outputs = {}
+    with fp32_math(device, tf32=False), torch.no_grad():
+        for impl in impls:
+            model = impl.build(weights, device).eval()
+            outputs[impl.name] = impl.call(model, inputs["x"], inputs["t"], inputs["context"]).float()
+            del model
+            cleanup(device)
+    ours = outputs["ours"]
+    result = {"output_max_abs": ours.abs().max().item()}
+    for name, out in outputs.items():
+        if name != "ours":
+            result[f"max_abs_diff_{name}"] = (out - ours).abs().max().item()
+    return result
+
+
+# --- measurement ---------------------------------------------------------------------------------------
+
+def cleanup(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+class PeakMemory:
+    """Peak memory of one phase in bytes: CUDA max_memory_allocated, or on the CPU the rise of
+    the peak RSS over the RSS at `start` (Linux: VmHWM is reset through /proc/self/clear_refs)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.base = 0
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.base = _status_kib("VmRSS") * 1024
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        return _status_kib("VmHWM") * 1024 - self.base
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+
+@dataclass(frozen=True)
+class Row:
+    """One measured setting; both implementations run it."""
+
+    config: str
+    batch: int
+    precision: str
+    compile: bool
+
+
+def measure_phase(impl: Impl, phase: str, row: Row, bench: BenchConfig, weights: Mapping[str, torch.Tensor],
+                  device: torch.device, steps: int, warmup: int, deadline: float) -> dict[str, float]:
+    """Time `steps` training steps (phase 'train') or no-grad forwards ('infer') after `warmup`.
+    Stops early (after at least one timed step) once `deadline` (perf_counter) has passed."""
+    memory = PeakMemory(device)
+    cleanup(device)
+    memory.start()
+    model = impl.build(weights, device)
+    fn = torch.compile(model) if row.compile else model
+    inputs = make_inputs(bench, row.batch, device, 2)
+    x, t, ctx, target = inputs["x"], inputs["t"], inputs["context"], inputs["target"]
+    if phase == "train":
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+
+        def step() -> None:
+            with autocast(device, row.precision):
+                out = impl.call(fn, x, t, ctx)
+            F.mse_loss(out.float(), target).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    else:
+        model.eval()
+
+        def step() -> None:
+            with torch.no_grad(), autocast(device, row.precision):
+                impl.call(fn, x, t, ctx)
+
+    with fp32_math(device, tf32=row.precision == "tf32"):
+        begin = time.perf_counter()
+        for _ in range(warmup):
+            step()
+        synchronize(device)
+        warmup_s = time.perf_counter() - begin
+        begin, done = time.perf_counter(), 0
+        while done < steps and (done == 0 or time.perf_counter() < deadline):
+            step()
+            done += 1
+        synchronize(device)
+        elapsed = time.perf_counter() - begin
+    result = {"samples_per_s": row.batch * done / elapsed, "step_ms": 1e3 * elapsed / done, "steps": done,
+              "warmup_s": warmup_s, "peak_gib": memory.peak() / GIB}
+    del fn, model, inputs, x, t, ctx, target
+    if phase == "train":
+        del optimizer, step
+    if row.compile:
+        torch._dynamo.reset()  # drop the compiled graphs (and the memory they hold)
+    cleanup(device)
+    return result
+
+
+def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
+    """The FLOP/s that MFU divides by: --peak-tflops, else 989e12 on H100/H200, else none."""
+    if override_tflops is not None:
+        return override_tflops * 1e12
+    if device.type == "cuda" and any(n in torch.cuda.get_device_name(device) for n in ("H100", "H200")):
+        return H100_BF16_DENSE_FLOPS
+    return None
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """What the numbers depend on: versions, device, threads, machine load."""
+    info: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(),
+                            "device": device.type, "threads": torch.get_num_threads(),
+                            "cpu_count": os.cpu_count(), "load_avg": [round(v, 2) for v in os.getloadavg()]}
+    if importlib.util.find_spec("diffusers") is not None:
+        import diffusers
+        info["diffusers"] = diffusers.__version__
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    else:
+        cpuinfo = Path("/proc/cpuinfo")
+        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
+                 if ln.startswith("model name")] if cpuinfo.exists() else []
+        info["device_name"] = names[0] if names else platform.processor()
+    return info
+
+
+class Benchmark:
+    """Runs rows, emitting one JSON record per (row, implementation) and one per row of ratios."""
+
+    def __init__(self, device: torch.device, steps: int, warmup: int, rounds: int, deadline: float,
+                 peak: float | None, seed: int, out: Path | None):
+        self.device, self.steps, self.warmup, self.rounds = device, steps, warmup, rounds
+        self.deadline, self.peak, self.seed, self.out = deadline, peak, seed, out
+        self.records: list[dict[str, Any]] = []
+        self._checked: dict[str, dict[str, float]] = {}
+
+    def emit(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        line = json.dumps(record)
+        print(line, flush=True)
+        if self.out is not None:
+            with self.out.open("a") as f:
+                f.write(line + "\n")
+
+    def run(self, row: Row) -> None:
+        bench = bench_config(row.config)
+        impls = [ours_impl(bench.unet)]
+        theirs, why_not = diffusers_impl(bench)
+        if theirs is not None:
+            impls.append(theirs)
+        else:
+            log(f"[{row.config}] measuring ours only: {why_not}")
+        with torch.device("meta"):
+            weights = random_weights(impls[0].make(), self.device, self.seed)
+        if row.config not in self._checked:
+            self._checked[row.config] = cross_check(impls, bench, weights, self.device)
+            log(f"[{row.config}] cross-check (fp32, batch 2): {self._checked[row.config]}")
+        base = {"config": row.config, "batch": row.batch, "precision": row.precision, "compile": row.compile,
+                "latent": [bench.unet["in_channels"], bench.size, bench.size], "context_tokens": bench.tokens,
+                "params_m": sum(v.numel() for v in weights.values()) / 1e6,
+                **environment(self.device), "cross_check": self._checked[row.config],
+                "diffusers_unavailable": why_not or None}
+        runs: dict[str, dict[str, list[dict[str, float]]]] = {i.name: {"train": [], "infer": []} for i in impls}
+        skipped = []
+        for r in range(self.rounds):
+            order = impls if r % 2 == 0 else impls[::-1]  # alternate who goes first against drift in load
+            for phase in ("train", "infer"):
+                for impl in order:
+                    if time.perf_counter() > self.deadline:
+                        skipped.append(f"{impl.name} {phase} round {r}")
+                        continue
+                    log(f"[{row.config} b{row.batch} {row.precision}{' compiled' if row.compile else ''}] "
+                        f"{impl.name} {phase} round {r + 1}/{self.rounds}")
+                    runs[impl.name][phase].append(
+                        measure_phase(impl, phase, row, bench, weights, self.device, self.steps, self.warmup,
+                                      self.deadline))
+        if skipped:
+            log(f"time limit reached: skipped {', '.join(skipped)}")
+        per_impl = {}
+        for impl in impls:
+            per_impl[impl.name] = self._impl_record(impl, bench, runs[impl.name])
+            self.emit({**base, "kind": "impl", **per_impl[impl.name], "skipped": skipped or None})
+        if theirs is not None:
+            self.emit({**base, "kind": "ratio", **ratios(per_impl["ours"], per_impl["diffusers"])})
+
+    def _impl_record(self, impl: Impl, bench: BenchConfig, runs: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
+        flops = forward_flops(impl, bench)
+        record: dict[str, Any] = {"impl": impl.name, "model_class": impl.model_class,
+                                  "fwd_gflop_per_sample": flops / 1e9, "rounds": runs}
+        for phase, key in (("train", "train_samples_per_s"), ("infer", "infer_evals_per_s")):
+            values = [m["samples_per_s"] for m in runs[phase]]
+            record[key] = statistics.median(values) if values else None
+            record[f"{phase}_peak_gib"] = max((m["peak_gib"] for m in runs[phase]), default=None)
+        record["mfu"] = (3 * flops * record["train_samples_per_s"] / self.peak
+                         if self.peak and record["train_samples_per_s"] else None)
+        return record
+
+
+def ratios(ours: Mapping[str, Any], theirs: Mapping[str, Any]) -> dict[str, float | None]:
+    """ours / diffusers for speed (higher is better for us) and memory (lower is better for us)."""
+    def ratio(key: str) -> float | None:
+        a, b = ours.get(key), theirs.get(key)
+        return a / b if a and b else None
+    return {"train_ratio": ratio("train_samples_per_s"), "infer_ratio": ratio("infer_evals_per_s"),
+            "train_mem_ratio": ratio("train_peak_gib"), "infer_mem_ratio": ratio("infer_peak_gib")}
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown_table(records: list[dict[str, Any]]) -> str:
+    """One line per implementation and one 'ours / diffusers' line per row."""
+    lines = ["| config | impl | batch | precision | compile | train samples/s | MFU | evals/s (inference) | "
+             "peak GiB train | peak GiB infer | fwd GFLOP/sample |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        head = f"| {r['config']} | {{}} | {r['batch']} | {r['precision']} | {'yes' if r['compile'] else 'no'} |"
+        if r["kind"] == "impl":
+            lines.append(head.format(r["impl"]) + " | ".join([
+                f" {_fmt(r['train_samples_per_s'], '.2f')}", _fmt(r["mfu"] and 100 * r["mfu"], ".1f") +
+                ("%" if r["mfu"] else ""), _fmt(r["infer_evals_per_s"], ".2f"), _fmt(r["train_peak_gib"], ".2f"),
+                _fmt(r["infer_peak_gib"], ".2f"), f"{r['fwd_gflop_per_sample']:.1f} |"]))
+        else:
+            lines.append(head.format("**ours / diffusers**") + " | ".join([
+                f" **{_fmt(r['train_ratio'], '.3f')}**", "", f"**{_fmt(r['infer_ratio'], '.3f')}**",
+                _fmt(r["train_mem_ratio"], ".3f"), _fmt(r["infer_mem_ratio"], ".3f"), " |"]))
+    return "\n".join(lines)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# --- command line --------------------------------------------------------------------------------------
+
+SUITES = {
+    # The CPU targets: eager fp32, small config (ratio >= 1.0 for training and sampling).
+    "cpu": dict(rows=[Row("small", 8, "fp32", False)], rounds=3, time_limit=None),
+    # The GPU targets, most important first so the time limit cuts the least important.
+    "gpu": dict(rows=[Row("sd1", 32, "bf16", False), Row("celebahq", 48, "bf16", False),
+                      Row("sd1", 32, "bf16", True)], rounds=1, time_limit=220.0),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", choices=sorted(SUITES), help="a preset list of rows (excludes --config, "
+                   "--batch, --precision, --compile)")
+    p.add_argument("--config", choices=("small", "celebahq", "sd1"), help="UNet shape to measure")
+    p.add_argument("--batch", type=int, help="batch size (default 8)")
+    p.add_argument("--precision", choices=PRECISIONS, help="fp32 (strict), tf32 (CUDA: TF32 matmul/conv) or "
+                   "bf16 (autocast, fp32 weights); default fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile both implementations")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per phase")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per phase (include compilation)")
+    p.add_argument("--rounds", type=int, help="alternating repetitions per phase, median reported "
+                   "(default 1; suite cpu: 3)")
+    p.add_argument("--time-limit", type=float, help="seconds; phases not started by then are skipped and "
+                   "timed loops stop early (default none; suite gpu: 220)")
+    p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s for MFU (default 989 on H100/H200, "
+                   "else no MFU)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--out", type=Path, help="append the JSON lines to this file")
+    args = p.parse_args(argv)
+    single = {"--config": args.config, "--batch": args.batch, "--precision": args.precision}
+    if args.suite:
+        given = [k for k, v in single.items() if v is not None] + (["--compile"] if args.compile else [])
+        if given:
+            p.error(f"--suite sets the rows itself; drop {', '.join(given)}")
+    elif args.config is None:
+        p.error("give --config (small, celebahq, sd1) or --suite (cpu, gpu)")
+    if args.steps < 1 or args.warmup < 0 or (args.rounds is not None and args.rounds < 1):
+        p.error("--steps and --rounds must be >= 1, --warmup >= 0")
+    if args.batch is not None and args.batch < 1:
+        p.error("--batch must be >= 1")
+    return args
+
+
+def resolve_device(name: str) -> torch.device:
+    """--device value -> torch.device, refusing CUDA where there is none."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device {name}: only cpu and cuda are supported")
+    return device
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    if args.suite:
+        suite = SUITES[args.suite]
+        rows, rounds, time_limit = suite["rows"], suite["rounds"], suite["time_limit"]
+    else:
+        rows = [Row(args.config, args.batch or 8, args.precision or "fp32", args.compile)]
+        rounds, time_limit = 1, None
+    rounds = args.rounds or rounds
+    time_limit = args.time_limit if args.time_limit is not None else time_limit
+    if device.type == "cpu" and any(r.precision == "tf32" for r in rows):
+        raise SystemExit("--precision tf32 needs a CUDA device (TF32 is a tensor-core format)")
+    deadline = time.perf_counter() + time_limit if time_limit else float("inf")
+    bench = Benchmark(device, args.steps, args.warmup, rounds, deadline, peak_flops(device, args.peak_tflops),
+                      args.seed, args.out)
+    for row in rows:
+        if time.perf_counter() > deadline:
+            log(f"time limit reached: row {row} not measured")
+            continue
+        bench.run(row)
+    print()
+    print(markdown_table(bench.records))
+
+
+if __name__ == "__main__":
+    main()

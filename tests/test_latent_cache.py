@@ -1,0 +1,205 @@
+"""The latent cache: image shards encoded once by a trained first stage, and LDM training from it."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from conftest import TINY_RUN, compose
+from ldm.cli.train import train
+from ldm.data.index import ShardIndex
+from ldm.data.latents import encode_shards, posterior_from_moments
+from ldm.data.pipeline import SampleDecoder, ShardStream
+from ldm.data.transforms import ImageTransform
+from ldm.first_stage.distributions import DeterministicLatent
+from ldm.first_stage.identity import IdentityFirstStage
+from ldm.first_stage.kl import AutoencoderKL
+from ldm.modules.loading import load_first_stage
+
+QUIET = {"device": "cpu", "workers": 0, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """Tiny KL and VQ first-stage runs (32 px, f = 4, z = 4), their image shards (48 train, 8 val)
+    and latent caches: KL train in float16, KL val in float32, VQ val in float16."""
+    root = tmp_path_factory.mktemp("latent_cache")
+    data = root / "data"
+    for kind in ("kl", "vq"):
+        train(compose("train", [f"experiment=toy/ae_{kind}", *TINY_RUN], root / f"ae_{kind}", data))
+    images = data / "shapes-32"
+    encode_shards(root / "ae_kl", str(images / "train"), root / "kl_train", per_shard=10, batch_size=16, **QUIET)
+    encode_shards(root / "ae_kl", str(images / "val"), root / "kl_val", dtype="float32", per_shard=5, **QUIET)
+    encode_shards(root / "ae_vq", str(images / "val"), root / "vq_val", per_shard=5, batch_size=3, **QUIET)
+    return {"root": root, "images": images}
+
+
+def first_batch(urls, n: int = 64) -> dict:
+    """The first n samples of shards in order, centre-cropped at 32 px (as the cache encodes)."""
+    decoder = SampleDecoder(ImageTransform(32, "center", False))
+    return next(iter(ShardStream(urls, n, decoder, train=False)))
+
+
+def tar_members(folder: Path) -> dict[str, bytes]:
+    out = {}
+    for shard in sorted(folder.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            out.update({m.name: tar.extractfile(m).read() for m in tar.getmembers()})
+    return out
+
+
+@pytest.mark.parametrize("kind, cache, split, dtype", [("kl", "kl_train", "train", torch.float16),
+                                                       ("kl", "kl_val", "val", torch.float32),
+                                                       ("vq", "vq_val", "val", torch.float16)])
+def test_cached_moments_are_the_first_stage_posterior(runs, kind, cache, split, dtype):
+    root, images = runs["root"], runs["images"]
+    index = ShardIndex.load(root / cache)
+    s = index.settings
+    assert index.total == s["n"] == (48 if split == "train" else 8) and s["skipped"] == 0
+    assert (s["kind"], s["f"], s["latent_channels"], s["image_size"]) == (
+        "kl" if kind == "kl" else "deterministic", 4, 4, 32)
+    assert s["dtype"] == str(dtype).removeprefix("torch.")
+    assert s["first_stage"] == str((root / f"ae_{kind}" / "checkpoints" / "last.ckpt").resolve())
+
+    cached, originals = first_batch(str(root / cache)), first_batch(str(images / split))
+    assert "image" not in cached and cached["moments"].dtype == dtype
+    assert cached["__key__"] == originals["__key__"] and cached["caption"] == originals["caption"]
+    assert torch.equal(cached["class_label"], originals["class_label"]) and cached["meta"] == originals["meta"]
+
+    posterior = load_first_stage(root / f"ae_{kind}").encode(originals["image"])
+    tol = {"atol": 2e-3, "rtol": 2e-3} if dtype == torch.float16 else {"atol": 1e-5, "rtol": 1e-5}
+    if kind == "kl":
+        assert cached["moments"].shape == (len(cached["moments"]), 8, 8, 8)
+        mean, logvar = cached["moments"].float().chunk(2, dim=1)
+        torch.testing.assert_close(mean, posterior.mean, **tol)
+        torch.testing.assert_close(logvar, posterior.logvar, **tol)
+    else:
+        assert isinstance(posterior, DeterministicLatent) and cached["moments"].shape[1:] == (4, 8, 8)
+        torch.testing.assert_close(cached["moments"].float(), posterior.latent, **tol)
+
+    # the text members are the input's bytes; the image is gone
+    src, out = tar_members(images / split), tar_members(root / cache)
+    assert {n for n in out if not n.endswith(".moments.npy")} == {n for n in src if not n.endswith(".png")}
+    assert all(out[n] == src[n] for n in out if not n.endswith(".moments.npy"))
+
+
+def test_rerun_is_a_noop_and_an_interrupted_job_resumes_to_the_same_bytes(runs, tmp_path):
+    root, images = runs["root"], runs["images"]
+    cache = tmp_path / "cache"
+    shutil.copytree(root / "kl_train", cache)
+    before = tar_members(cache)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.tar")}
+    encode_shards(root / "ae_kl", str(images / "train"), cache, per_shard=10, batch_size=16, **QUIET)
+    assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.tar")} == mtimes
+
+    # a job killed after 3 of 5 shards (output shard 3 starts inside input shard 2)
+    index = ShardIndex.load(cache)
+    for name in ("shard-000003.tar", "shard-000004.tar"):
+        del index.shards[name]
+        (cache / name).unlink()
+    index.save(cache)
+    (cache / "shard-000003.tar.tmp").write_bytes(b"partial")
+    encode_shards(root / "ae_kl", str(images / "train"), cache, per_shard=10, batch_size=7,
+                  **{**QUIET, "workers": 2})  # decoding processes and another batching: same bytes
+    assert tar_members(cache) == before and ShardIndex.load(cache).total == 48
+    assert all((cache / n).stat().st_mtime_ns == mtimes[n] for n in ("shard-000000.tar", "shard-000002.tar"))
+
+    with pytest.raises(FileExistsError, match="dtype"):
+        encode_shards(root / "ae_kl", str(images / "train"), cache, per_shard=10, dtype="float32", **QUIET)
+    with pytest.raises(ValueError, match="already a latent cache"):
+        encode_shards(root / "ae_kl", str(cache), tmp_path / "again", **QUIET)
+
+
+def ldm_config(runs, out: Path, *extra: str):
+    root = runs["root"]
+    return compose("train", ["experiment=toy/ldm_class", *TINY_RUN, f"first_stage.path={root / 'ae_kl'}",
+                             f"data.train_urls={root / 'kl_train'}", f"data.val_urls={root / 'kl_val'}",
+                             "data.synthetic=null", "data.image_size=32", *extra], out)
+
+
+def test_ldm_trains_from_the_cache_without_the_encoder(runs, tmp_path, monkeypatch):
+    def no_encoder(self, x):
+        raise AssertionError("the encoder ran although the batches hold cached moments")
+
+    monkeypatch.setattr(AutoencoderKL, "encode", no_encoder)
+    out = tmp_path / "run"
+    train(ldm_config(runs, out))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["global_step"] == 3 and metrics["val/loss"] > 0 and np.isfinite(metrics["train/loss"])
+    assert list((out / "images").glob("val_samples_step*.png"))  # a samples-only grid: no images in the cache
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["state_dict"]["scale_factor"].item() != 1.0  # scale_by_std ran on the cached latents
+
+
+def test_step_from_cache_equals_step_from_images(runs, tmp_path):
+    model = instantiate(ldm_config(runs, tmp_path / "run").model, _convert_="all")
+    model.scale_factor.fill_(0.7)
+    images = first_batch(str(runs["images"] / "val"))
+    for cache, tol in (("kl_val", 1e-5), ("kl_train", 3e-3)):
+        cached = first_batch(str(runs["root"] / cache))
+        if cache == "kl_train":
+            images = first_batch(str(runs["images"] / "train"), n=8)
+            cached = {k: v[:8] for k, v in cached.items() if k != "skipped"}
+        # identical posterior sample (same generator seed), timesteps and noise
+        z = [model.scale_factor * model.first_stage_latents(b, torch.Generator().manual_seed(1)) for b in (images, cached)]
+        torch.testing.assert_close(z[1], z[0], atol=tol, rtol=tol)
+        t = torch.arange(len(z[0])) * 97
+        noise = torch.randn(z[0].shape, generator=torch.Generator().manual_seed(2))
+        cond = model.condition(images, tuple(z[0].shape[-2:]))
+        losses = [model.diffusion_loss(zi, cond, t=t, noise=noise)[0] for zi in z]
+        torch.testing.assert_close(losses[1], losses[0], atol=tol, rtol=tol)
+        assert losses[0].item() > 0
+        # the whole training step (global RNG for sample, t, noise) and scale_by_std agree too
+        steps, scales = [], []
+        for batch in (images, cached):
+            torch.manual_seed(3)
+            steps.append(model._step(batch, "val", drop=False))
+            torch.manual_seed(4)
+            model._set_scale_by_std(model.first_stage_latents(batch))
+            scales.append(model.scale_factor.item())
+        torch.testing.assert_close(steps[1], steps[0], atol=tol, rtol=tol)
+        assert scales[1] == pytest.approx(scales[0], rel=tol)
+        model.scale_factor.fill_(0.7)
+
+
+def test_moments_that_do_not_fit_the_first_stage_are_refused(runs, tmp_path):
+    root = runs["root"]
+    first_stage = load_first_stage(root / "ae_kl")
+    cached = first_batch(str(root / "vq_val"))  # deterministic: 4 channels where KL needs 8
+    with pytest.raises(ValueError, match=r"latent cache .*vq_val.*AutoencoderKL.*8 moment channels"):
+        posterior_from_moments(cached["moments"].float(), first_stage, cached["__url__"])
+
+    # same channel count, another f: only the cache's index tells
+    other = tmp_path / "kl_f8"
+    shutil.copytree(root / "kl_val", other)
+    index = ShardIndex.load(other)
+    index.settings["f"] = 8
+    index.save(other)
+    cached = first_batch(str(other))
+    with pytest.raises(ValueError, match=r"kl_f8 was encoded by the first stage .*ae_kl.*'f': 8.*f = 4"):
+        posterior_from_moments(cached["moments"], first_stage, cached["__url__"])
+
+    # identity / VQ first stages: the moments are the latent itself
+    x = torch.randn(2, 3, 4, 4)
+    posterior = posterior_from_moments(x, IdentityFirstStage(3))
+    assert isinstance(posterior, DeterministicLatent) and torch.equal(posterior.sample(), x)
+    with pytest.raises(ValueError, match="6 moment channels|3 moment channels"):
+        posterior_from_moments(torch.randn(2, 6, 4, 4), IdentityFirstStage(3))
+
+
+def test_moments_only_samples_decode_and_image_samples_are_unchanged(runs):
+    decoder = SampleDecoder(ImageTransform(32, "random", True))
+    buf = io.BytesIO()
+    np.save(buf, np.arange(8, dtype=np.float16).reshape(2, 2, 2))
+    sample = decoder({"moments.npy": buf.getvalue(), "cls": b"5", "__key__": "k", "__url__": "/c/s.tar"}, None)
+    assert set(sample) == {"moments", "__url__", "caption", "class_label", "meta", "__key__"}
+    assert sample["moments"].dtype == torch.float16 and sample["moments"].flatten().tolist() == list(range(8))
+    with pytest.raises(ValueError, match="no image member"):
+        decoder({"txt": b"x", "__key__": "k"}, None)

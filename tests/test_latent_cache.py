@@ -55,6 +55,18 @@ def tar_members(folder: Path) -> dict[str, bytes]:
     return out
 
 
+def assert_same_cache(a: dict[str, bytes], b: dict[str, bytes]) -> None:
+    """Same members; moments equal up to one float16 rounding step (batched convolutions differ in
+    the last float32 bits with the batch composition)."""
+    assert a.keys() == b.keys()
+    for name in a:
+        if name.endswith(".moments.npy"):
+            x, y = (torch.from_numpy(np.load(io.BytesIO(m))).float() for m in (a[name], b[name]))
+            torch.testing.assert_close(x, y, atol=1e-3, rtol=2e-3)
+        else:
+            assert a[name] == b[name], name
+
+
 @pytest.mark.parametrize("kind, cache, split, dtype", [("kl", "kl_train", "train", torch.float16),
                                                        ("kl", "kl_val", "val", torch.float32),
                                                        ("vq", "vq_val", "val", torch.float16)])
@@ -90,7 +102,7 @@ def test_cached_moments_are_the_first_stage_posterior(runs, kind, cache, split, 
     assert all(out[n] == src[n] for n in out if not n.endswith(".moments.npy"))
 
 
-def test_rerun_is_a_noop_and_an_interrupted_job_resumes_to_the_same_bytes(runs, tmp_path):
+def test_rerun_is_a_noop_and_an_interrupted_job_resumes_where_it_stopped(runs, tmp_path):
     root, images = runs["root"], runs["images"]
     cache = tmp_path / "cache"
     shutil.copytree(root / "kl_train", cache)
@@ -107,8 +119,9 @@ def test_rerun_is_a_noop_and_an_interrupted_job_resumes_to_the_same_bytes(runs, 
     index.save(cache)
     (cache / "shard-000003.tar.tmp").write_bytes(b"partial")
     encode_shards(root / "ae_kl", str(images / "train"), cache, per_shard=10, batch_size=7,
-                  **{**QUIET, "workers": 2})  # decoding processes and another batching: same bytes
-    assert tar_members(cache) == before and ShardIndex.load(cache).total == 48
+                  **{**QUIET, "workers": 2})  # decoding processes and another batching: same samples
+    assert_same_cache(tar_members(cache), before)
+    assert ShardIndex.load(cache).shards == ShardIndex.load(root / "kl_train").shards
     assert all((cache / n).stat().st_mtime_ns == mtimes[n] for n in ("shard-000000.tar", "shard-000002.tar"))
 
     with pytest.raises(FileExistsError, match="dtype"):
@@ -141,12 +154,8 @@ def test_ldm_trains_from_the_cache_without_the_encoder(runs, tmp_path, monkeypat
 def test_step_from_cache_equals_step_from_images(runs, tmp_path):
     model = instantiate(ldm_config(runs, tmp_path / "run").model, _convert_="all")
     model.scale_factor.fill_(0.7)
-    images = first_batch(str(runs["images"] / "val"))
-    for cache, tol in (("kl_val", 1e-5), ("kl_train", 3e-3)):
-        cached = first_batch(str(runs["root"] / cache))
-        if cache == "kl_train":
-            images = first_batch(str(runs["images"] / "train"), n=8)
-            cached = {k: v[:8] for k, v in cached.items() if k != "skipped"}
+    for cache, split, tol in (("kl_val", "val", 1e-5), ("kl_train", "train", 3e-3)):  # float32, float16
+        images, cached = first_batch(str(runs["images"] / split), 8), first_batch(str(runs["root"] / cache), 8)
         # identical posterior sample (same generator seed), timesteps and noise
         z = [model.scale_factor * model.first_stage_latents(b, torch.Generator().manual_seed(1)) for b in (images, cached)]
         torch.testing.assert_close(z[1], z[0], atol=tol, rtol=tol)
@@ -156,25 +165,23 @@ def test_step_from_cache_equals_step_from_images(runs, tmp_path):
         losses = [model.diffusion_loss(zi, cond, t=t, noise=noise)[0] for zi in z]
         torch.testing.assert_close(losses[1], losses[0], atol=tol, rtol=tol)
         assert losses[0].item() > 0
-        # the whole training step (global RNG for sample, t, noise) and scale_by_std agree too
-        steps, scales = [], []
+        # the whole training step agrees too (posterior sample, t and noise from the global RNG)
+        steps = []
         for batch in (images, cached):
             torch.manual_seed(3)
-            steps.append(model._step(batch, "val", drop=False))
-            torch.manual_seed(4)
-            model._set_scale_by_std(model.first_stage_latents(batch))
-            scales.append(model.scale_factor.item())
+            steps.append(model._step(batch, "train", drop=False))
         torch.testing.assert_close(steps[1], steps[0], atol=tol, rtol=tol)
-        assert scales[1] == pytest.approx(scales[0], rel=tol)
-        model.scale_factor.fill_(0.7)
 
 
 def test_moments_that_do_not_fit_the_first_stage_are_refused(runs, tmp_path):
     root = runs["root"]
     first_stage = load_first_stage(root / "ae_kl")
     cached = first_batch(str(root / "vq_val"))  # deterministic: 4 channels where KL needs 8
-    with pytest.raises(ValueError, match=r"latent cache .*vq_val.*AutoencoderKL.*8 moment channels"):
+    with pytest.raises(ValueError, match=r"latent cache .*vq_val was encoded by the first stage .*ae_vq.*"
+                                         r"'deterministic'.*AutoencoderKL \(kind kl, f = 4, 4 latent channels"):
         posterior_from_moments(cached["moments"].float(), first_stage, cached["__url__"])
+    with pytest.raises(ValueError, match=r"holds moments of shape \(4, 8, 8\).*so 8 moment channels"):
+        posterior_from_moments(cached["moments"].float(), first_stage)  # no index to read: the shape tells
 
     # same channel count, another f: only the cache's index tells
     other = tmp_path / "kl_f8"
@@ -190,7 +197,7 @@ def test_moments_that_do_not_fit_the_first_stage_are_refused(runs, tmp_path):
     x = torch.randn(2, 3, 4, 4)
     posterior = posterior_from_moments(x, IdentityFirstStage(3))
     assert isinstance(posterior, DeterministicLatent) and torch.equal(posterior.sample(), x)
-    with pytest.raises(ValueError, match="6 moment channels|3 moment channels"):
+    with pytest.raises(ValueError, match=r"shape \(6, 4, 4\).*IdentityFirstStage.*so 3 moment channels"):
         posterior_from_moments(torch.randn(2, 6, 4, 4), IdentityFirstStage(3))
 
 

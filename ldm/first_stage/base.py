@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import torch
 from torch import nn
+
+from ldm.first_stage.validate import resolve_ddconfig, validate_first_stage
+from ldm.nets.autoencoder import Decoder, Encoder
 
 
 class Posterior(Protocol):
@@ -39,3 +43,25 @@ class FirstStage(nn.Module, ABC):
     @abstractmethod
     def latent_channels(self) -> int:
         """Channels of the latents encode() produces and decode() takes."""
+
+
+class ConvAutoencoder(FirstStage):
+    """The convolutional encoder/decoder pair both KL and VQ autoencoders are built on:
+    validates the ddconfig, builds `encoder` and `decoder`, and knows f and the latent width."""
+
+    def __init__(self, ddconfig: Mapping[str, Any] | None, ddconfig_kwargs: Mapping[str, Any], embed_dim: int,
+                 kind: str):
+        super().__init__()
+        self.ddconfig = resolve_ddconfig(ddconfig, ddconfig_kwargs)
+        self._f = validate_first_stage(self.ddconfig, embed_dim, kind=kind)
+        self.embed_dim = embed_dim
+        self.encoder = Encoder(**self.ddconfig)
+        self.decoder = Decoder(**self.ddconfig)
+
+    @property
+    def downsampling_factor(self) -> int:
+        return self._f
+
+    @property
+    def latent_channels(self) -> int:
+        return self.embed_dim

@@ -7,13 +7,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ldm.first_stage.base import FirstStage
+from ldm.first_stage.base import ConvAutoencoder
 from ldm.first_stage.distributions import DiagonalGaussian
-from ldm.first_stage.validate import resolve_ddconfig, validate_first_stage
-from ldm.nets.autoencoder import Decoder, Encoder
 
 
-class AutoencoderKL(FirstStage):
+class AutoencoderKL(ConvAutoencoder):
     """Encoder -> quant_conv (2z -> 2 embed_dim moments) -> DiagonalGaussian; post_quant_conv -> Decoder.
 
     Submodule names match the reference, so its `first_stage_model.*` weights load with
@@ -21,23 +19,10 @@ class AutoencoderKL(FirstStage):
     """
 
     def __init__(self, ddconfig: Mapping[str, Any] | None = None, *, embed_dim: int, **ddconfig_kwargs: Any):
-        super().__init__()
-        self.ddconfig = resolve_ddconfig(ddconfig, ddconfig_kwargs)
-        self._f = validate_first_stage(self.ddconfig, embed_dim, kind="kl")
-        self.embed_dim = embed_dim
+        super().__init__(ddconfig, ddconfig_kwargs, embed_dim, kind="kl")
         z = self.ddconfig["z_channels"]
-        self.encoder = Encoder(**self.ddconfig)
-        self.decoder = Decoder(**self.ddconfig)
         self.quant_conv = nn.Conv2d(2 * z, 2 * embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, z, 1)
-
-    @property
-    def downsampling_factor(self) -> int:
-        return self._f
-
-    @property
-    def latent_channels(self) -> int:
-        return self.embed_dim
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         return DiagonalGaussian(self.quant_conv(self.encoder(x)))

@@ -7,14 +7,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ldm.first_stage.base import FirstStage
+from ldm.first_stage.base import ConvAutoencoder
 from ldm.first_stage.distributions import DeterministicLatent
-from ldm.first_stage.validate import resolve_ddconfig, validate_first_stage
-from ldm.nets.autoencoder import Decoder, Encoder
 from ldm.nets.quantize import QuantizerInfo, VectorQuantizer
 
 
-class AutoencoderVQ(FirstStage):
+class AutoencoderVQ(ConvAutoencoder):
     """Encoder -> quant_conv -> VectorQuantizer -> post_quant_conv -> Decoder.
 
     As in the LDM code, the diffusion stage works on the *pre-quantisation* latents: encode()
@@ -25,24 +23,11 @@ class AutoencoderVQ(FirstStage):
     def __init__(self, ddconfig: Mapping[str, Any] | None = None, *, n_embed: int, embed_dim: int,
                  beta: float = 0.25, legacy: bool = False, ema_decay: float | None = None, eps: float = 1e-5,
                  **ddconfig_kwargs: Any):
-        super().__init__()
-        self.ddconfig = resolve_ddconfig(ddconfig, ddconfig_kwargs)
-        self._f = validate_first_stage(self.ddconfig, embed_dim, kind="vq")
-        self.embed_dim = embed_dim
+        super().__init__(ddconfig, ddconfig_kwargs, embed_dim, kind="vq")
         z = self.ddconfig["z_channels"]
-        self.encoder = Encoder(**self.ddconfig)
-        self.decoder = Decoder(**self.ddconfig)
         self.quant_conv = nn.Conv2d(z, embed_dim, 1)
         self.quantize = VectorQuantizer(n_embed, embed_dim, beta=beta, legacy=legacy, ema_decay=ema_decay, eps=eps)
         self.post_quant_conv = nn.Conv2d(embed_dim, z, 1)
-
-    @property
-    def downsampling_factor(self) -> int:
-        return self._f
-
-    @property
-    def latent_channels(self) -> int:
-        return self.embed_dim
 
     def encode(self, x: torch.Tensor) -> DeterministicLatent:
         return DeterministicLatent(self.quant_conv(self.encoder(x)))

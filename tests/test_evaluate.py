@@ -1,0 +1,266 @@
+"""Evaluation end to end: the training callback, evaluate.py on latent diffusion and autoencoder
+runs and on given images, the real-statistics cache, and the paper tables command.
+
+One tiny KL autoencoder and one tiny text LDM (trained with the evaluation callback) are shared
+by the module; metrics use the seeded ToyFeatures (features=toy), so nothing is downloaded."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY_RUN, compose
+from ldm.cli.evaluate import evaluate
+from ldm.cli.tables import main as tables_main
+from ldm.cli.train import train
+from ldm.data.pipeline import SampleDecoder, ShardStream
+from ldm.data.transforms import ImageTransform
+from ldm.metrics.features import ToyFeatures
+from ldm.metrics.fid import ExtractorMismatchError, FeatureStatistics, fid_from_statistics
+from ldm.metrics.lpips import build_lpips
+from ldm.modules.loading import load_module
+from ldm.utils.checkpoint import save_safetensors
+
+ROOT = Path(__file__).resolve().parents[1]
+ALL_METRICS = "[fid,kid,is,precision_recall]"
+# Small-sample settings for 8 images: KID subsets of 4, IS over 2 splits.
+SMALL = ["kid_subsets=5", "kid_subset_size=4", "is_splits=2"]
+
+pytestmark = pytest.mark.filterwarnings("ignore:Metric `.*` will save all extracted features")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """A tiny KL-f4 autoencoder run and a tiny text LDM on it, trained for 3 steps with the
+    evaluation callback every 2 steps (8 samples, 3 DDIM steps, guidance 3)."""
+    root = tmp_path_factory.mktemp("eval")
+    data = root / "data"
+    train(compose("train", ["experiment=toy/ae_kl", *TINY_RUN], root / "ae", data))
+    callback = ["+callbacks@callbacks.evaluation=evaluation", "callbacks.evaluation.every_n_steps=2",
+                "callbacks.evaluation.num_samples=8", "callbacks.evaluation.steps=3",
+                f"callbacks.evaluation.metrics={ALL_METRICS}", *(f"callbacks.evaluation.{s}" for s in SMALL)]
+    train(compose("train", ["experiment=toy/ldm_text", *TINY_RUN, f"first_stage.path={root / 'ae'}", *callback],
+                  root / "ldm", data))
+    return {"ae": root / "ae", "ldm": root / "ldm", "val": data / "shapes-32" / "val"}
+
+
+def eval_cfg(out: Path, *overrides: str):
+    """evaluate.py's config with toy features and small-sample metric settings."""
+    return compose("evaluate", ["features=toy", "num_workers=0", "batch_size=4", *SMALL, f"out_dir={out}",
+                                *overrides], out)
+
+
+def val_images(val: Path) -> torch.Tensor:
+    """The 32 px validation images, in stream order, as evaluate.py reads them."""
+    stream = ShardStream(str(val), 100, SampleDecoder(ImageTransform(32)), train=False)
+    return torch.cat([b["image"] for b in stream])
+
+
+def toy_fid(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """FID on ToyFeatures computed without the metrics package's classes."""
+    net = ToyFeatures()
+    a = FeatureStatistics.from_features(net(real), net.name, net.settings)
+    b = FeatureStatistics.from_features(net(fake), net.name, net.settings)
+    return fid_from_statistics(a, b)
+
+
+def test_callback_logs_metrics_that_evaluate_py_reproduces(runs, tmp_path):
+    lines = [json.loads(x) for x in (runs["ldm"] / "metrics" / "eval.jsonl").read_text().splitlines()]
+    assert [x["global_step"] for x in lines] == [2, 3]  # every 2 steps, and once more at the end
+    keys = ["fid", "is_mean", "is_std", "kid_mean", "kid_std", "precision", "recall"]
+    for line in lines:
+        assert sorted(line["metrics"]) == keys and all(math.isfinite(v) for v in line["metrics"].values())
+        assert line["metrics"]["fid"] > 0 and 0 <= line["metrics"]["precision"] <= 1
+        assert (line["n"], line["n_real"], line["f"], line["cond_key"]) == (8, 8, 4, "caption")
+        assert (line["sampler"], line["steps"], line["guidance"], line["features"]) == \
+            ("ddim", 3, 3.0, "toy-random-conv")
+    final = lines[-1]["metrics"]
+    run_metrics = json.loads((runs["ldm"] / "metrics.json").read_text())
+    assert run_metrics["eval/fid"] == pytest.approx(final["fid"], rel=1e-6)
+    with open(runs["ldm"] / "csv" / "metrics.csv") as fh:
+        logged = [row for row in csv.DictReader(fh) if row.get("eval/fid")]
+    assert [int(r["step"]) for r in logged] == [2, 3]
+
+    # The same protocol from the final checkpoint (same weights, conditions, seeds) gives the same numbers.
+    path = evaluate(eval_cfg(tmp_path, f"ckpt={runs['ldm']}", f"real={runs['val']}", "n=8", "steps=3",
+                             "guidance=3", f"metrics={ALL_METRICS}"))
+    record = json.loads(path.read_text())
+    assert record["kind"] == "ldm" and record["run"]["global_step"] == 3 and record["n"] == 8
+    for key in keys:
+        assert record["metrics"][key] == pytest.approx(final[key], rel=1e-4, abs=1e-6), key
+
+
+def test_evaluate_py_subprocess_on_an_ldm_run(runs, tmp_path):
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "evaluate.py", f"ckpt={runs['ldm']}", f"real={runs['val']}", "n=6",
+                           "steps=2", "guidance=2", "features=toy", "metrics=[fid,is]", "is_splits=2",
+                           "num_workers=0", "batch_size=4", f"hydra.run.dir={out}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((out / "metrics.json").read_text())
+    assert sorted(record["metrics"]) == ["fid", "is_mean", "is_std"] and record["metrics"]["fid"] > 0
+    assert record["n"] == 6 and record["samples_per_s"] > 0 and record["real"] == \
+        {"source": "shards", "n": 8, "stats": None}
+    assert record["run"] | {"ckpt": None} == {"ckpt": None, "run_dir": str(runs["ldm"].resolve()), "global_step": 3,
+                                              "f": 4, "first_stage": "kl", "conditioning": "crossattn",
+                                              "cond_key": "caption"}
+    assert (record["settings"]["guidance"], record["settings"]["steps"]) == (2.0, 2)
+    assert "generating" in done.stderr  # progress bars
+
+
+def test_evaluate_autoencoder_reconstruction_metrics(runs, tmp_path):
+    lpips_file = tmp_path / "vgg16-features.safetensors"  # a stand-in VGG16 trunk (no download)
+    trunk = build_lpips(random_backbone=True).net.state_dict()
+    save_safetensors({f"features.{k.split('.', 1)[1]}": v for k, v in trunk.items()}, lpips_file)
+    path = evaluate(eval_cfg(tmp_path / "a", f"ckpt={runs['ae']}", f"real={runs['val']}", "n=null",
+                             "metrics=[fid]", f"lpips_weights={lpips_file}"))
+    record = json.loads(path.read_text())
+    assert record["kind"] == "autoencoder" and record["n"] == 8 and record["run"]["f"] == 4
+
+    x = val_images(runs["val"])
+    first_stage = load_module(runs["ae"]).first_stage
+    with torch.no_grad():
+        rec = first_stage.decode(first_stage.encode(x).mode()).clamp(-1, 1)
+    a, b = (x.double() + 1) / 2, (rec.double() + 1) / 2
+    expected_psnr = (10 * torch.log10(1 / (a - b).pow(2).flatten(1).mean(1))).mean().item()
+    m = record["metrics"]
+    assert sorted(m) == ["lpips", "psnr", "rfid", "ssim"]
+    assert m["psnr"] == pytest.approx(expected_psnr, rel=1e-5)
+    assert m["rfid"] == pytest.approx(toy_fid(x, rec), rel=1e-4)
+    with torch.no_grad():
+        assert m["lpips"] == pytest.approx(build_lpips(backbone_weights=lpips_file)(x, rec).mean().item(), rel=1e-4)
+    assert 0 < m["ssim"] < 1 and record["notes"] == []
+
+    # Without a VGG16 file LPIPS is skipped with a note; only the first n images are reconstructed.
+    record = json.loads(evaluate(eval_cfg(tmp_path / "b", f"ckpt={runs['ae']}", f"real={runs['val']}", "n=4",
+                                          "metrics=[fid]", "lpips_weights=null")).read_text())
+    assert "lpips" not in record["metrics"] and "lpips skipped" in record["notes"][0]
+    assert record["n"] == 4 and record["real"]["n"] == 8
+    with pytest.raises(ValueError, match="fewer than n=9"):
+        evaluate(eval_cfg(tmp_path / "c", f"ckpt={runs['ae']}", f"real={runs['val']}", "n=9", "metrics=[fid]"))
+
+
+def test_given_images_and_the_real_statistics_cache(runs, tmp_path):
+    x = val_images(runs["val"])
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    pixels = ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for i, array in enumerate(pixels):
+        Image.fromarray(array).save(folder / f"{i:03d}.png")
+    stats = tmp_path / "real.npz"
+
+    # The real images themselves score FID 0 and full precision/recall; the first run writes the cache.
+    record = json.loads(evaluate(eval_cfg(tmp_path / "a", f"images={folder}", f"real={runs['val']}", "n=null",
+                                          "metrics=[fid,precision_recall]", f"real_stats={stats}")).read_text())
+    assert record["kind"] == "images" and record["n"] == 8 and record["run"] is None
+    assert record["metrics"]["fid"] == pytest.approx(0, abs=1e-5)
+    assert record["metrics"]["precision"] == record["metrics"]["recall"] == 1.0
+    assert record["real"] == {"source": "shards", "n": 8, "stats": str(stats.resolve())} and stats.is_file()
+
+    # Shifted images from an .npz, scored against the cache (no real= needed) and against the shards.
+    np.savez(tmp_path / "shifted.npz", arr_0=np.roll(pixels, 5, axis=2))
+    shifted = ["images=" + str(tmp_path / "shifted.npz"), "n=null", "metrics=[fid]"]
+    cached = json.loads(evaluate(eval_cfg(tmp_path / "b", *shifted, f"real_stats={stats}")).read_text())
+    fresh = json.loads(evaluate(eval_cfg(tmp_path / "c", *shifted, f"real={runs['val']}")).read_text())
+    assert cached["real"] == {"source": "cache", "n": 8, "stats": str(stats.resolve())}
+    assert cached["metrics"]["fid"] == pytest.approx(fresh["metrics"]["fid"], rel=1e-6)
+    expected = toy_fid(x, torch.from_numpy(np.roll(pixels, 5, axis=2)).permute(0, 3, 1, 2))
+    assert cached["metrics"]["fid"] == pytest.approx(expected, rel=1e-4) and expected > 1
+
+    with pytest.raises(ValueError, match=r"FID statistics only.*\['kid'\]"):
+        evaluate(eval_cfg(tmp_path / "d", *shifted[:2], "metrics=[fid,kid]", f"real_stats={stats}"))
+    with pytest.raises(ExtractorMismatchError, match="settings differ"):
+        evaluate(eval_cfg(tmp_path / "e", *shifted, f"real_stats={stats}", "features.seed=1"))
+    with pytest.raises(ValueError, match="exactly one of ckpt"):
+        evaluate(eval_cfg(tmp_path / "f", *shifted, f"ckpt={runs['ldm']}"))
+    with pytest.raises(ValueError, match="conditional: pass real="):
+        evaluate(eval_cfg(tmp_path / "g", f"ckpt={runs['ldm']}", f"real_stats={stats}", "metrics=[fid]", "n=2"))
+
+
+def _write_run(folder: Path, model: str, first_stage: dict, cond: dict | None = None) -> Path:
+    folder.mkdir(parents=True)
+    config = {"model": {"_target_": model}, "first_stage": first_stage}
+    if cond is not None:
+        config["cond"] = cond
+    (folder / "config.yaml").write_text(json.dumps(config))  # JSON is YAML
+    return folder
+
+
+def _record(kind: str, run: Path, step: int, metrics: dict, **extra) -> str:
+    settings = {"sampler": "ddim", "steps": 200, "eta": 1.0, "guidance": extra.pop("guidance", 1.0)}
+    return json.dumps({"kind": kind, "run": {"ckpt": str(run / "checkpoints" / "last.ckpt"), "run_dir": str(run),
+                                             "global_step": step}, "metrics": metrics, "settings": settings,
+                       "n": 50, "written": "2026-01-01T00:00:00+00:00", **extra})
+
+
+def test_tables_from_a_sweep_of_results(tmp_path):
+    sweep = tmp_path / "sweep"
+    ae_target, ldm_target = "ldm.modules.autoencoder.AutoencoderModule", "ldm.modules.latent_diffusion.LatentDiffusion"
+    ae4 = _write_run(sweep / "ae_f4", ae_target, {"_target_": "ldm.first_stage.factory.autoencoder_kl", "f": 4})
+    ae8 = _write_run(sweep / "ae_f8", ae_target, {"_target_": "ldm.first_stage.factory.autoencoder_vq", "f": 8})
+    ae16 = _write_run(sweep / "ae_f16", ae_target, {"_target_": "ldm.first_stage.factory.autoencoder_kl", "f": 16})
+    loader = "ldm.modules.loading.load_first_stage"
+    ldm4 = _write_run(sweep / "ldm_f4", ldm_target, {"_target_": loader, "path": str(ae4)},
+                      {"conditioning_key": None, "key": None})
+    ldm8 = _write_run(sweep / "ldm_f8", ldm_target, {"_target_": loader, "path": str(ae8 / "checkpoints" / "last.ckpt")},
+                      {"conditioning_key": "crossattn", "key": "caption"})
+    pixel = _write_run(sweep / "ldm_f1", ldm_target, {"_target_": "ldm.first_stage.factory.identity", "f": 1},
+                       {"conditioning_key": None, "key": None})
+    # evaluate.py outputs, in their own folders below the sweep
+    for i, (kind, run, step, metrics, extra) in enumerate([
+        ("autoencoder", ae4, 900, {"rfid": 0.58, "psnr": 27.43, "ssim": 0.8}, {}),
+        ("autoencoder", ae8, 900, {"rfid": 1.14, "psnr": 23.07, "ssim": 0.7}, {}),
+        ("autoencoder", ae16, 900, {"rfid": 5.15, "psnr": 20.83, "ssim": 0.6}, {}),
+        ("ldm", ldm4, 100, {"fid": 30.0, "precision": 0.5, "recall": 0.3}, {"samples_per_s": 1.0}),
+        ("ldm", ldm4, 300, {"fid": 5.11, "precision": 0.72, "recall": 0.49}, {"samples_per_s": 2.5}),
+        ("ldm", ldm8, 300, {"fid": 12.63, "is_mean": 30.29, "is_std": 0.4, "precision": 0.6, "recall": 0.4},
+         {"samples_per_s": 7.25, "guidance": 1.5}),
+    ]):
+        (sweep / "evals" / str(i)).mkdir(parents=True)
+        (sweep / "evals" / str(i) / "metrics.json").write_text(_record(kind, run, step, metrics, **extra))
+    (sweep / "ldm_f4" / "metrics.json").write_text(json.dumps({"global_step": 300, "val/loss": 0.1}))  # train.py's
+    for run, fids in [(ldm4, [40.0, 20.0, 9.0]), (pixel, [60.0, 45.0, 38.0])]:
+        (run / "metrics").mkdir()
+        (run / "metrics" / "eval.jsonl").write_text("".join(
+            json.dumps({"global_step": 100 * (i + 1), "metrics": {"fid": f}, "sampler": "ddim", "steps": 50,
+                        "eta": 0.0, "guidance": 1.0, "n": 64, "samples_per_s": 3.0}) + "\n"
+            for i, f in enumerate(fids)))
+
+    out = tmp_path / "tables"
+    done = subprocess.run([sys.executable, "-m", "ldm.cli.tables", str(sweep), "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = (out / "tables.md").read_text()
+    assert text in done.stdout
+    assert "| ldm_f1 | 1 | identity | - | - | 38.00 | - | - | - | 3.00 | 300 |" in text  # from eval.jsonl
+    assert "| ldm_f4 | 4 | kl | 0.58 | 27.43 | 5.11 | - | 0.72 | 0.49 | 2.50 | 300 |" in text  # newest step wins
+    assert "| ldm_f8 | 8 | vq | 1.14 | 23.07 | 12.63 | 30.29 | 0.60 | 0.40 | 7.25 | 300 |" in text
+    assert "| ae_f16 | 16 | kl | 5.15 | 20.83 | - | - | - | - | - | 900 |" in text  # unused first stage
+    assert "| ldm_f4 | 4 | kl | 300 | ddim | 200 | 1.00 | 50 | 5.11 | 0.72 | 0.49 |" in text
+    assert "| ldm_f8 | 8 | vq | 300 | ddim | 200 | 1.50 | 50 | 12.63 | 30.29 |" in text
+
+    with open(out / "compression.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["run"], r["f"], r["FID"]) for r in rows] == [("ldm_f1", "1", "38.0"), ("ldm_f4", "4", "5.11"),
+                                                            ("ldm_f8", "8", "12.63"), ("ae_f16", "16", "")]
+    with open(out / "unconditional.csv") as fh:
+        assert [r["run"] for r in csv.DictReader(fh)] == ["ldm_f1", "ldm_f4"]
+    with open(out / "text.csv") as fh:
+        assert [(r["run"], r["guidance"], r["IS"]) for r in csv.DictReader(fh)] == [("ldm_f8", "1.5", "30.29")]
+    png = out / "fid_vs_steps.png"
+    with Image.open(png) as img:
+        assert img.format == "PNG" and img.size[0] > 300
+
+    # In process, with the default output folder
+    tables_main([str(sweep)])
+    assert (sweep / "tables" / "tables.md").read_text() == text
+    with pytest.raises(FileNotFoundError, match="no results"):
+        tables_main([str(ae16)])  # a run folder whose results live elsewhere

@@ -165,22 +165,22 @@ def test_given_images_and_the_real_statistics_cache(runs, tmp_path):
     assert record["metrics"]["precision"] == record["metrics"]["recall"] == 1.0
     assert record["real"] == {"source": "shards", "n": 8, "stats": str(stats.resolve())} and stats.is_file()
 
-    # Shifted images from an .npz, scored against the cache (no real= needed) and against the shards.
-    np.savez(tmp_path / "shifted.npz", arr_0=np.roll(pixels, 5, axis=2))
-    shifted = ["images=" + str(tmp_path / "shifted.npz"), "n=null", "metrics=[fid]"]
-    cached = json.loads(evaluate(eval_cfg(tmp_path / "b", *shifted, f"real_stats={stats}")).read_text())
-    fresh = json.loads(evaluate(eval_cfg(tmp_path / "c", *shifted, f"real={runs['val']}")).read_text())
+    # Inverted images from an .npz, scored against the cache (no real= needed) and against the shards.
+    np.savez(tmp_path / "inverted.npz", arr_0=255 - pixels)
+    inverted = ["images=" + str(tmp_path / "inverted.npz"), "n=null", "metrics=[fid]"]
+    cached = json.loads(evaluate(eval_cfg(tmp_path / "b", *inverted, f"real_stats={stats}")).read_text())
+    fresh = json.loads(evaluate(eval_cfg(tmp_path / "c", *inverted, f"real={runs['val']}")).read_text())
     assert cached["real"] == {"source": "cache", "n": 8, "stats": str(stats.resolve())}
     assert cached["metrics"]["fid"] == pytest.approx(fresh["metrics"]["fid"], rel=1e-6)
-    expected = toy_fid(x, torch.from_numpy(np.roll(pixels, 5, axis=2)).permute(0, 3, 1, 2))
+    expected = toy_fid(x, torch.from_numpy(255 - pixels).permute(0, 3, 1, 2))
     assert cached["metrics"]["fid"] == pytest.approx(expected, rel=1e-4) and expected > 1
 
     with pytest.raises(ValueError, match=r"FID statistics only.*\['kid'\]"):
-        evaluate(eval_cfg(tmp_path / "d", *shifted[:2], "metrics=[fid,kid]", f"real_stats={stats}"))
+        evaluate(eval_cfg(tmp_path / "d", *inverted[:2], "metrics=[fid,kid]", f"real_stats={stats}"))
     with pytest.raises(ExtractorMismatchError, match="settings differ"):
-        evaluate(eval_cfg(tmp_path / "e", *shifted, f"real_stats={stats}", "features.seed=1"))
+        evaluate(eval_cfg(tmp_path / "e", *inverted, f"real_stats={stats}", "features.seed=1"))
     with pytest.raises(ValueError, match="exactly one of ckpt"):
-        evaluate(eval_cfg(tmp_path / "f", *shifted, f"ckpt={runs['ldm']}"))
+        evaluate(eval_cfg(tmp_path / "f", *inverted, f"ckpt={runs['ldm']}"))
     with pytest.raises(ValueError, match="conditional: pass real="):
         evaluate(eval_cfg(tmp_path / "g", f"ckpt={runs['ldm']}", f"real_stats={stats}", "metrics=[fid]", "n=2"))
 

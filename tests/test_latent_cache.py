@@ -134,7 +134,8 @@ def ldm_config(runs, out: Path, *extra: str):
     root = runs["root"]
     return compose("train", ["experiment=toy/ldm_class", *TINY_RUN, f"first_stage.path={root / 'ae_kl'}",
                              f"data.train_urls={root / 'kl_train'}", f"data.val_urls={root / 'kl_val'}",
-                             "data.synthetic=null", "data.image_size=32", *extra], out)
+                             "data.synthetic=null", "data.image_size=32", "model.val_sampler.num_steps=2",
+                             "model.log_images=2", *extra], out)
 
 
 def test_ldm_trains_from_the_cache_without_the_encoder(runs, tmp_path, monkeypatch):

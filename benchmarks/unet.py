@@ -22,6 +22,8 @@ goes to stderr.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import gc
 import importlib.util
 import json
@@ -71,7 +73,7 @@ def bench_config(name: str) -> BenchConfig:
         # SD-1's layout scaled down: cross-attention at the two finer levels, none at the coarsest.
         return BenchConfig(dict(in_channels=4, out_channels=4, model_channels=64, channel_mult=[1, 2, 2],
                                 num_res_blocks=2, attention_resolutions=[1, 2], num_heads=4,
-                                use_spatial_transformer=True, context_dim=128, legacy=False), size=32, tokens=16)
+                                use_spatial_transformer=True, context_dim=128, legacy=False), size=16, tokens=16)
     if name == "celebahq":
         # configs/latent-diffusion/celebahq-ldm-vq-4.yaml of the reference (REFERENCE.md section 7).
         return BenchConfig(dict(in_channels=3, out_channels=3, model_channels=224, channel_mult=[1, 2, 3, 4],
@@ -296,8 +298,10 @@ def _status_kib(field: str) -> int:
 
 
 class PeakMemory:
-    """Peak memory of one phase in bytes: CUDA max_memory_allocated, or on the CPU the rise of
-    the peak RSS over the RSS at `start` (Linux: VmHWM is reset through /proc/self/clear_refs)."""
+    """Peak memory of one phase in bytes: CUDA max_memory_allocated, or on the CPU (Linux, glibc)
+    the rise of the peak RSS over the RSS at `start`. There, free heap memory is first returned to
+    the system (malloc_trim), so memory cached by an earlier phase is not reused unseen, and the
+    peak (VmHWM) is reset through /proc/self/clear_refs."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -307,6 +311,7 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
+            ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
             Path("/proc/self/clear_refs").write_text("5")
             self.base = _status_kib("VmRSS") * 1024
 
@@ -369,14 +374,9 @@ def measure_phase(impl: Impl, phase: str, row: Row, bench: BenchConfig, weights:
             step()
         synchronize(device)
         warmup_s = time.perf_counter() - begin
-        begin, done = time.perf_counter(), 0
-        while done < steps and (done == 0 or time.perf_counter() < deadline):
-            step()
-            done += 1
-        synchronize(device)
-        elapsed = time.perf_counter() - begin
-    result = {"samples_per_s": row.batch * done / elapsed, "step_ms": 1e3 * elapsed / done, "steps": done,
-              "warmup_s": warmup_s, "peak_gib": memory.peak() / GIB}
+        step_s, best_s, done = timed_steps(step, steps, deadline, device)
+    result = {"samples_per_s": row.batch / step_s, "step_ms": 1e3 * step_s, "best_step_ms": best_s and 1e3 * best_s,
+              "steps": done, "warmup_s": warmup_s, "peak_gib": memory.peak() / GIB}
     del fn, model, inputs, x, t, ctx, target
     if phase == "train":
         del optimizer, step
@@ -384,6 +384,29 @@ def measure_phase(impl: Impl, phase: str, row: Row, bench: BenchConfig, weights:
         torch._dynamo.reset()  # drop the compiled graphs (and the memory they hold)
     cleanup(device)
     return result
+
+
+def timed_steps(step: Callable[[], None], steps: int, deadline: float,
+                device: torch.device) -> tuple[float, float | None, int]:
+    """(seconds per step, fastest step or None, steps run); stops early past `deadline`.
+
+    CUDA: the loop's mean with one synchronisation at the end, so the host queues the next step
+    while the device works, as in training. CPU: the median step, because on a shared machine
+    other processes add long, random stalls to some steps.
+    """
+    if device.type == "cuda":
+        begin, done = time.perf_counter(), 0
+        while done < steps and (done == 0 or time.perf_counter() < deadline):
+            step()
+            done += 1
+        synchronize(device)
+        return (time.perf_counter() - begin) / done, None, done
+    times: list[float] = []
+    while len(times) < steps and (not times or time.perf_counter() < deadline):
+        begin = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - begin)
+    return statistics.median(times), min(times), len(times)
 
 
 def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
@@ -447,7 +470,9 @@ class Benchmark:
             log(f"[{row.config}] cross-check (fp32, batch 2): {self._checked[row.config]}")
         base = {"config": row.config, "batch": row.batch, "precision": row.precision, "compile": row.compile,
                 "latent": [bench.unet["in_channels"], bench.size, bench.size], "context_tokens": bench.tokens,
-                "params_m": sum(v.numel() for v in weights.values()) / 1e6,
+                "params_m": sum(v.numel() for v in weights.values()) / 1e6, "steps": self.steps,
+                "warmup": self.warmup, "n_rounds": self.rounds,
+                "timing": "mean step, one sync" if self.device.type == "cuda" else "median step",
                 **environment(self.device), "cross_check": self._checked[row.config],
                 "diffusers_unavailable": why_not or None}
         runs: dict[str, dict[str, list[dict[str, float]]]] = {i.name: {"train": [], "infer": []} for i in impls}
@@ -469,7 +494,8 @@ class Benchmark:
         per_impl = {}
         for impl in impls:
             per_impl[impl.name] = self._impl_record(impl, bench, runs[impl.name])
-            self.emit({**base, "kind": "impl", **per_impl[impl.name], "skipped": skipped or None})
+            self.emit({**base, "kind": "impl", **per_impl[impl.name], "skipped": skipped or None,
+                       "load_avg_end": [round(v, 2) for v in os.getloadavg()]})
         if theirs is not None:
             self.emit({**base, "kind": "ratio", **ratios(per_impl["ours"], per_impl["diffusers"])})
 
@@ -524,13 +550,16 @@ def log(message: str) -> None:
 
 # --- command line --------------------------------------------------------------------------------------
 
-SUITES = {
-    # The CPU targets: eager fp32, small config (ratio >= 1.0 for training and sampling).
-    "cpu": dict(rows=[Row("small", 8, "fp32", False)], rounds=3, time_limit=None),
+SUITES: dict[str, dict[str, Any]] = {
+    # The CPU targets: eager fp32, small config (ratio >= 1.0 for training and sampling). One
+    # thread: on a shared 2-core machine a descheduled OpenMP thread stalls every parallel op.
+    "cpu": dict(rows=[Row("small", 4, "fp32", False)], steps=6, warmup=2, rounds=3, time_limit=None, threads=1),
     # The GPU targets, most important first so the time limit cuts the least important.
     "gpu": dict(rows=[Row("sd1", 32, "bf16", False), Row("celebahq", 48, "bf16", False),
-                      Row("sd1", 32, "bf16", True)], rounds=1, time_limit=220.0),
+                      Row("sd1", 32, "bf16", True)], steps=10, warmup=3, rounds=1, time_limit=220.0,
+                threads=None),
 }
+DEFAULTS = dict(steps=10, warmup=3, rounds=1, time_limit=None, threads=None)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -543,12 +572,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "bf16 (autocast, fp32 weights); default fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile both implementations")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per phase")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per phase (include compilation)")
-    p.add_argument("--rounds", type=int, help="alternating repetitions per phase, median reported "
-                   "(default 1; suite cpu: 3)")
+    p.add_argument("--steps", type=int, help="timed steps per phase (default 10; suite cpu: 6)")
+    p.add_argument("--warmup", type=int, help="untimed steps per phase, compilation included "
+                   "(default 3; suite cpu: 2)")
+    p.add_argument("--rounds", type=int, help="repetitions of every phase, alternating which implementation "
+                   "goes first; the median is reported (default 1; suite cpu: 3)")
     p.add_argument("--time-limit", type=float, help="seconds; phases not started by then are skipped and "
                    "timed loops stop early (default none; suite gpu: 220)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; suite cpu: 1)")
     p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s for MFU (default 989 on H100/H200, "
                    "else no MFU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
@@ -561,10 +592,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--suite sets the rows itself; drop {', '.join(given)}")
     elif args.config is None:
         p.error("give --config (small, celebahq, sd1) or --suite (cpu, gpu)")
-    if args.steps < 1 or args.warmup < 0 or (args.rounds is not None and args.rounds < 1):
-        p.error("--steps and --rounds must be >= 1, --warmup >= 0")
-    if args.batch is not None and args.batch < 1:
-        p.error("--batch must be >= 1")
+    if any(v is not None and v < 1 for v in (args.steps, args.rounds, args.threads, args.batch)):
+        p.error("--steps, --rounds, --threads and --batch must be >= 1")
+    if args.warmup is not None and args.warmup < 0:
+        p.error("--warmup must be >= 0")
     return args
 
 
@@ -584,18 +615,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = resolve_device(args.device)
     if args.suite:
-        suite = SUITES[args.suite]
-        rows, rounds, time_limit = suite["rows"], suite["rounds"], suite["time_limit"]
+        preset = SUITES[args.suite]
+        rows = preset["rows"]
     else:
+        preset = DEFAULTS
         rows = [Row(args.config, args.batch or 8, args.precision or "fp32", args.compile)]
-        rounds, time_limit = 1, None
-    rounds = args.rounds or rounds
-    time_limit = args.time_limit if args.time_limit is not None else time_limit
+    opts = {k: getattr(args, k) if getattr(args, k) is not None else preset[k] for k in DEFAULTS}
     if device.type == "cpu" and any(r.precision == "tf32" for r in rows):
         raise SystemExit("--precision tf32 needs a CUDA device (TF32 is a tensor-core format)")
-    deadline = time.perf_counter() + time_limit if time_limit else float("inf")
-    bench = Benchmark(device, args.steps, args.warmup, rounds, deadline, peak_flops(device, args.peak_tflops),
-                      args.seed, args.out)
+    if opts["threads"] is not None:
+        torch.set_num_threads(opts["threads"])
+    deadline = time.perf_counter() + opts["time_limit"] if opts["time_limit"] else float("inf")
+    bench = Benchmark(device, opts["steps"], opts["warmup"], opts["rounds"], deadline,
+                      peak_flops(device, args.peak_tflops), args.seed, args.out)
     for row in rows:
         if time.perf_counter() > deadline:
             log(f"time limit reached: row {row} not measured")

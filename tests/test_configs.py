@@ -1,29 +1,73 @@
 """Every experiment config composes, and its modules instantiate (no training)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from conftest import CONFIGS, compose
 from ldm.first_stage.base import FirstStage
 
 EXPERIMENTS = sorted(str(p.relative_to(CONFIGS / "experiment").with_suffix(""))
                      for p in (CONFIGS / "experiment").rglob("*.yaml"))
+AUTOENCODERS = [e for e in EXPERIMENTS if "/ae_" in e]
 OFFLINE = ["features=toy", "model.loss.perceptual=null", "model.loss.perceptual_weight=0"]
+
+
+PAPER_LDMS = ["celebahq_ldm_vq4", "ffhq_ldm_vq4", "lsun_bedrooms_ldm_vq4", "lsun_churches_ldm_kl8", "imagenet_ldm_vq8",
+              "imagenet_cin256_v2", "txt2img_ldm_kl8_g", "sr_ldm4", "inpainting_ldm4_big", "semantic_ldm4"]
 
 
 def test_there_are_paper_and_toy_experiments():
     assert {"toy/ae_kl", "toy/ae_vq", "paper/ae_kl_f8", "paper/ae_vq_f16"} <= set(EXPERIMENTS)
+    assert {f"paper/{n}" for n in PAPER_LDMS} <= set(EXPERIMENTS)
+    assert {f"toy/ldm_{c}" for c in ("uncond", "class", "text", "sr", "inpaint")} <= set(EXPERIMENTS)
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_experiment_composes_and_instantiates(tmp_path, experiment):
+@pytest.fixture(scope="module")
+def caption_shards(tmp_path_factory):
+    from ldm.data.sources import SyntheticSource
+    from ldm.data.write import write_shards
+
+    out = tmp_path_factory.mktemp("shards") / "train"
+    write_shards(SyntheticSource(8, 32, seed=0), out, per_shard=8, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("name", PAPER_LDMS)
+def test_paper_ldm_builds_at_reduced_width(tmp_path, caption_shards, name):
+    """The paper's latent diffusion rows compose, and their modules build with every width cut
+    down (the first stage with random weights instead of the released checkpoint)."""
+    overrides = [f"experiment=paper/{name}", "first_stage.path=unused", f"data.train_urls={caption_shards}",
+                 "unet.model_channels=32", "unet.num_res_blocks=1"]
+    if name.startswith("txt2img"):
+        overrides += ["cond.encoder.n_embed=64", "cond.encoder.n_layer=1", "cond.encoder.tokenizer.vocab_size=300"]
+    cfg = compose("train", overrides, tmp_path / "run", tmp_path / "data")
+    assert cfg.paper.evaluation
+    arch = cfg.first_stage.model
+    arch.ddconfig.ch = 32
+    cfg.first_stage = arch  # random weights in place of the checkpoint
+    model = instantiate(cfg.model, _convert_="all")
+    assert model.first_stage_model.downsampling_factor == (8 if ("kl8" in name or "vq8" in name) else 4)
+    c, h, w = model.latent_shape(128)
+    x = torch.randn(1, c, h, w)
+    batch = {"caption": ["a red circle"], "class_label": torch.tensor([3]),
+             "lowres": torch.zeros(1, 3, 32, 32), "masked_image": torch.zeros(1, 3, 128, 128),
+             "mask": torch.ones(1, 1, 128, 128), "segmentation": torch.zeros(1, 128, 128).long()}
+    cond = model.condition(batch, (h, w))
+    out = model.model(x, torch.tensor([10]), cond)
+    assert out.shape == x.shape
+    assert OmegaConf.select(cfg, "model.linear_start") > 0
+
+
+@pytest.mark.parametrize("experiment", AUTOENCODERS)
+def test_autoencoder_experiment_composes_and_instantiates(tmp_path, experiment):
     overrides = [f"experiment={experiment}", *OFFLINE]
     if experiment.startswith("paper/"):
         overrides += [f"data.train_urls={tmp_path}/train", f"data.val_urls={tmp_path}/val"]
     cfg = compose("train", overrides, tmp_path / "run", tmp_path / "data")
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # every interpolation resolves
     first_stage = instantiate(cfg.first_stage)
     assert isinstance(first_stage, FirstStage)
     assert cfg.data.image_size % first_stage.downsampling_factor == 0
@@ -44,3 +88,10 @@ def test_bad_f_and_indivisible_image_size_are_refused_at_build_time(tmp_path):
                   tmp_path / "run", tmp_path / "data")
     with pytest.raises(Exception, match="divisible"):
         instantiate(cfg.first_stage)
+
+
+@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e.startswith("toy/ldm_")])
+def test_toy_ldm_experiments_resolve(tmp_path, experiment):
+    cfg = compose("train", [f"experiment={experiment}", "first_stage.path=some/run"], tmp_path / "run", tmp_path / "data")
+    resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    assert resolved["model"]["image_size"] == 32 and resolved["first_stage"]["path"] == "some/run"

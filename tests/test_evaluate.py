@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import TINY_RUN, compose
@@ -26,6 +28,7 @@ from ldm.data.transforms import ImageTransform
 from ldm.metrics.features import ToyFeatures
 from ldm.metrics.fid import ExtractorMismatchError, FeatureStatistics, fid_from_statistics
 from ldm.metrics.lpips import build_lpips
+from ldm.metrics.reconstruction import psnr
 from ldm.modules.loading import load_module
 from ldm.utils.checkpoint import save_safetensors
 
@@ -116,10 +119,31 @@ def test_evaluate_py_subprocess_on_an_ldm_run(runs, tmp_path):
     assert "generating" in done.stderr  # progress bars
 
 
-def test_evaluate_autoencoder_reconstruction_metrics(runs, tmp_path):
-    lpips_file = tmp_path / "vgg16-features.safetensors"  # a stand-in VGG16 trunk (no download)
-    trunk = build_lpips(random_backbone=True).net.state_dict()
-    save_safetensors({f"features.{k.split('.', 1)[1]}": v for k, v in trunk.items()}, lpips_file)
+def random_vgg16_trunk() -> dict[str, torch.Tensor]:
+    """`features.*` of a torchvision vgg16 state dict (the part LPIPS uses), He-normal random."""
+    g = torch.Generator().manual_seed(0)
+    state, index, c_in = {}, 0, 3
+    for width in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512):
+        if width == "M":
+            index += 1  # max pool: no weights
+            continue
+        state[f"features.{index}.weight"] = torch.randn(width, c_in, 3, 3, generator=g) * (2 / (9 * c_in)) ** 0.5
+        state[f"features.{index}.bias"] = torch.zeros(width)
+        index, c_in = index + 2, width  # conv, relu
+    return state
+
+
+def test_evaluate_autoencoder_reconstruction_metrics(runs, tmp_path, monkeypatch):
+    lpips_file = tmp_path / "vgg16-features.safetensors"  # a random stand-in for torchvision's VGG16 trunk
+    save_safetensors(random_vgg16_trunk(), lpips_file)
+    lpips = build_lpips(backbone_weights=lpips_file)
+    asked = []
+
+    def build_once(backbone_weights):  # building LPIPS takes seconds: evaluate.py gets this one
+        asked.append(backbone_weights)
+        return lpips
+
+    monkeypatch.setattr("ldm.cli.evaluate.build_lpips", build_once)
     path = evaluate(eval_cfg(tmp_path / "a", f"ckpt={runs['ae']}", f"real={runs['val']}", "n=null",
                              "metrics=[fid]", f"lpips_weights={lpips_file}"))
     record = json.loads(path.read_text())
@@ -135,8 +159,9 @@ def test_evaluate_autoencoder_reconstruction_metrics(runs, tmp_path):
     assert sorted(m) == ["lpips", "psnr", "rfid", "ssim"]
     assert m["psnr"] == pytest.approx(expected_psnr, rel=1e-5)
     assert m["rfid"] == pytest.approx(toy_fid(x, rec), rel=1e-4)
+    assert asked == [str(lpips_file)]
     with torch.no_grad():
-        assert m["lpips"] == pytest.approx(build_lpips(backbone_weights=lpips_file)(x, rec).mean().item(), rel=1e-4)
+        assert m["lpips"] == pytest.approx(lpips(x, rec).mean().item(), rel=1e-5)
     assert 0 < m["ssim"] < 1 and record["notes"] == []
 
     # Without a VGG16 file LPIPS is skipped with a note; only the first n images are reconstructed.
@@ -146,6 +171,47 @@ def test_evaluate_autoencoder_reconstruction_metrics(runs, tmp_path):
     assert record["n"] == 4 and record["real"]["n"] == 8
     with pytest.raises(ValueError, match="fewer than n=9"):
         evaluate(eval_cfg(tmp_path / "c", f"ckpt={runs['ae']}", f"real={runs['val']}", "n=9", "metrics=[fid]"))
+
+
+def test_evaluate_inpainting_ldm_uses_the_runs_masks_and_scores_pairs(runs, tmp_path):
+    run = tmp_path / "inpaint"
+    train(compose("train", ["experiment=toy/ldm_inpaint", *TINY_RUN, f"first_stage.path={runs['ae']}"],
+                  run, runs["val"].parents[1]))
+    record = json.loads(evaluate(eval_cfg(tmp_path / "e", f"ckpt={run}", f"real={runs['val']}", "n=4", "steps=2",
+                                          "metrics=[fid]")).read_text())
+    assert record["run"]["conditioning"] == "concat" and sorted(record["metrics"]) == ["fid", "psnr", "ssim"]
+    assert any("pasted back" in note for note in record["notes"])
+
+    # The same samples by hand: the run's own mask generator, seeds 0..3, known pixels pasted back.
+    transforms = instantiate(OmegaConf.load(run / "config.yaml").data.batch_transforms)
+    stream = ShardStream(str(runs["val"]), 4, SampleDecoder(ImageTransform(32)), train=False,
+                         batch_transforms=transforms)
+    batch = next(iter(stream))
+    model = load_module(run)
+    images = model.sample({k: batch[k] for k in ("masked_image", "mask")}, n=4, image_size=32, num_steps=2,
+                          seeds=range(4), eta=0.0, progress=False)
+    pasted = batch["mask"] * batch["image"] + (1 - batch["mask"]) * images
+    assert 0 < (1 - batch["mask"]).mean() < 1  # some holes, some known pixels
+    assert record["metrics"]["psnr"] == pytest.approx(psnr(batch["image"], pasted).mean().item(), rel=1e-4)
+
+
+@pytest.mark.slow  # ~30 s: two spawned DDP ranks
+def test_callback_under_ddp_scores_the_same_images_as_one_process(runs, tmp_path):
+    # An unconditional model: the 2 ranks draw the seeds 0..7 between them and hold half of the
+    # validation images each, so the synchronised FID and precision/recall are those of one process.
+    run = tmp_path / "ldm"
+    train(compose("train", ["experiment=toy/ldm_uncond", *TINY_RUN, f"first_stage.path={runs['ae']}",
+                            "trainer=ddp_cpu", "+callbacks@callbacks.evaluation=evaluation",
+                            "callbacks.evaluation.every_n_steps=100", "callbacks.evaluation.num_samples=8",
+                            "callbacks.evaluation.steps=3", "callbacks.evaluation.metrics=[fid,precision_recall]"],
+                  run, runs["val"].parents[1]))
+    [line] = [json.loads(x) for x in (run / "metrics" / "eval.jsonl").read_text().splitlines()]
+    assert (line["global_step"], line["world_size"], line["n"], line["n_real"]) == (3, 2, 8, 8)
+    assert json.loads((run / "metrics.json").read_text())["eval/fid"] == pytest.approx(line["metrics"]["fid"])
+    record = json.loads(evaluate(eval_cfg(tmp_path / "e", f"ckpt={run}", f"real={runs['val']}", "n=8", "steps=3",
+                                          "metrics=[fid,precision_recall]")).read_text())
+    for key in ("fid", "precision", "recall"):
+        assert record["metrics"][key] == pytest.approx(line["metrics"][key], rel=1e-4), key
 
 
 def test_given_images_and_the_real_statistics_cache(runs, tmp_path):

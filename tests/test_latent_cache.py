@@ -130,6 +130,24 @@ def test_rerun_is_a_noop_and_an_interrupted_job_resumes_where_it_stopped(runs, t
         encode_shards(root / "ae_kl", str(cache), tmp_path / "again", **QUIET)
 
 
+def test_an_unreadable_image_is_skipped_and_counted_without_shifting_the_others(runs, tmp_path):
+    root, images = runs["root"], runs["images"]
+    src = tmp_path / "images"
+    src.mkdir()
+    with tarfile.open(images / "val" / "shard-000000.tar") as tar, tarfile.open(src / "shard-000000.tar", "w") as out:
+        for member in tar.getmembers():
+            data = b"not a png" if member.name == "000000003.png" else tar.extractfile(member).read()
+            member.size = len(data)
+            out.addfile(member, io.BytesIO(data))
+    encode_shards(root / "ae_kl", str(src / "shard-000000.tar"), tmp_path / "cache", dtype="float32",
+                  per_shard=5, batch_size=3, **QUIET)
+    index = ShardIndex.load(tmp_path / "cache")
+    assert index.settings["skipped"] == 1 and index.shards == {"shard-000000.tar": 4, "shard-000001.tar": 3}
+    full, holed = tar_members(root / "kl_val"), tar_members(tmp_path / "cache")
+    assert not any(name.startswith("000000003.") for name in holed)
+    assert_same_cache(holed, {name: data for name, data in full.items() if not name.startswith("000000003.")})
+
+
 def ldm_config(runs, out: Path, *extra: str):
     root = runs["root"]
     return compose("train", ["experiment=toy/ldm_class", *TINY_RUN, f"first_stage.path={root / 'ae_kl'}",
@@ -158,7 +176,8 @@ def test_step_from_cache_equals_step_from_images(runs, tmp_path):
     for cache, split, tol in (("kl_val", "val", 1e-5), ("kl_train", "train", 3e-3)):  # float32, float16
         images, cached = first_batch(str(runs["images"] / split), 8), first_batch(str(runs["root"] / cache), 8)
         # identical posterior sample (same generator seed), timesteps and noise
-        z = [model.scale_factor * model.first_stage_latents(b, torch.Generator().manual_seed(1)) for b in (images, cached)]
+        z = [model.scale_factor * model.first_stage_latents(batch, torch.Generator().manual_seed(1))
+             for batch in (images, cached)]
         torch.testing.assert_close(z[1], z[0], atol=tol, rtol=tol)
         t = torch.arange(len(z[0])) * 97
         noise = torch.randn(z[0].shape, generator=torch.Generator().manual_seed(2))

@@ -2,7 +2,9 @@
 metrics of an autoencoder run, or the scores of given images, written to metrics.json.
 
 - latent diffusion run (`ckpt=`): n samples under the conditions of the real batches
-  (ldm.callbacks.evaluation's protocol), scored against the real images;
+  (ldm.callbacks.evaluation's protocol), scored against the real images; super-resolution and
+  inpainting samples also against their own ground truth (PSNR, SSIM, LPIPS), inpainting
+  samples with the known pixels pasted back;
 - autoencoder run (`ckpt=`): the first n real images reconstructed (posterior mode, EMA weights
   when the run kept them); rFID (and the other metrics asked for), PSNR, SSIM, LPIPS;
 - `images=`: a folder of PNG/JPEG files or an .npz (N, H, W, 3) uint8 array, scored as they are.
@@ -171,6 +173,37 @@ class RealSide:
                 "stats": None if self.path is None else str(self.path.resolve())}
 
 
+class PairedScores:
+    """Mean per-image PSNR, SSIM and (when a VGG16 trunk is configured) LPIPS between outputs and
+    their ground truth: autoencoder reconstructions, super-resolved or inpainted samples."""
+
+    def __init__(self, cfg: DictConfig, device: torch.device, notes: list[str]):
+        self.lpips = None
+        if cfg.lpips_weights:
+            self.lpips = build_lpips(backbone_weights=cfg.lpips_weights).to(device)
+        else:
+            notes.append("lpips skipped: set lpips_weights=<torchvision vgg16 .pth> (or LDM_VGG16_WEIGHTS)")
+        self.scores: dict[str, list[torch.Tensor]] = {"psnr": [], "ssim": [], **({"lpips": []} if self.lpips else {})}
+
+    @torch.no_grad()
+    def update(self, truth: torch.Tensor, output: torch.Tensor) -> None:
+        """Score a batch of outputs (N, 3, H, W) in [-1, 1] against their ground truth."""
+        self.scores["psnr"].append(psnr(truth, output).cpu())
+        self.scores["ssim"].append(ssim(truth, output).cpu())
+        if self.lpips is not None:
+            self.scores["lpips"].append(self.lpips(truth, output.clamp(-1, 1)).flatten().double().cpu())
+
+    def compute(self) -> dict[str, float]:
+        """{'psnr', 'ssim'[, 'lpips']}: means over all images."""
+        return {k: float(torch.cat(v).mean()) for k, v in self.scores.items()}
+
+
+def paste_known(truth: torch.Tensor, output: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Inpainting results as delivered: the known pixels (mask 1) from `truth`, the holes from `output`."""
+    mask = mask.to(output.dtype)
+    return mask * truth + (1 - mask) * output
+
+
 def _add_reals(cfg: DictConfig, stream: ShardStream, real: RealSide, metrics: MetricCollection,
                device: torch.device) -> None:
     for batch in tqdm(make_loader(stream, cfg.num_workers), total=len(stream), desc="real images", unit="batch"):
@@ -194,7 +227,7 @@ def _autocast(cfg: DictConfig, device: torch.device):
 
 
 def _evaluate_ldm(cfg: DictConfig, model: LatentDiffusion, metrics: MetricCollection, real: RealSide,
-                  device: torch.device, run: Path | None) -> dict[str, Any]:
+                  device: torch.device, run: Path | None, notes: list[str]) -> dict[str, Any]:
     if cfg.n is None or cfg.n < 1:
         raise ValueError("a latent diffusion run needs n=<number of samples>")
     protocol = SamplingProtocol(cfg.sampler, cfg.steps, float(cfg.guidance), float(cfg.eta), cfg.use_ema)
@@ -213,6 +246,11 @@ def _evaluate_ldm(cfg: DictConfig, model: LatentDiffusion, metrics: MetricCollec
         parts = ((len(p["image"]), p) for p in condition_chunks(make_loader(stream, cfg.num_workers), cfg.n))
     else:
         parts = ((min(cfg.batch_size, cfg.n - s), None) for s in range(0, cfg.n, cfg.batch_size))
+    # Concat-conditioned models (super-resolution, inpainting) have a ground truth per sample.
+    paired = PairedScores(cfg, device, notes) if model.model.conditioning_key == "concat" else None
+    mask_key = getattr(model.concat_stage, "mask_key", None)
+    if mask_key is not None:
+        notes.append("inpainting: the known pixels are pasted back into the samples before scoring")
     model.to(device)
     seconds, done = 0.0, 0
     with tqdm(total=cfg.n, desc="generating", unit="img") as bar:
@@ -224,10 +262,17 @@ def _evaluate_ldm(cfg: DictConfig, model: LatentDiffusion, metrics: MetricCollec
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds += time.perf_counter() - start
-            metrics.update(images.float(), real=False)
+            images = images.float()
+            if paired is not None:
+                truth = part["image"].to(device)
+                if mask_key is not None:
+                    images = paste_known(truth, images, part[mask_key].to(device))
+                paired.update(truth, images)
+            metrics.update(images, real=False)
             done += size
             bar.update(size)
-    return {"n": done, "image_size": image_size, "samples_per_s": done / seconds}
+    record = {"n": done, "image_size": image_size, "samples_per_s": done / seconds}
+    return record if paired is None else {**record, "paired": paired.compute()}
 
 
 def _evaluate_autoencoder(cfg: DictConfig, module, metrics: MetricCollection, real: RealSide,
@@ -244,12 +289,7 @@ def _evaluate_autoencoder(cfg: DictConfig, module, metrics: MetricCollection, re
     if n > stream.samples_per_rank:
         raise ValueError(f"real= holds {stream.samples_per_rank} images (n_real={cfg.n_real}), fewer than n={n} "
                          "to reconstruct: lower n, or n=null for all of them")
-    lpips = None
-    if cfg.lpips_weights:
-        lpips = build_lpips(backbone_weights=cfg.lpips_weights).to(device)
-    else:
-        notes.append("lpips skipped: set lpips_weights=<torchvision vgg16 .pth> (or LDM_VGG16_WEIGHTS)")
-    scores: dict[str, list[torch.Tensor]] = {"psnr": [], "ssim": [], **({"lpips": []} if lpips else {})}
+    paired = PairedScores(cfg, device, notes)
     done = 0
     for batch in tqdm(make_loader(stream, cfg.num_workers), total=len(stream), desc="reconstructing", unit="batch"):
         x = batch["image"].to(device)
@@ -261,14 +301,9 @@ def _evaluate_autoencoder(cfg: DictConfig, module, metrics: MetricCollection, re
             rec = first_stage.decode(first_stage.encode(x).mode())
         rec = rec.float().clamp(-1, 1)
         metrics.update(rec, real=False)
-        scores["psnr"].append(psnr(x, rec).cpu())
-        scores["ssim"].append(ssim(x, rec).cpu())
-        if lpips is not None:
-            with torch.no_grad():
-                scores["lpips"].append(lpips(x, rec).flatten().double().cpu())
+        paired.update(x, rec)
         done += len(x)
-    return {"n": done, "image_size": image_size,
-            "reconstruction": {k: float(torch.cat(v).mean()) for k, v in scores.items()}}
+    return {"n": done, "image_size": image_size, "paired": paired.compute()}
 
 
 def _evaluate_images(cfg: DictConfig, metrics: MetricCollection, real: RealSide,
@@ -319,7 +354,7 @@ def evaluate(cfg: DictConfig) -> Path:
         record["run"] = {"ckpt": str(ckpt.resolve()), "run_dir": None if run is None else str(run),
                          "global_step": _checkpoint_step(ckpt), **describe_model(module)}
         if isinstance(module, LatentDiffusion):
-            record.update(kind="ldm", **_evaluate_ldm(cfg, module, metrics, real, device, run))
+            record.update(kind="ldm", **_evaluate_ldm(cfg, module, metrics, real, device, run, notes))
         elif hasattr(module, "first_stage"):
             record.update(kind="autoencoder", **_evaluate_autoencoder(cfg, module, metrics, real, device, notes))
         else:
@@ -328,7 +363,7 @@ def evaluate(cfg: DictConfig) -> Path:
     values = {k: float(v) for k, v in metrics.compute().items()}
     if record["kind"] == "autoencoder":
         values = {("rfid" if k == "fid" else k): v for k, v in values.items()}  # the paper's name
-        values.update(record.pop("reconstruction"))
+    values.update(record.pop("paired", {}))
     real.save(metrics)
     settings = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "out_dir"}
     record.update(metrics=values, real=real.describe(),

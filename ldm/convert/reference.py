@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ldm.first_stage.identity import IdentityFirstStage
 from ldm.first_stage.kl import AutoencoderKL
 from ldm.first_stage.vq import AutoencoderVQ
 from ldm.modules.latent_diffusion import LatentDiffusion
 from ldm.nets.unet import UNetModel
-from ldm.utils.checkpoint import load_state_dict_file, load_strict
+from ldm.utils.checkpoint import load_state_dict_file, load_strict, sub_state_dict
 
 # Reference UNet arguments that only concern its own code paths.
 _UNET_IGNORED = ("image_size", "dims", "use_fp16", "n_embed")
@@ -96,3 +97,16 @@ def export_reference_checkpoint(module: LatentDiffusion, path: str | Path) -> Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()}}, path)
     return path
+
+
+def first_stage_from_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
+    """`model` (a first stage built from its config) with the weights of an original LDM
+    autoencoder checkpoint (e.g. the released vq-f4 / kl-f8 model.ckpt) or of a full LDM checkpoint
+    (its `first_stage_model.*`), loaded strictly and frozen. The autoencoder's training-only
+    `loss.*` entries (LPIPS, discriminator) are left out."""
+    state = load_state_dict_file(path)
+    if any(k.startswith("first_stage_model.") for k in state):
+        state = sub_state_dict(state, "first_stage_model.")
+    state = {k: v for k, v in state.items() if not k.startswith("loss.")}
+    load_strict(model, state, str(path))
+    return model.eval().requires_grad_(False)

@@ -68,7 +68,8 @@ def posterior_moments(posterior: Posterior) -> tuple[torch.Tensor, str]:
         return torch.cat([posterior.mean, posterior.logvar], dim=1), "kl"
     if isinstance(posterior, DeterministicLatent):
         return posterior.latent, "deterministic"
-    raise TypeError(f"cannot cache a {type(posterior).__name__} posterior: expected DiagonalGaussian or DeterministicLatent")
+    raise TypeError(f"cannot cache a {type(posterior).__name__} posterior: "
+                    "expected a DiagonalGaussian or a DeterministicLatent")
 
 
 def _describe(first_stage: FirstStage) -> str:
@@ -102,7 +103,7 @@ def posterior_from_moments(moments: torch.Tensor, first_stage: FirstStage,
     is checked against the first stage (kind, f, channels), so latents of another autoencoder
     (e.g. same C, another f) are refused instead of silently trained on.
     """
-    folders = sorted({str(Path(u).parent) if _is_local(u) else u for u in urls or [] if u})
+    folders = sorted({str(Path(u).parent) if _is_local(u) else u.rsplit("/", 1)[0] for u in urls or [] if u})
     caches = ", ".join(folders) or "(location unknown)"
     fs = first_stage
     for folder in folders:
@@ -331,7 +332,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", nargs="+", required=True,
                    help="image shards: folders with index.json, brace patterns, '::'-separated lists")
     p.add_argument("--out", required=True, help="output folder for the latent shards and index.json")
-    p.add_argument("--image-size", type=int, help="centre-crop side in pixels (default: the first stage's training resolution)")
+    p.add_argument("--image-size", type=int,
+                   help="centre-crop side in pixels (default: the first stage's training resolution)")
     p.add_argument("--batch-size", type=int, default=64, help="images per encoder call")
     p.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="storage type of the moments")

@@ -279,7 +279,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                                                     "(default: <first folder>/tables)")
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out else Path(args.folders[0]) / "tables"
-    print(make_tables(args.folders, out))
+    try:
+        print(make_tables(args.folders, out))
+    except FileNotFoundError as err:
+        parser.error(str(err))  # a usage error: message and exit status 2, no traceback
     print(f"written to {out}")
 
 

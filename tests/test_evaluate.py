@@ -11,6 +11,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import TINY_RUN, compose
+from ldm.callbacks.evaluation import SamplingProtocol, build_extractors, condition_chunks
 from ldm.cli.evaluate import evaluate
 from ldm.cli.tables import main as tables_main
 from ldm.cli.train import train
@@ -245,10 +247,38 @@ def test_given_images_and_the_real_statistics_cache(runs, tmp_path):
         evaluate(eval_cfg(tmp_path / "d", *inverted[:2], "metrics=[fid,kid]", f"real_stats={stats}"))
     with pytest.raises(ExtractorMismatchError, match="settings differ"):
         evaluate(eval_cfg(tmp_path / "e", *inverted, f"real_stats={stats}", "features.seed=1"))
+    alone = json.loads(evaluate(eval_cfg(tmp_path / "i", *inverted[:2], "metrics=[is]")).read_text())
+    assert alone["real"]["source"] is None and sorted(alone["metrics"]) == ["is_mean", "is_std"]  # IS: no real side
+    with pytest.raises(ValueError, match=r"\['fid'\] need real images"):
+        evaluate(eval_cfg(tmp_path / "j", *inverted))
     with pytest.raises(ValueError, match="exactly one of ckpt"):
         evaluate(eval_cfg(tmp_path / "f", *inverted, f"ckpt={runs['ldm']}"))
     with pytest.raises(ValueError, match="conditional: pass real="):
         evaluate(eval_cfg(tmp_path / "g", f"ckpt={runs['ldm']}", f"real_stats={stats}", "metrics=[fid]", "n=2"))
+
+
+def test_condition_chunks_cut_and_cycle_the_real_batches():
+    batches = [{"image": torch.zeros(3, 1), "caption": ["a", "b", "c"], "skipped": torch.tensor(0)},
+               {"image": torch.zeros(2, 1), "caption": ["d", "e"], "skipped": torch.tensor(0)}]
+    parts = list(condition_chunks(batches, 7))
+    assert [p["caption"] for p in parts] == [["a", "b", "c"], ["d", "e"], ["a", "b"]]
+    assert "skipped" not in parts[0]
+    with pytest.raises(RuntimeError, match="no batch"):
+        list(condition_chunks([], 1))
+
+
+def test_sampling_protocol_and_extractors_refuse_what_cannot_work():
+    assert SamplingProtocol("plms", 20, 1.5).sample_kwargs() == {"name": "plms", "num_steps": 20,
+                                                                "guidance_scale": 1.5, "use_ema": True}
+    assert SamplingProtocol("ddim", 20, eta=1.0).sample_kwargs()["eta"] == 1.0
+    with pytest.raises(ValueError, match="needs a condition to drop"):
+        SamplingProtocol(guidance=2.0).check(SimpleNamespace(model=SimpleNamespace(conditioning_key=None)))
+    with pytest.raises(ValueError, match="eta is a DDIM setting"):
+        SamplingProtocol("plms", eta=1.0).check(SimpleNamespace(model=SimpleNamespace(conditioning_key="crossattn")))
+    with pytest.raises(ValueError, match="IS needs class logits"):  # before any VGG16 download
+        build_extractors({"_target_": "ldm.metrics.features.VGG16Features", "weights": None}, ["fid", "is"])
+    toy, logits = build_extractors({"_target_": "ldm.metrics.features.ToyFeatures"}, ["is"])
+    assert (toy.num_features, logits.num_features) == (112, 10)
 
 
 def _write_run(folder: Path, model: str, first_stage: dict, cond: dict | None = None) -> Path:

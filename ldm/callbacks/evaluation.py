@@ -65,14 +65,13 @@ def build_extractors(features: Mapping[str, Any], metric_names: Sequence[str]
                      ) -> tuple[FeatureExtractor, FeatureExtractor | None]:
     """The extractor described by `features` (a configs/features node with `_target_`) and, when
     IS is among `metric_names`, the same network's class logits (output='logits')."""
-    extractor = instantiate(features)
     if "is" not in metric_names:
-        return extractor, None
+        return instantiate(features), None
     target = features["_target_"]
-    if "output" not in inspect.signature(get_class(target)).parameters:
+    if "output" not in inspect.signature(get_class(target)).parameters:  # checked before loading any weights
         raise ValueError(f"IS needs class logits, which {target} does not give: evaluate IS with "
                          "features=inception (or features=toy for toy runs), the other metrics separately")
-    return extractor, instantiate(features, output="logits")
+    return instantiate(features), instantiate(features, output="logits")
 
 
 def first_stage_kind(first_stage: torch.nn.Module) -> str:
@@ -191,7 +190,8 @@ class EvaluationCallback(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if step % self.every_n_steps == 0 and step != self._last_step:
+        # step > 0: with gradient accumulation the first batches end before the first step.
+        if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
             self._run(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:

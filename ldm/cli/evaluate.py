@@ -128,21 +128,28 @@ def real_stream(cfg: DictConfig, image_size: int, transforms: list) -> ShardStre
 
 
 class RealSide:
-    """Where the real side of the metrics comes from: cached FID statistics or the real images."""
+    """Where the real side of the metrics comes from: cached FID statistics, the real images, or
+    nowhere (IS alone has no real side). `wants_images`: whether real images must be fed."""
 
     def __init__(self, cfg: DictConfig, metrics: MetricCollection, names: list[str]):
         self.path = Path(cfg.real_stats) if cfg.real_stats else None
         self.cached = False
         self.n = 0
-        if self.path is None:
-            return
-        if "fid" not in names:
-            raise ValueError("real_stats caches the real images' FID statistics: add fid to metrics or drop real_stats")
-        if not self.path.is_file():
-            if not cfg.real:
+        self.needed = bool(set(names) - set(_NO_REAL_SIDE))
+        if self.path is not None:
+            if "fid" not in names:
+                raise ValueError("real_stats caches the real images' FID statistics: add fid to metrics or drop "
+                                 "real_stats")
+            if self.path.is_file():
+                self._load(metrics, names)
+            elif not cfg.real:
                 raise FileNotFoundError(f"no statistics at {self.path}; pass real=<shards> as well to compute them "
                                         "(they are then written there)")
-            return
+        if self.wants_images and not cfg.real:
+            raise ValueError(f"{sorted(set(names) - set(_NO_REAL_SIDE))} need real images: pass real=<validation "
+                             "shards> (or, for FID, real_stats=<statistics .npz>)")
+
+    def _load(self, metrics: MetricCollection, names: list[str]) -> None:
         need_images = sorted(set(names) - {"fid", *_NO_REAL_SIDE})
         if need_images:
             raise ValueError(f"{self.path} holds FID statistics only (mean and covariance); {need_images} need "
@@ -155,9 +162,14 @@ class RealSide:
             raise ExtractorMismatchError(f"{self.path}: {err} Or delete the file to recompute it.") from err
         self.cached, self.n = True, stats.n
 
+    @property
+    def wants_images(self) -> bool:
+        """True when the metrics need real images fed (a real side that is not cached)."""
+        return self.needed and not self.cached
+
     def update(self, metrics: MetricCollection, images: torch.Tensor) -> None:
-        """Feed real images to the metrics, unless the real side is cached."""
-        if not self.cached:
+        """Feed real images to the metrics, when they want them."""
+        if self.wants_images:
             metrics.update(images, real=True)
             self.n += len(images)
 
@@ -169,8 +181,8 @@ class RealSide:
 
     def describe(self) -> dict[str, Any]:
         """The real side as metrics.json records it."""
-        return {"source": "cache" if self.cached else "shards", "n": self.n,
-                "stats": None if self.path is None else str(self.path.resolve())}
+        source = "cache" if self.cached else ("shards" if self.needed else None)
+        return {"source": source, "n": self.n, "stats": None if self.path is None else str(self.path.resolve())}
 
 
 class PairedScores:
@@ -235,12 +247,12 @@ def _evaluate_ldm(cfg: DictConfig, model: LatentDiffusion, metrics: MetricCollec
     image_size = cfg.image_size or model.hparams.image_size
     conditional = model.model.conditioning_key is not None
     stream = None
-    if not real.cached or conditional:
+    if real.wants_images or conditional:
         if conditional and not cfg.real:
             raise ValueError("this model is conditional: pass real=<validation shards>; their captions / labels / "
                              "low-res or masked inputs condition the samples")
         stream = real_stream(cfg, image_size, batch_transforms(cfg, run))
-    if not real.cached:
+    if real.wants_images:
         _add_reals(cfg, stream, real, metrics, device)
     if conditional:  # (size, real batch whose conditions the samples take)
         parts = ((len(p["image"]), p) for p in condition_chunks(make_loader(stream, cfg.num_workers), cfg.n))
@@ -318,7 +330,7 @@ def _evaluate_images(cfg: DictConfig, metrics: MetricCollection, real: RealSide,
         metrics.update(batch.to(device), real=False)
         image_size = image_size or batch.shape[-1]
         done += len(batch)
-    if not real.cached:
+    if real.wants_images:
         _add_reals(cfg, real_stream(cfg, image_size, []), real, metrics, device)
     return {"n": done, "image_size": image_size}
 

@@ -1,0 +1,81 @@
+"""LatentDiffusion wiring that the toy experiments do not cover: adm-style class vectors, hybrid
+(concat + cross-attention) conditioning, the state-dict layout and EMA sampling."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ldm.first_stage.identity import IdentityFirstStage
+from ldm.modules.latent_diffusion import LatentDiffusion
+from ldm.nets.concat import LowResConcat
+from ldm.nets.embedders import ClassEmbedder
+from ldm.nets.unet import UNetModel
+
+UNET = dict(model_channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[2], num_head_channels=32)
+
+
+def _batch(n=2):
+    return {"image": torch.rand(n, 3, 16, 16) * 2 - 1, "class_label": torch.tensor([1, 4][:n]),
+            "lowres": torch.rand(n, 3, 4, 4) * 2 - 1}
+
+
+def test_adm_class_ids_go_to_the_unet_label_embedding():
+    unet = UNetModel(in_channels=3, out_channels=3, num_classes=11, **UNET)
+    model = LatentDiffusion(unet, IdentityFirstStage(), conditioning_key="adm", cond_stage_key="class_label",
+                            uncond_value=10, p_uncond=0.1, image_size=16)
+    cond = model.condition(_batch(), (16, 16))
+    assert set(cond) == {"y"} and cond["y"].tolist() == [1, 4]
+    assert model.null_condition(_batch(), (16, 16))["y"].tolist() == [10, 10]
+    for p in unet.parameters():  # the zero-initialised output convs would block the gradient at init
+        torch.nn.init.normal_(p, std=0.05)
+    loss, logs = model.diffusion_loss(torch.zeros(2, 3, 16, 16), cond)
+    loss.backward()
+    assert unet.label_emb.weight.grad[[1, 4]].abs().sum() > 0
+    out = model.sample({"class_label": torch.tensor([2, 3])}, num_steps=2, guidance_scale=2.0, progress=False)
+    assert out.shape == (2, 3, 16, 16)
+
+
+def test_hybrid_concat_and_crossattn():
+    unet = UNetModel(in_channels=6, out_channels=3, use_spatial_transformer=True, context_dim=8, **UNET)
+    model = LatentDiffusion(unet, IdentityFirstStage(), ClassEmbedder(8, 5, null_class=True),
+                            conditioning_key="hybrid", cond_stage_key="class_label", concat_stage=LowResConcat(),
+                            uncond_value=5, image_size=16)
+    batch = _batch()
+    cond = model.condition(batch, (16, 16))
+    assert cond["concat"].shape == (2, 3, 16, 16) and cond["crossattn"].shape == (2, 1, 8)
+    null = model.null_condition(batch, (16, 16))
+    assert torch.equal(null["concat"], cond["concat"])  # guidance keeps the image to super-resolve
+    assert not torch.equal(null["crossattn"], cond["crossattn"])
+    assert model.sample(_batch(), num_steps=2, guidance_scale=1.5, progress=False).shape == (2, 3, 16, 16)
+
+
+def test_state_dict_is_the_reference_layout_and_sampling_uses_ema():
+    model = LatentDiffusion(UNetModel(in_channels=3, out_channels=3, **UNET), IdentityFirstStage(),
+                            scale_by_std=True, ema_decay=0.5, image_size=16)
+    prefixes = {k.split(".")[0] for k in model.state_dict()}
+    assert prefixes == {"model", "model_ema", "scale_factor", "betas", "alphas_cumprod", "alphas_cumprod_prev",
+                        "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",
+                        "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
+                        "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2"}
+    assert "model_ema.diffusion_modelinput_blocks00weight" in model.state_dict()
+    with torch.no_grad():
+        for p in model.model.parameters():
+            p.add_(0.1)  # live weights now differ from the EMA shadows
+    live = model.sample(n=1, num_steps=2, use_ema=False, progress=False)
+    ema = model.sample(n=1, num_steps=2, use_ema=True, progress=False)
+    assert not torch.allclose(live, ema)
+    assert torch.equal(model.sample(n=1, num_steps=2, use_ema=False, progress=False), live)  # weights restored
+
+
+def test_config_errors_are_clear():
+    unet = UNetModel(in_channels=3, out_channels=3, **UNET)
+    with pytest.raises(ValueError, match="needs a cond_stage"):
+        LatentDiffusion(unet, IdentityFirstStage(), conditioning_key="crossattn")
+    with pytest.raises(ValueError, match="uncond_value"):
+        LatentDiffusion(unet, IdentityFirstStage(), conditioning_key="adm", cond_stage_key="class_label", p_uncond=0.1)
+    from ldm.first_stage.factory import autoencoder_kl
+
+    model = LatentDiffusion(UNetModel(in_channels=4, out_channels=4, **UNET),
+                            autoencoder_kl(4, ch=32, num_res_blocks=1, z_channels=4, resolution=32))
+    with pytest.raises(ValueError, match="not divisible"):
+        model.latent_shape(30)

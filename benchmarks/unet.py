@@ -203,7 +203,7 @@ def diffusers_impl(bench: BenchConfig) -> tuple[Impl | None, str]:
 # --- inputs, weights, FLOPs, cross-check ----------------------------------------------------------------
 
 def random_weights(model: nn.Module, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
-    """Random values for every parameter of `model` (may be on meta), returned on the CPU.
+    """Random values on `device` for every parameter of `model` (which may be on meta).
 
     Matrices / kernels ~ N(0, 1/fan_in); norm scales 1 + N(0, 0.02^2); other vectors N(0, 0.02^2).
     The zero-initialised output convs get values too, so the cross-check sees every path.
@@ -218,7 +218,7 @@ def random_weights(model: nn.Module, device: torch.device, seed: int) -> dict[st
                 value = noise * p[0].numel() ** -0.5
             else:
                 value = (1.0 if is_norm and name == "weight" else 0.0) + 0.02 * noise
-            weights[f"{module_name}.{name}" if module_name else name] = value.cpu()
+            weights[f"{module_name}.{name}" if module_name else name] = value
     return weights
 
 
@@ -254,13 +254,16 @@ def fp32_math(device: torch.device, tf32: bool) -> Iterator[None]:
     if device.type != "cuda":
         yield
         return
-    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-    saved = matmul.fp32_precision, conv.fp32_precision
-    matmul.fp32_precision = conv.fp32_precision = "tf32" if tf32 else "ieee"
+    # The long-standing switches: inductor reads both, and they keep torch's newer per-backend
+    # fp32_precision settings consistent (mixing the two APIs makes some reads raise).
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = tf32
     try:
         yield
     finally:
-        matmul.fp32_precision, conv.fp32_precision = saved
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]
 
 
 def cross_check(impls: list[Impl], bench: BenchConfig, weights: Mapping[str, torch.Tensor],
@@ -298,10 +301,13 @@ def _status_kib(field: str) -> int:
 
 
 class PeakMemory:
-    """Peak memory of one phase in bytes: CUDA max_memory_allocated, or on the CPU (Linux, glibc)
-    the rise of the peak RSS over the RSS at `start`. There, free heap memory is first returned to
-    the system (malloc_trim), so memory cached by an earlier phase is not reused unseen, and the
-    peak (VmHWM) is reset through /proc/self/clear_refs."""
+    """Peak memory of one phase in bytes, above what was in use at `start` (the model is built
+    after it, so its weights count; the shared master weights and inputs of other phases do not).
+
+    CUDA: torch.cuda.max_memory_allocated. CPU (Linux, glibc): the peak RSS (VmHWM, reset through
+    /proc/self/clear_refs); free heap memory is first handed back (malloc_trim), so memory cached
+    by an earlier phase is not reused unseen.
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -310,6 +316,7 @@ class PeakMemory:
     def start(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
         else:
             ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
             Path("/proc/self/clear_refs").write_text("5")
@@ -317,7 +324,7 @@ class PeakMemory:
 
     def peak(self) -> int:
         if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - self.base
         return _status_kib("VmHWM") * 1024 - self.base
 
 
@@ -375,15 +382,8 @@ def measure_phase(impl: Impl, phase: str, row: Row, bench: BenchConfig, weights:
         synchronize(device)
         warmup_s = time.perf_counter() - begin
         step_s, best_s, done = timed_steps(step, steps, deadline, device)
-    result = {"samples_per_s": row.batch / step_s, "step_ms": 1e3 * step_s, "best_step_ms": best_s and 1e3 * best_s,
-              "steps": done, "warmup_s": warmup_s, "peak_gib": memory.peak() / GIB}
-    del fn, model, inputs, x, t, ctx, target
-    if phase == "train":
-        del optimizer, step
-    if row.compile:
-        torch._dynamo.reset()  # drop the compiled graphs (and the memory they hold)
-    cleanup(device)
-    return result
+    return {"samples_per_s": row.batch / step_s, "step_ms": 1e3 * step_s, "best_step_ms": best_s and 1e3 * best_s,
+            "steps": done, "warmup_s": warmup_s, "peak_gib": memory.peak() / GIB}
 
 
 def timed_steps(step: Callable[[], None], steps: int, deadline: float,
@@ -464,7 +464,8 @@ class Benchmark:
         else:
             log(f"[{row.config}] measuring ours only: {why_not}")
         with torch.device("meta"):
-            weights = random_weights(impls[0].make(), self.device, self.seed)
+            skeleton = impls[0].make()
+        weights = random_weights(skeleton, self.device, self.seed)
         if row.config not in self._checked:
             self._checked[row.config] = cross_check(impls, bench, weights, self.device)
             log(f"[{row.config}] cross-check (fp32, batch 2): {self._checked[row.config]}")
@@ -476,7 +477,8 @@ class Benchmark:
                 **environment(self.device), "cross_check": self._checked[row.config],
                 "diffusers_unavailable": why_not or None}
         runs: dict[str, dict[str, list[dict[str, float]]]] = {i.name: {"train": [], "infer": []} for i in impls}
-        skipped = []
+        skipped: list[str] = []
+        errors: list[str] = []
         for r in range(self.rounds):
             order = impls if r % 2 == 0 else impls[::-1]  # alternate who goes first against drift in load
             for phase in ("train", "infer"):
@@ -486,15 +488,22 @@ class Benchmark:
                         continue
                     log(f"[{row.config} b{row.batch} {row.precision}{' compiled' if row.compile else ''}] "
                         f"{impl.name} {phase} round {r + 1}/{self.rounds}")
-                    runs[impl.name][phase].append(
-                        measure_phase(impl, phase, row, bench, weights, self.device, self.steps, self.warmup,
-                                      self.deadline))
+                    try:
+                        runs[impl.name][phase].append(measure_phase(
+                            impl, phase, row, bench, weights, self.device, self.steps, self.warmup, self.deadline))
+                    except Exception as err:  # e.g. out of memory: record it, go on with the other phases
+                        errors.append(f"{impl.name} {phase} round {r}: {type(err).__name__}: {str(err)[:300]}")
+                        log(f"FAILED {errors[-1]}")
+                    if row.compile:
+                        torch._dynamo.reset()  # drop the compiled graphs (and the memory they hold)
+                    cleanup(self.device)
         if skipped:
             log(f"time limit reached: skipped {', '.join(skipped)}")
         per_impl = {}
         for impl in impls:
             per_impl[impl.name] = self._impl_record(impl, bench, runs[impl.name])
             self.emit({**base, "kind": "impl", **per_impl[impl.name], "skipped": skipped or None,
+                       "errors": [e for e in errors if e.startswith(impl.name)] or None,
                        "load_avg_end": [round(v, 2) for v in os.getloadavg()]})
         if theirs is not None:
             self.emit({**base, "kind": "ratio", **ratios(per_impl["ours"], per_impl["diffusers"])})

@@ -24,7 +24,7 @@ def test_multirun_over_f_trains_one_autoencoder_per_f(tmp_path):
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     for f in (2, 8):
-        run = sweep / f"first_stage.f={f}"
+        run = sweep / f"first_stage.f-{f}"
         assert (run / "checkpoints" / "last.ckpt").is_file()
         assert json.loads((run / "metrics.json").read_text())["val/psnr"] > 0
         module = load_module(run)

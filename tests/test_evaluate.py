@@ -306,7 +306,8 @@ def test_tables_from_a_sweep_of_results(tmp_path, capsys):
     loader = "ldm.modules.loading.load_first_stage"
     ldm4 = _write_run(sweep / "ldm_f4", ldm_target, {"_target_": loader, "path": str(ae4)},
                       {"conditioning_key": None, "key": None})
-    ldm8 = _write_run(sweep / "ldm_f8", ldm_target, {"_target_": loader, "path": str(ae8 / "checkpoints" / "last.ckpt")},
+    ldm8 = _write_run(sweep / "ldm_f8", ldm_target,  # first stage given as a .ckpt file
+                      {"_target_": loader, "path": str(ae8 / "checkpoints" / "last.ckpt")},
                       {"conditioning_key": "crossattn", "key": "caption"})
     pixel = _write_run(sweep / "ldm_f1", ldm_target, {"_target_": "ldm.first_stage.factory.identity", "f": 1},
                        {"conditioning_key": None, "key": None})

@@ -200,8 +200,8 @@ class EvaluationCallback(pl.Callback):
 
     def _val_batches(self, trainer: pl.Trainer) -> Iterable[dict]:
         datamodule = trainer.datamodule
-        loader = datamodule.val_dataloader() if datamodule is not None else None
-        if not loader:
+        loader = datamodule.val_dataloader() if datamodule is not None else []
+        if isinstance(loader, (list, tuple)):  # [] is Lightning's "no validation data"
             raise ValueError("EvaluationCallback takes its real images and conditions from the datamodule's "
                              "validation data: set data.val_urls")
         return loader

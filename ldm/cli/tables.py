@@ -33,6 +33,8 @@ from typing import Any
 from omegaconf import OmegaConf
 
 _FIRST_STAGE_KINDS = {"autoencoder_kl": "kl", "autoencoder_vq": "vq", "identity": "identity"}
+# What results say about their run (ldm.callbacks.evaluation.describe_model).
+_DESCRIPTION = ("f", "first_stage", "conditioning", "cond_key")
 
 
 @dataclass
@@ -59,13 +61,12 @@ class Run:
             s = record["settings"]
             return {**record["metrics"], "step": record["run"].get("global_step"), "n": record.get("n"),
                     "samples_per_s": record.get("samples_per_s"), "sampler": s.get("sampler"),
-                    "steps": s.get("steps"), "eta": s.get("eta"), "guidance": s.get("guidance"), "source": "evaluate.py"}
+                    "steps": s.get("steps"), "eta": s.get("eta"), "guidance": s.get("guidance")}
         if self.curve:
             line = max(self.curve, key=lambda x: x["global_step"])
             return {**line["metrics"], "step": line["global_step"], "n": line.get("n"),
                     "samples_per_s": line.get("samples_per_s"), "sampler": line.get("sampler"),
-                    "steps": line.get("steps"), "eta": line.get("eta"), "guidance": line.get("guidance"),
-                    "source": "eval.jsonl"}
+                    "steps": line.get("steps"), "eta": line.get("eta"), "guidance": line.get("guidance")}
         return {}
 
 
@@ -126,11 +127,10 @@ def collect(roots: Sequence[str | Path]) -> dict[Path, Run]:
         record = run.best_evaluation()
         if record is not None:  # what the loaded model said beats the config
             kind = record["kind"]
-            info.update({k: v for k, v in record["run"].items() if k in ("f", "first_stage", "conditioning", "cond_key")})
+            info.update({k: v for k, v in record["run"].items() if k in _DESCRIPTION})
         elif run.curve:
             kind = "ldm"
-            info.update({k: run.curve[-1][k] for k in ("f", "first_stage", "conditioning", "cond_key")
-                         if k in run.curve[-1]})
+            info.update({k: run.curve[-1][k] for k in _DESCRIPTION if k in run.curve[-1]})
         run.kind, run.info = kind, info
         if run.first_stage_run is not None:
             run.first_stage_run = run.first_stage_run.resolve()
@@ -175,8 +175,9 @@ def build_tables(runs: dict[Path, Run], roots: Sequence[Path]) -> dict[str, list
     for run in sorted((r for r in runs.values() if r.kind == "autoencoder" and r.path not in used),
                       key=lambda r: (r.info.get("f") or 0, _name(r, roots))):
         res = run.results()
-        compression.append({"run": _name(run, roots), "f": run.info.get("f"), "first_stage": run.info.get("first_stage"),
-                            "rFID": res.get("rfid"), "PSNR": res.get("psnr"), "step": res.get("step")})
+        compression.append({"run": _name(run, roots), "f": run.info.get("f"),
+                            "first_stage": run.info.get("first_stage"), "rFID": res.get("rfid"),
+                            "PSNR": res.get("psnr"), "step": res.get("step")})
     return {"compression": compression, "unconditional": unconditional, "text": text}
 
 
@@ -214,7 +215,8 @@ def fid_curves(runs: dict[Path, Run], roots: Sequence[Path]) -> list[tuple[str, 
                   if "fid" in r["metrics"] and r["run"].get("global_step") is not None]
         if points:
             points.sort()
-            curves.append((f"f={run.info.get('f', '?')}", [p[0] for p in points], [p[1] for p in points], _name(run, roots)))
+            steps, fids = [p[0] for p in points], [p[1] for p in points]
+            curves.append((f"f={run.info.get('f', '?')}", steps, fids, _name(run, roots)))
     counts: dict[str, int] = {}
     for label, *_ in curves:
         counts[label] = counts.get(label, 0) + 1

@@ -22,7 +22,7 @@ def _batch(n=2):
 def test_adm_class_ids_go_to_the_unet_label_embedding():
     unet = UNetModel(in_channels=3, out_channels=3, num_classes=11, **UNET)
     model = LatentDiffusion(unet, IdentityFirstStage(), conditioning_key="adm", cond_stage_key="class_label",
-                            uncond_value=10, p_uncond=0.1, image_size=16)
+                            uncond_value=10, p_uncond=0.1, image_size=16, ema_decay=None)
     cond = model.condition(_batch(), (16, 16))
     assert set(cond) == {"y"} and cond["y"].tolist() == [1, 4]
     assert model.null_condition(_batch(), (16, 16))["y"].tolist() == [10, 10]
@@ -31,8 +31,13 @@ def test_adm_class_ids_go_to_the_unet_label_embedding():
     loss, logs = model.diffusion_loss(torch.zeros(2, 3, 16, 16), cond)
     loss.backward()
     assert unet.label_emb.weight.grad[[1, 4]].abs().sum() > 0
-    out = model.sample({"class_label": torch.tensor([2, 3])}, num_steps=2, guidance_scale=2.0, progress=False)
+    labels = {"class_label": torch.tensor([2, 3])}
+    out = model.sample(labels, num_steps=2, guidance_scale=2.0, progress=False)
     assert out.shape == (2, 3, 16, 16)
+    # a negative condition replaces the null one in the unconditional branch
+    same = model.sample(labels, num_steps=2, guidance_scale=2.0, progress=False, negative=torch.tensor([10, 10]))
+    other = model.sample(labels, num_steps=2, guidance_scale=2.0, progress=False, negative=torch.tensor([7, 7]))
+    assert torch.equal(out, same) and not torch.allclose(out, other)
 
 
 def test_hybrid_concat_and_crossattn():

@@ -74,3 +74,23 @@ def test_export_round_trip_and_strict_refusal(reference_dir, tmp_path):
     with pytest.raises(CheckpointMismatchError, match="unexpected") as err:
         load_reference_checkpoint(reference_dir / "uncond_selfattn_f4.ckpt", config)
     assert any("input_blocks" in k for k in err.value.unexpected)
+
+
+def test_sample_py_takes_an_original_checkpoint_with_its_yaml(reference_dir, tmp_path):
+    import json
+
+    from omegaconf import OmegaConf
+
+    from conftest import compose
+    from ldm.cli.sample import sample
+
+    io = torch.load(reference_dir / "txt_crossattn_f4_io.pt", weights_only=True)
+    yaml_path = tmp_path / "txt_crossattn_f4.yaml"
+    OmegaConf.save({"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": io["config"]}}, yaml_path)
+    out = tmp_path / "samples"
+    sample(compose("sample", [f"ckpt={reference_dir / 'txt_crossattn_f4.ckpt'}", f"reference_config={yaml_path}",
+                              "+reference_overrides.uncond_value=0", "class_label=[1,7]", "n=2", "steps=3",
+                              f"out_dir={out}"], tmp_path / "s"))
+    record = json.loads((out / "samples.json").read_text())
+    assert [r["class_label"] for r in record["images"]] == [1, 7]
+    assert (out / "samples" / "00001.png").is_file()

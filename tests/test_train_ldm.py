@@ -138,3 +138,27 @@ def test_sample_py_end_to_end_and_bad_input(tmp_path, first_stage_run):
         sample(cfg("class_label=3"))
     with pytest.raises(ValueError, match="needs prompt="):
         sample(cfg())
+
+
+def test_sample_py_inpaints_with_an_inpainting_model(tmp_path, first_stage_run):
+    import numpy as np
+    from PIL import Image
+
+    from ldm.cli.sample import sample
+
+    ae_run, data = first_stage_run
+    run = tmp_path / "ldm"
+    train(compose("train", ["experiment=toy/ldm_inpaint", *TINY_RUN, f"first_stage.path={ae_run}"], run, data))
+    image = np.zeros((32, 32, 3), np.uint8)
+    image[:, :16] = (200, 30, 30)
+    mask = np.zeros((32, 32, 3), np.uint8)
+    mask[:, :16] = 255  # keep the left half
+    Image.fromarray(image).save(tmp_path / "init.png")
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    out = tmp_path / "out"
+    sample(compose("sample", [f"ckpt={run}", f"init_image={tmp_path / 'init.png'}", f"mask={tmp_path / 'mask.png'}",
+                              "n=2", "steps=3", "guidance=1.0", f"out_dir={out}"], tmp_path / "s"))
+    assert len(list((out / "samples").glob("*.png"))) == 2
+    with pytest.raises(ValueError, match="needs both"):
+        sample(compose("sample", [f"ckpt={run}", f"init_image={tmp_path / 'init.png'}", "n=1", f"out_dir={out}"],
+                       tmp_path / "s"))

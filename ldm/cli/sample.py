@@ -13,6 +13,7 @@ from tqdm import tqdm
 from ldm.data.transforms import ImageTransform, to_uint8
 from ldm.modules.latent_diffusion import LatentDiffusion
 from ldm.modules.loading import find_checkpoint, load_module
+from ldm.nets.concat import InpaintConcat
 from ldm.utils.images import save_grid
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ def condition_inputs(model: LatentDiffusion, cfg: DictConfig) -> tuple[dict, lis
         batch["caption"] = [prompts[i % len(prompts)] for i in range(n)]
         for r, p in zip(records, batch["caption"]):
             r["prompt"] = p
+    if cfg.negative_prompt is not None and not text_model:
+        raise ValueError("negative_prompt= needs a text-conditional model")
     if labels:
         batch[cond_key] = torch.tensor([int(labels[i % len(labels)]) for i in range(n)])
         for r, c in zip(records, batch[cond_key].tolist()):
@@ -65,16 +68,27 @@ def condition_inputs(model: LatentDiffusion, cfg: DictConfig) -> tuple[dict, lis
     return batch, records
 
 
+def load_model(cfg: DictConfig) -> LatentDiffusion:
+    """Our run folder / checkpoint, or an original LDM checkpoint with its YAML (reference_config)."""
+    if cfg.reference_config:
+        from ldm.convert.reference import load_reference_checkpoint
+
+        params = OmegaConf.to_container(OmegaConf.load(cfg.reference_config), resolve=True)
+        params = params.get("model", {}).get("params", params)
+        return load_reference_checkpoint(cfg.ckpt, params, **dict(cfg.reference_overrides or {}))
+    model = load_module(cfg.ckpt)
+    if not isinstance(model, LatentDiffusion):
+        raise ValueError(f"{cfg.ckpt} is a {type(model).__name__} checkpoint; sample.py needs a latent diffusion run")
+    return model
+
+
 def sample(cfg: DictConfig) -> Path:
     """Generate cfg.n images; writes PNGs, grid.png and samples.json into cfg.out_dir."""
     out = Path(cfg.out_dir)
     (out / "samples").mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
-    model = load_module(cfg.ckpt)
-    if not isinstance(model, LatentDiffusion):
-        raise ValueError(f"{cfg.ckpt} is a {type(model).__name__} checkpoint; sample.py needs a latent diffusion run")
-    model.to(device)
+    model = load_model(cfg).to(device)
     batch, records = condition_inputs(model, cfg)
     image_size = cfg.image_size or model.hparams.image_size
     mask = known = None
@@ -85,6 +99,10 @@ def sample(cfg: DictConfig) -> Path:
         if known.shape[-1] != image_size or mask.shape[-1] != image_size:
             raise ValueError(f"init_image and mask must be {image_size} px squares")
         mask = (mask.mean(1, keepdim=True) > 0).float()
+        if isinstance(model.concat_stage, InpaintConcat):
+            # an inpainting model takes the masked image as its condition (no masked sampling)
+            batch.update(masked_image=(known * mask).expand(cfg.n, -1, -1, -1), mask=mask.expand(cfg.n, -1, -1, -1))
+            mask = known = None
     dtype = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[str(cfg.precision)]
     if dtype is not None and device.type != "cuda":
         raise ValueError(f"precision={cfg.precision} needs a GPU; use precision=32 on the CPU")
@@ -99,6 +117,7 @@ def sample(cfg: DictConfig) -> Path:
                              guidance_scale=cfg.guidance, seeds=seeds[start:start + size], use_ema=cfg.use_ema,
                              mask=None if mask is None else mask.expand(size, -1, -1, -1),
                              known=None if known is None else known.expand(size, -1, -1, -1),
+                             negative=None if cfg.negative_prompt is None else [cfg.negative_prompt] * size,
                              **({"eta": cfg.eta} if cfg.sampler == "ddim" else {}))
         images.append(x.float().cpu())
     images = torch.cat(images)
@@ -109,7 +128,7 @@ def sample(cfg: DictConfig) -> Path:
         record.update(file=name, seed=seeds[i])
     save_grid(images, out / "grid.png", nrow=min(8, cfg.n))
     settings = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "out_dir"}
-    settings["ckpt"] = str(find_checkpoint(cfg.ckpt).resolve())
+    settings["ckpt"] = str((Path(cfg.ckpt) if cfg.reference_config else find_checkpoint(cfg.ckpt)).resolve())
     (out / "samples.json").write_text(json.dumps({"settings": settings, "images": records}, indent=1))
     log.info("wrote %d images, grid.png and samples.json to %s", cfg.n, out)
     return out

@@ -292,7 +292,8 @@ class LatentDiffusion(BuildableModule):
                name: str = "ddim", num_steps: int = 50, guidance_scale: float = 1.0,
                seeds: Sequence[int] | None = None, use_ema: bool = True, progress: bool = True,
                mask: torch.Tensor | None = None, known: torch.Tensor | None = None,
-               x_T: torch.Tensor | None = None, return_latents: bool = False, **sampler_kwargs) -> torch.Tensor:
+               x_T: torch.Tensor | None = None, negative=None, return_latents: bool = False,
+               **sampler_kwargs) -> torch.Tensor:
         """Generate images.
 
         batch: condition inputs (e.g. {'caption': [...]}, {'class_label': tensor},
@@ -302,6 +303,8 @@ class LatentDiffusion(BuildableModule):
         seeds: one per image; image i depends only on its seed, not on the batch size.
         mask, known: inpainting by masked sampling: pixels where mask == 1 are kept from `known`.
         x_T: start from this latent noise instead of the seeds' (later noise still comes from the seeds).
+        negative: condition inputs for the unconditional branch of guidance (negative prompts,
+            one per image) instead of the null condition.
         sampler_kwargs: passed to the sampler (eta, compat, discretize, ...).
         """
         batch = dict(batch or {})
@@ -317,7 +320,10 @@ class LatentDiffusion(BuildableModule):
             raise ValueError(f"{len(seeds)} seeds for {n} images")
         batch = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
         cond = self.condition(batch, shape[1:])
-        uncond = self.null_condition(batch, shape[1:]) if guidance_scale != 1.0 else None
+        uncond = None
+        if guidance_scale != 1.0:
+            uncond = self.null_condition(batch, shape[1:]) if negative is None else \
+                self.condition({**batch, self.hparams.cond_stage_key: negative}, shape[1:])
         seed_noise, generators = noise_for_seeds(seeds, shape, device=self.device)
         x_T = seed_noise if x_T is None else x_T.to(self.device)
         z0 = self.encode_images(known.to(self.device), sample=False) if known is not None else None

@@ -362,3 +362,18 @@ def test_tables_from_a_sweep_of_results(tmp_path, capsys):
     with pytest.raises(SystemExit):
         tables_main([str(ae16)])  # a run folder whose results live elsewhere
     assert "no results below" in capsys.readouterr().err
+
+
+def test_curves_command_plots_a_logged_metric(tmp_path):
+    from ldm.cli.curves import main as curves_main
+    from ldm.cli.curves import read_metric, smooth
+
+    (tmp_path / "run" / "csv").mkdir(parents=True)
+    (tmp_path / "run" / "csv" / "metrics.csv").write_text(
+        "epoch,step,train/loss,val/loss\n0,4,0.9,\n0,9,0.5,\n0,9,,0.6\n0,14,0.4,\n")
+    assert read_metric(tmp_path / "run", "train/loss") == ([4, 9, 14], [0.9, 0.5, 0.4])
+    assert smooth([1.0, 3.0, 5.0], 2) == [1.0, 2.0, 4.0]
+    curves_main([str(tmp_path / "run"), "--metric", "train/loss", "--out", str(tmp_path / "c.png")])
+    assert (tmp_path / "c.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="no values"):
+        read_metric(tmp_path / "run", "train/missing")

@@ -25,6 +25,7 @@ import argparse
 import csv
 import json
 import math
+from ldm.utils.plots import plot_curves
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -226,22 +227,7 @@ def fid_curves(runs: dict[Path, Run], roots: Sequence[Path]) -> list[tuple[str, 
 
 def plot_fid_curves(curves: list[tuple[str, list[int], list[float]]], path: Path) -> None:
     """FID against training steps, one line per run (the paper's Fig. 6), as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for label, steps, fids in curves:
-        ax.plot(steps, fids, marker="o", label=label)
-    ax.set_xlabel("training steps")
-    ax.set_ylabel("FID")
-    ax.set_title("FID over training per downsampling factor f")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    plot_curves(curves, path, "training steps", "FID", "FID over training per downsampling factor f")
 
 
 def make_tables(roots: Sequence[str | Path], out: str | Path) -> str:

@@ -126,6 +126,7 @@ def test_sample_py_end_to_end_and_bad_input(tmp_path, first_stage_run):
     assert [r["seed"] for r in record["images"]] == [0, 1, 2]
     assert record["settings"]["guidance"] == 2.0 and record["images"][0]["prompt"].startswith("a small red")
     assert len(list((out / "samples").glob("*.png"))) == 3 and (out / "grid.png").is_file()
+    assert Image.open(out / "grid_captioned.png").size[0] >= 3 * 64  # prompts written under the images
 
     def cfg(*args):
         return compose("sample", [f"ckpt={run}", f"out_dir={tmp_path / 'again'}", *args], tmp_path / "s")

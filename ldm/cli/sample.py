@@ -14,7 +14,7 @@ from ldm.data.transforms import ImageTransform, to_uint8
 from ldm.modules.latent_diffusion import LatentDiffusion
 from ldm.modules.loading import find_checkpoint, load_module
 from ldm.nets.concat import InpaintConcat
-from ldm.utils.images import save_grid
+from ldm.utils.images import captioned_grid, save_grid
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,9 @@ def sample(cfg: DictConfig) -> Path:
         Image.fromarray(array).save(out / name)
         record.update(file=name, seed=seeds[i])
     save_grid(images, out / "grid.png", nrow=min(8, cfg.n))
+    labels = [r.get("prompt") or (f"class {r['class_label']}" if "class_label" in r else "") for r in records]
+    if any(labels):
+        captioned_grid(images, labels, nrow=min(4, cfg.n)).save(out / "grid_captioned.png")
     settings = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "out_dir"}
     settings["ckpt"] = str((Path(cfg.ckpt) if cfg.reference_config else find_checkpoint(cfg.ckpt)).resolve())
     (out / "samples.json").write_text(json.dumps({"settings": settings, "images": records}, indent=1))

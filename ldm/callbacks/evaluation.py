@@ -135,8 +135,10 @@ def generate(model: LatentDiffusion, batch: Mapping[str, Any] | None, n: int, im
     """n images in [-1, 1] under the conditions of the real `batch` (None: unconditional), image i
     from seeds[i], drawn as `protocol` says."""
     cond = conditions(model, batch) if batch is not None else None
-    return model.sample(cond, n=n, image_size=image_size, seeds=list(seeds), progress=False,
-                        **protocol.sample_kwargs())
+    images = model.sample(cond, n=n, image_size=image_size, seeds=list(seeds), progress=False,
+                          **protocol.sample_kwargs())
+    # decoders may overshoot; the images scored are the images one would save (clamped, like PNGs)
+    return images.clamp(-1, 1)
 
 
 class EvaluationCallback(pl.Callback):

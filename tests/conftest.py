@@ -38,3 +38,24 @@ def compose(config_name: str, overrides: list[str], out_dir: Path, data_dir: Pat
 
 # Small data and steps for end-to-end runs of the toy experiments (configs/debug/tiny.yaml).
 TINY_RUN = ["debug=tiny"]
+
+
+def make_tiny_clip(folder: Path) -> dict[str, int]:
+    """A tiny random CLIP text model (hidden size 32) and a BPE tokenizer saved in `folder`
+    as save_pretrained output; returns the vocabulary."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for token in [*letters, *(c + "</w>" for c in letters)]:
+        vocab[token] = len(vocab)
+    merges = [("r", "e"), ("re", "d</w>"), ("b", "l"), ("bl", "u"), ("blu", "e</w>")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    CLIPTokenizer(vocab=vocab, merges=merges).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                            pad_token_id=1)
+    CLIPTextModel(config).save_pretrained(folder)
+    return vocab

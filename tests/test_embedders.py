@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import make_tiny_clip
 from ldm.data.synthetic import ShapesGenerator
 from ldm.data.tokenizer import MIN_VOCAB_SIZE, CaptionTokenizer
 from ldm.data.tokenizer import main as tokenizer_main
@@ -224,23 +225,8 @@ CLIP_WORDS = ("red", "blue", "circle", "square")
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory) -> tuple[Path, dict[str, int]]:
     """A tiny random CLIP text model and BPE tokenizer saved as a local pretrained folder."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for token in [*letters, *(c + "</w>" for c in letters)]:
-        vocab[token] = len(vocab)
-    merges = [("r", "e"), ("re", "d</w>"), ("b", "l"), ("bl", "u"), ("blu", "e</w>")]
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
     folder = tmp_path_factory.mktemp("clip")
-    CLIPTokenizer(vocab=vocab, merges=merges).save_pretrained(folder)
-    torch.manual_seed(0)
-    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                            pad_token_id=1)
-    CLIPTextModel(config).save_pretrained(folder)
-    return folder, vocab
+    return folder, make_tiny_clip(folder)
 
 
 def test_frozen_clip_encoder_from_local_folder(clip_folder, monkeypatch):

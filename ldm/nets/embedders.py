@@ -132,7 +132,8 @@ class FrozenCLIPTextEncoder(nn.Module):
     """Frozen Hugging Face CLIP text model (Stable Diffusion's text encoder).
 
     `version`: a local folder holding both the tokenizer and the text model (save_pretrained
-    output) or a hub name such as "openai/clip-vit-large-patch14" (needs network access).
+    output) or a hub name such as "openai/clip-vit-large-patch14" (needs network access);
+    `tokenizer`: the tokenizer's own folder when it is elsewhere (a diffusers pipeline's tokenizer/).
     Captions are padded with the end token to `max_length` and no attention mask is passed,
     as in Stable Diffusion (CLIP's causal attention keeps padding from reaching earlier tokens).
     `layer='last'`: the final hidden states after CLIP's final LayerNorm (SD 1.x);
@@ -146,14 +147,14 @@ class FrozenCLIPTextEncoder(nn.Module):
     LAYERS = ("last", "penultimate")
 
     def __init__(self, version: str = "openai/clip-vit-large-patch14", max_length: int = 77,
-                 layer: str = "last", key: str = "caption"):
+                 layer: str = "last", key: str = "caption", tokenizer: str | None = None):
         super().__init__()
         from transformers import CLIPTextModel, CLIPTokenizer
 
         if layer not in self.LAYERS:
             raise ValueError(f"layer must be one of {self.LAYERS}, got {layer!r}")
         try:
-            self.tokenizer = CLIPTokenizer.from_pretrained(version)
+            self.tokenizer = CLIPTokenizer.from_pretrained(tokenizer or version)
             self.transformer = CLIPTextModel.from_pretrained(version)
         except OSError as exc:
             offline = " (HF_HUB_OFFLINE is set, so hub names cannot be downloaded)" if os.environ.get("HF_HUB_OFFLINE") else ""

@@ -12,6 +12,7 @@ workers are found with torch.utils.data.get_worker_info(). All randomness is see
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import random
 from collections.abc import Callable, Iterator
@@ -246,10 +247,8 @@ class ShardStream(IterableDataset):
             raw = wds.tarfile_to_samples(handler=counter.handler)(self._train_shards(worker, n_workers))
             raw = wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=self._rng(worker, 2))(raw)
             share = self.batches_per_epoch // n_workers + (worker < self.batches_per_epoch % n_workers)
-            for n, batch in enumerate(self._batches(raw, counter, rng)):
-                if n >= share:
-                    break
-                yield batch
+            # islice stops before decoding a batch beyond this worker's share
+            yield from itertools.islice(self._batches(raw, counter, rng), share)
         else:
             raw = wds.tarfile_to_samples(handler=counter.handler)({"url": u} for u in self.urls)
             yield from self._batches(self._val_samples(raw, worker, n_workers), counter, rng)

@@ -81,8 +81,8 @@ class LatentDiffusion(BuildableModule):
         self.concat_stage = concat_stage
         self.schedule = DiffusionSchedule(make_betas(beta_schedule, timesteps, linear_start, linear_end, cosine_s))
         self._register_schedule(self.schedule)
-        self.lvlb_weights = lvlb_weights(self.schedule, parameterization, compat=True) \
-            if parameterization != "v" else lvlb_weights(self.schedule, parameterization)
+        # the reference's weights where it has the parameterisation (eps, x0); v has no reference
+        self.lvlb_weights = lvlb_weights(self.schedule, parameterization, compat=parameterization != "v")
         logvar = torch.full((timesteps,), float(logvar_init))
         if learn_logvar:
             self.logvar = nn.Parameter(logvar)

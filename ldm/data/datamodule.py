@@ -72,7 +72,10 @@ class ShardDataModule(pl.LightningDataModule):
                              world_size=world, seed=self.seed, batches_per_epoch=self.batches_per_epoch,
                              shuffle_buffer=self.shuffle_buffer, resampled=self.resampled,
                              batch_transforms=self.batch_transforms)
-        start_epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        # Epochs whose training batches all ran. Unlike current_epoch this already counts an epoch
+        # whose end hooks (and checkpoint) ran, so resuming from an end-of-epoch checkpoint starts
+        # the next epoch's shuffle. (A mid-epoch resume is set by the loader's own state.)
+        start_epoch = self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else 0
         return make_loader(stream, self.num_workers, start_epoch=start_epoch)
 
     def val_dataloader(self):

@@ -7,7 +7,8 @@ ranks at the sample level and truncated to an equal count per rank.
 
 Rank and world size are passed in explicitly (the datamodule takes them from the Trainer);
 workers are found with torch.utils.data.get_worker_info(). All randomness is seeded from
-(seed, epoch, rank, worker), so a stream is reproducible.
+(seed, epoch, rank, worker), so a stream is reproducible, and a training stream can restart
+mid-epoch exactly where it stopped (EpochLoader.state_dict, saved in Lightning checkpoints).
 """
 from __future__ import annotations
 
@@ -180,6 +181,7 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.batches_per_epoch, self.shuffle_buffer, self.resampled = batches_per_epoch, shuffle_buffer, resampled
         self.epoch = 0
+        self.resume_batches = 0  # batches of this epoch (this rank, all workers) already consumed
         self.samples_per_rank = None
         if not train:
             total = count_samples(self.urls)
@@ -195,12 +197,19 @@ class ShardStream(IterableDataset):
         return (self.samples_per_rank + self.batch_size - 1) // self.batch_size
 
     def _worker(self) -> tuple[int, int]:
+        """(this worker's role, workers). The DataLoader takes batches from workers 0, 1, ... in
+        turn from the start of each pass; a pass resumed after `resume_batches` must continue with
+        the worker that was next, so worker i plays worker (i + resume_batches) % n."""
         info = get_worker_info()
-        return (0, 1) if info is None else (info.id, info.num_workers)
+        return (0, 1) if info is None else ((info.id + self.resume_batches) % info.num_workers, info.num_workers)
+
+    def seed_for(self, *salt: int) -> int:
+        """A 64-bit seed from (seed, epoch, rank, *salt)."""
+        state = np.random.SeedSequence([self.seed, self.epoch, self.rank, *salt]).generate_state(2)
+        return int(state[0]) << 32 | int(state[1])
 
     def _rng(self, *salt: int) -> random.Random:
-        state = np.random.SeedSequence([self.seed, self.epoch, self.rank, *salt]).generate_state(2)
-        return random.Random(int(state[0]) << 32 | int(state[1]))
+        return random.Random(self.seed_for(*salt))
 
     def _train_shards(self, worker: int, n_workers: int) -> Iterator[dict]:
         rng = self._rng(worker, 0)
@@ -224,7 +233,8 @@ class ShardStream(IterableDataset):
             batch = transform(batch)
         return batch
 
-    def _batches(self, samples: Iterator[dict], counter: SkipCounter, rng: random.Random) -> Iterator[dict]:
+    def _sample_lists(self, samples: Iterator[dict], rng: random.Random, counter: SkipCounter) -> Iterator[list[dict]]:
+        """Decoded samples grouped into batch-sized lists (the last one may be shorter)."""
         batch: list[dict] = []
         for raw in samples:
             try:
@@ -234,9 +244,13 @@ class ShardStream(IterableDataset):
                 continue
             batch.append(sample)
             if len(batch) == self.batch_size:
-                yield self._collate(batch, counter.take())
+                yield batch
                 batch = []
         if batch:
+            yield batch
+
+    def _batches(self, samples: Iterator[dict], counter: SkipCounter, rng: random.Random) -> Iterator[dict]:
+        for batch in self._sample_lists(samples, rng, counter):
             yield self._collate(batch, counter.take())
 
     def __iter__(self) -> Iterator[dict]:
@@ -246,9 +260,17 @@ class ShardStream(IterableDataset):
         if self.train:
             raw = wds.tarfile_to_samples(handler=counter.handler)(self._train_shards(worker, n_workers))
             raw = wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=self._rng(worker, 2))(raw)
-            share = self.batches_per_epoch // n_workers + (worker < self.batches_per_epoch % n_workers)
+            share, done = (n // n_workers + (worker < n % n_workers) for n in (self.batches_per_epoch,
+                                                                               self.resume_batches))
+            lists = self._sample_lists(raw, rng, counter)
+            # Resuming: the DataLoader takes batches from its workers in turn, so this worker already
+            # gave `done` of them. Decoding them again replays the augmentation RNG exactly; only
+            # collation and batch transforms are spared.
+            for _ in itertools.islice(lists, done):
+                counter.take()
             # islice stops before decoding a batch beyond this worker's share
-            yield from itertools.islice(self._batches(raw, counter, rng), share)
+            for batch in itertools.islice(lists, share - done):
+                yield self._collate(batch, counter.take())
         else:
             raw = wds.tarfile_to_samples(handler=counter.handler)({"url": u} for u in self.urls)
             yield from self._batches(self._val_samples(raw, worker, n_workers), counter, rng)
@@ -265,16 +287,44 @@ class ShardStream(IterableDataset):
 class EpochLoader(DataLoader):
     """DataLoader that tells its ShardStream the epoch before each pass, so every epoch draws a
     new shuffle. (Lightning's set_epoch hook only reaches samplers, which iterable datasets lack.)
-    Workers are forked per pass and receive the updated epoch."""
+    Workers are forked per pass and receive the updated epoch.
+
+    Resumable: `state_dict()` is the epoch and the number of batches handed out in it; Lightning
+    stores it in its checkpoints (loops.fit_loop.state_dict.combined_loader) and, on a mid-epoch
+    restart, calls `load_state_dict()` before the first pass, which then yields only the rest of
+    that epoch. Each pass seeds the worker processes from its own generator, (seed, epoch, rank),
+    so iterating never draws from the global torch RNG that training uses.
+    """
 
     def __init__(self, dataset: ShardStream, start_epoch: int = 0, **kwargs):
         super().__init__(dataset, batch_size=None, **kwargs)
         self._next_epoch = start_epoch
+        self._epoch, self._served, self._resume_at = start_epoch, 0, 0
 
-    def __iter__(self):
-        self.dataset.epoch = self._next_epoch
-        self._next_epoch += 1
-        return super().__iter__()
+    def __iter__(self) -> Iterator:
+        self._epoch, self._next_epoch = self._next_epoch, self._next_epoch + 1
+        self.dataset.epoch = self._epoch
+        self.dataset.resume_batches, self._resume_at = self._resume_at, 0
+        # salt (0, 3): apart from the workers' (worker, 0..2)
+        self.generator = torch.Generator().manual_seed(self.dataset.seed_for(0, 3) % 2**63)
+        return self._count(super().__iter__(), self.dataset.resume_batches)
+
+    def _count(self, batches: Iterator, start: int) -> Iterator:
+        self._served = start
+        for batch in batches:
+            self._served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the stream stands: the epoch of the current pass and the batches handed out in it."""
+        return {"epoch": self._epoch, "batches": self._served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from `state` (from `state_dict()`) at the next pass."""
+        if state["batches"] >= len(self):  # that epoch was complete: start the next one
+            self._next_epoch, self._resume_at = state["epoch"] + 1, 0
+        else:
+            self._next_epoch, self._resume_at = state["epoch"], state["batches"]
 
 
 def make_loader(dataset: ShardStream, num_workers: int, start_epoch: int = 0) -> EpochLoader:

@@ -41,6 +41,21 @@ def plain(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
 
 
+def out_of_memory_advice(trainer: pl.Trainer, batch_size: int, can_accumulate: bool) -> str:
+    """What to change after a CUDA out-of-memory error: a smaller per-device batch, with gradient
+    accumulation keeping the effective batch (and so the scaled learning rate) where the module allows it."""
+    accumulate = trainer.accumulate_grad_batches
+    if can_accumulate:
+        fix = ("lower data.batch_size and raise trainer.accumulate_grad_batches to keep the effective batch, e.g. "
+               f"data.batch_size={max(batch_size // 2, 1)} trainer.accumulate_grad_batches={accumulate * 2}")
+    else:
+        fix = "lower data.batch_size (this module steps its optimisers itself and cannot accumulate gradients)"
+    return (f"out of GPU memory with data.batch_size={batch_size} per device on {trainer.num_devices} device(s) x "
+            f"{trainer.num_nodes} node(s) and trainer.accumulate_grad_batches={accumulate} (effective batch "
+            f"{batch_size * trainer.world_size * accumulate}). To fit: {fix}; or train in bf16-mixed precision, "
+            "with trainer=fsdp or activation checkpointing (docs/scaling.md)")
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured model on the configured data; returns the final logged metrics.
 
@@ -69,7 +84,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         lg.log_hyperparams(plain(cfg))
 
     log.info("run folder: %s", out.resolve())
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    except torch.cuda.OutOfMemoryError as err:  # torch.OutOfMemoryError is the same class
+        raise torch.cuda.OutOfMemoryError(
+            out_of_memory_advice(trainer, cfg.data.batch_size, model.automatic_optimization)) from err
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, (int, float, torch.Tensor))
                and torch.as_tensor(v).numel() == 1}

@@ -7,6 +7,7 @@ and (once the discriminator is on) one discriminator step per batch.
 from __future__ import annotations
 
 import torch
+from lightning_fabric.utilities.throughput import measure_flops
 from torch import nn
 
 from ldm.diffusion.ema import EMA
@@ -17,6 +18,7 @@ from ldm.metrics.features import FeatureExtractor
 from ldm.metrics.lpips import LPIPS
 from ldm.metrics.reconstruction import psnr, ssim
 from ldm.modules.base import BuildableModule
+from ldm.modules.nonfinite import NonFiniteGuard
 from ldm.utils.images import log_grid
 from ldm.utils.lr import trainer_effective_lr
 
@@ -29,12 +31,16 @@ class AutoencoderModule(BuildableModule):
     ema_decay: keep an EMA of the autoencoder weights (used for validation) when set.
     rfid_extractor: feature network for the validation rFID (None: no rFID).
     lpips: perceptual network for the validation LPIPS; defaults to the loss's perceptual net.
+    nonfinite_loss: "stop" or "skip" (no optimiser step for that batch) on a NaN/inf loss
+        (ldm.modules.nonfinite).
+    The optimisers are stepped here (manual optimisation), so Lightning refuses
+    trainer.accumulate_grad_batches and trainer.gradient_clip_val for this module.
     """
 
     def __init__(self, first_stage: FirstStage, loss: nn.Module, base_lr: float = 4.5e-6, scale_lr: bool = True,
                  betas: tuple[float, float] = (0.5, 0.9), ema_decay: float | None = None,
                  rfid_extractor: FeatureExtractor | None = None, lpips: LPIPS | None = None,
-                 log_images: int = 8):
+                 log_images: int = 8, nonfinite_loss: str = "stop"):
         super().__init__()
         self.save_hyperparameters(ignore=["first_stage", "loss", "rfid_extractor", "lpips"])
         self.automatic_optimization = False
@@ -46,6 +52,7 @@ class AutoencoderModule(BuildableModule):
         self._rfid = FID(rfid_extractor) if rfid_extractor is not None else None
         self._val_batch: torch.Tensor | None = None
         self.ae_steps = 0  # autoencoder updates; Lightning's global_step also counts discriminator steps
+        self.nonfinite = NonFiniteGuard(nonfinite_loss)
 
     def __setattr__(self, name, value):
         if name in ("_lpips", "_rfid"):  # plain attributes, not registered submodules
@@ -75,21 +82,37 @@ class AutoencoderModule(BuildableModule):
         rec, posterior = self.first_stage(x)
         return rec, posterior, {}
 
+    def measure_training_flops(self, batch: dict) -> int:
+        """FLOPs of one autoencoder (generator) update on `batch`: reconstruction, loss and backward,
+        counted by torch's FLOP counter (the discriminator's own update is not counted). Leaves
+        gradients behind: the caller clears them (ldm.callbacks.throughput)."""
+        x = batch["image"]
+        last_layer = self.first_stage.decoder.last_layer
+
+        def generator_loss(out: tuple) -> torch.Tensor:
+            rec, reg, _ = out
+            return self.loss(x, rec, reg, 0, self.ae_steps, last_layer=last_layer, split="train")[0]
+
+        return measure_flops(self.first_stage, lambda: self.reconstruct(x), loss_fn=generator_loss)
+
     def training_step(self, batch: dict, batch_idx: int) -> None:
         x = batch["image"]
         opt_ae, opt_d = self.optimizers()
         rec, reg, extra = self.reconstruct(x)
         last_layer = self.first_stage.decoder.last_layer
         ae_loss, log = self.loss(x, rec, reg, 0, self.ae_steps, last_layer=last_layer, split="train")
+        if not self.nonfinite.usable(self, ae_loss, "autoencoder loss"):
+            return
         opt_ae.zero_grad(set_to_none=True)
         self.manual_backward(ae_loss)
         opt_ae.step()
         if self.loss.disc_factor_at(self.ae_steps) > 0:  # before disc_start the D loss is 0: skip the work
             d_loss, d_log = self.loss(x, rec.detach(), reg, 1, self.ae_steps, split="train")
-            opt_d.zero_grad(set_to_none=True)
-            self.manual_backward(d_loss)
-            opt_d.step()
-            log.update(d_log)
+            if self.nonfinite.usable(self, d_loss, "discriminator loss"):
+                opt_d.zero_grad(set_to_none=True)
+                self.manual_backward(d_loss)
+                opt_d.step()
+                log.update(d_log)
         if self.ema is not None:
             self.ema.update(self.first_stage)
         self.ae_steps += 1

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
+from lightning_fabric.utilities.throughput import measure_flops
 from torch import nn
 
 from ldm.data.latents import posterior_from_moments
@@ -22,6 +23,7 @@ from ldm.diffusion.samplers import get_sampler, noise_for_seeds
 from ldm.diffusion.schedule import DiffusionSchedule, make_betas, q_sample
 from ldm.first_stage.base import FirstStage
 from ldm.modules.base import BuildableModule
+from ldm.modules.nonfinite import NonFiniteGuard
 from ldm.nets.wrapper import DiffusionWrapper
 from ldm.utils.images import log_grid
 from ldm.utils.lr import trainer_effective_lr
@@ -50,6 +52,7 @@ class LatentDiffusion(BuildableModule):
     image_size: training resolution in pixels (the default size of samples).
     scale_factor / scale_by_std: latents are scale_factor * z; with scale_by_std it becomes
         1/std of the first training batch's latents (all DDP ranks pooled) and is saved.
+    nonfinite_loss: "stop" or "skip" on a NaN/inf training loss (ldm.modules.nonfinite).
     """
 
     def __init__(self, unet: nn.Module, first_stage: FirstStage, cond_stage: nn.Module | None = None,
@@ -61,7 +64,8 @@ class LatentDiffusion(BuildableModule):
                  loss_type: str = "l2", learn_logvar: bool = False, logvar_init: float = 0.0,
                  scale_factor: float = 1.0, scale_by_std: bool = False, ema_decay: float | None = 0.9999,
                  base_lr: float = 1e-4, scale_lr: bool = True, weight_decay: float = 0.01, warmup_steps: int = 0,
-                 image_size: int = 256, val_sampler: dict | None = None, log_images: int = 8):
+                 image_size: int = 256, val_sampler: dict | None = None, log_images: int = 8,
+                 nonfinite_loss: str = "stop"):
         super().__init__()
         self.save_hyperparameters(ignore=["unet", "first_stage", "cond_stage", "concat_stage"])
         if not 0.0 <= p_uncond < 1.0:
@@ -95,6 +99,7 @@ class LatentDiffusion(BuildableModule):
         self.model_ema = EMA(self.model, ema_decay) if ema_decay else None
         self._restarted = False
         self._val_batch: dict | None = None
+        self.nonfinite = NonFiniteGuard(nonfinite_loss)
 
     # --- schedule -------------------------------------------------------------------------
     def _register_schedule(self, schedule: DiffusionSchedule) -> None:
@@ -223,8 +228,19 @@ class LatentDiffusion(BuildableModule):
                       sync_dist=(split == "val"), batch_size=z.shape[0])
         return loss
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train", drop=True)
+    def measure_training_flops(self, batch: dict) -> int:
+        """FLOPs of the denoiser's forward and backward on `batch` (torch's FLOP counter), what one
+        update trains; the frozen first stage and the condition encoder are not counted. Leaves
+        gradients behind: the caller clears them (ldm.callbacks.throughput)."""
+        with torch.no_grad():
+            z = self.scale_factor * self.first_stage_latents(batch)
+            cond = self.condition(batch, tuple(z.shape[-2:]))
+        t = torch.randint(0, self.schedule.num_timesteps, (z.shape[0],), device=z.device)
+        return measure_flops(self.model, lambda: self.model(z, t, cond), loss_fn=lambda out: out.float().square().mean())
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        loss = self._step(batch, "train", drop=True)
+        return loss if self.nonfinite.usable(self, loss) else None  # None: Lightning skips the update
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.model_ema is not None:

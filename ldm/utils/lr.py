@@ -5,17 +5,26 @@ import pytorch_lightning as pl
 
 
 def effective_lr(base_lr: float, scale_lr: bool, batch_size: int, world_size: int = 1, accumulate: int = 1) -> float:
-    """base_lr x batch x GPUs x accumulation when `scale_lr` (the reference's rule), else base_lr."""
+    """base_lr x batch x GPUs x accumulation when `scale_lr` (the reference's rule), else base_lr.
+    GPUs counts every process of every node (num_nodes x devices)."""
     return base_lr * batch_size * world_size * accumulate if scale_lr else base_lr
 
 
 def trainer_effective_lr(module: pl.LightningModule, base_lr: float, scale_lr: bool) -> float:
-    """effective_lr with batch size, world size and accumulation taken from the running trainer,
-    recorded in the module's hparams (and so in every checkpoint) as `effective_lr`."""
+    """effective_lr with batch size, world size (nodes x devices) and accumulation taken from the
+    running trainer. Recorded in the module's hparams (and so in every checkpoint and the loggers'
+    hyper-parameters) as `effective_lr` with the formula as `lr_scaling`, and logged as the metric
+    `lr/effective` (the LR monitor's `lr-*` also follows warm-up)."""
     trainer = module.trainer
-    batch = getattr(trainer.datamodule, "batch_size", 1) if trainer.datamodule is not None else 1
-    lr = effective_lr(base_lr, scale_lr, batch, trainer.world_size, trainer.accumulate_grad_batches)
+    datamodule = trainer.datamodule
+    batch = getattr(datamodule, "batch_size", 1) if datamodule is not None else 1
+    nodes, world, accumulate = trainer.num_nodes, trainer.world_size, trainer.accumulate_grad_batches
+    lr = effective_lr(base_lr, scale_lr, batch, world, accumulate)
     module.hparams["effective_lr"] = lr
-    module.hparams["lr_scaling"] = (f"{base_lr} x {batch} batch x {trainer.world_size} GPUs x "
-                                    f"{trainer.accumulate_grad_batches} accumulation" if scale_lr else "none")
+    module.hparams["lr_scaling"] = (f"{base_lr} x {batch} batch x {world} GPUs ({nodes} nodes x {world // nodes}) x "
+                                    f"{accumulate} accumulation" if scale_lr else "none")
+    for logger in trainer.loggers:
+        # hparams_initial, which Lightning sends to the loggers, predates these two entries
+        logger.log_hyperparams({key: module.hparams[key] for key in ("effective_lr", "lr_scaling")})
+        logger.log_metrics({"lr/effective": lr}, step=trainer.global_step)
     return lr

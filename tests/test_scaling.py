@@ -1,0 +1,235 @@
+"""Scale-out: trainer configs for SLURM / torchrun / FSDP, the submitit sweep launcher, learning-rate
+scaling, the throughput callback, denoising rows, and NaN / out-of-memory handling."""
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+from conftest import CONFIGS, TINY_RUN, compose
+from ldm.cli.train import train
+from ldm.modules.autoencoder import AutoencoderModule
+from ldm.modules.latent_diffusion import LatentDiffusion
+from ldm.modules.nonfinite import NonFiniteLossError
+from ldm.nets.attention import SpatialTransformer
+from ldm.nets.unet import ResBlock
+from ldm.utils.lr import trainer_effective_lr
+
+AE = ["experiment=toy/ae_kl", *TINY_RUN]
+# A pixel-space (f = 1) toy LDM: no first-stage run to train first.
+LDM = ["experiment=toy/ldm_uncond", "first_stage=identity", "unet.in_channels=3", "unet.out_channels=3",
+       "unet.model_channels=32", "model.val_sampler.num_steps=2", *TINY_RUN]
+
+
+def metrics_rows(run: Path) -> list[dict[str, str]]:
+    with open(run / "csv" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def logged(run: Path, key: str) -> list[float]:
+    return [float(row[key]) for row in metrics_rows(run) if row.get(key)]
+
+
+# --- trainer and launcher configs ---------------------------------------------------------------
+
+def test_slurm_trainer_takes_nodes_and_devices_from_slurm(tmp_path, monkeypatch):
+    env = {"SLURM_NTASKS": "8", "SLURM_NTASKS_PER_NODE": "4", "SLURM_NNODES": "2", "SLURM_JOB_NAME": "train",
+           "SLURM_NODELIST": "node[1-2]", "SLURM_JOB_ID": "123", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",
+           "SLURM_NODEID": "1"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    cfg = compose("train", ["trainer=slurm", "trainer.accelerator=cpu"], tmp_path / "run")
+    assert (cfg.trainer.devices, cfg.trainer.num_nodes) == (4, 2)
+    trainer = instantiate(cfg.trainer, logger=False)
+    assert isinstance(trainer.strategy.cluster_environment, SLURMEnvironment)
+    assert (trainer.world_size, trainer.global_rank, trainer.local_rank) == (8, 5, 1)
+    # an explicit trainer.num_nodes wins over the environment
+    assert compose("train", ["trainer=slurm", "trainer.num_nodes=3"], tmp_path / "run").trainer.num_nodes == 3
+
+
+def test_torchrun_trainer_takes_nodes_and_devices_from_torchelastic(tmp_path, monkeypatch):
+    env = {"TORCHELASTIC_RUN_ID": "r", "RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2",
+           "GROUP_WORLD_SIZE": "2", "GROUP_RANK": "1", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    cfg = compose("train", ["trainer=torchrun", "trainer.accelerator=cpu"], tmp_path / "run")
+    trainer = instantiate(cfg.trainer, logger=False)
+    assert isinstance(trainer.strategy.cluster_environment, TorchElasticEnvironment)
+    assert (trainer.num_devices, trainer.num_nodes, trainer.world_size, trainer.global_rank) == (2, 2, 4, 3)
+
+
+def test_fsdp_trainer_wraps_unet_blocks_and_writes_full_checkpoints(tmp_path):
+    cfg = compose("train", ["trainer=fsdp",
+                            "trainer.strategy.activation_checkpointing_policy=${trainer.strategy.auto_wrap_policy}"],
+                  tmp_path / "run")
+    assert cfg.trainer.precision == "bf16-mixed"
+    strategy = instantiate(cfg.trainer.strategy)
+    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {ResBlock, SpatialTransformer}
+    assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {ResBlock, SpatialTransformer}
+    assert strategy._state_dict_type == "full" and strategy.sharding_strategy.name == "FULL_SHARD"
+    assert "find_unused_parameters" not in strategy.kwargs  # no DDP-only keys reach FSDP
+
+
+def test_slurm_sweep_launcher_sizes_jobs_from_the_trainer(tmp_path):
+    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
+
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = hydra_compose("train", ["hydra/launcher=slurm", "trainer=slurm", "trainer.devices=4",
+                                      "trainer.num_nodes=2", "hydra.launcher.partition=gpu",
+                                      f"hydra.sweep.dir={tmp_path}"], return_hydra_config=True)
+    launcher = instantiate(cfg.hydra.launcher)
+    assert isinstance(launcher, SlurmLauncher)
+    params = launcher.params
+    assert (params["nodes"], params["tasks_per_node"], params["gpus_per_node"]) == (2, 4, 4)
+    assert params["partition"] == "gpu" and params["signal_delay_s"] == 90
+
+
+@pytest.mark.parametrize("key", ["accumulate_grad_batches=2", "gradient_clip_val=1.0"])
+def test_autoencoder_refuses_trainer_accumulation_and_clipping(tmp_path, key):
+    """Manual optimisation: Lightning refuses both keys by name instead of ignoring them."""
+    with pytest.raises(MisconfigurationException, match=key.split("=")[0]):
+        train(compose("train", [*AE, f"trainer.{key}"], tmp_path / "run", tmp_path / "data"))
+
+
+# --- learning rate -------------------------------------------------------------------------------
+
+class _Data(pl.LightningDataModule):
+    batch_size = 8
+
+
+@pytest.mark.parametrize("nodes,devices,accumulate", [(1, 1, 1), (1, 2, 1), (2, 2, 1), (3, 2, 4), (4, 1, 2)])
+def test_effective_lr_scales_with_nodes_devices_and_accumulation(tmp_path, nodes, devices, accumulate):
+    trainer = pl.Trainer(accelerator="cpu", devices=devices, num_nodes=nodes, strategy="ddp",
+                         accumulate_grad_batches=accumulate, logger=CSVLogger(tmp_path, name="", version=""),
+                         enable_progress_bar=False, enable_checkpointing=False)
+    trainer.datamodule = _Data()  # what fit(datamodule=...) attaches
+    module = pl.LightningModule()
+    module.trainer = trainer
+    lr = trainer_effective_lr(module, 1e-6, scale_lr=True)
+    assert lr == pytest.approx(1e-6 * 8 * nodes * devices * accumulate)
+    assert module.hparams["effective_lr"] == lr
+    assert f"{nodes * devices} GPUs ({nodes} nodes x {devices})" in module.hparams["lr_scaling"]
+    assert trainer_effective_lr(module, 1e-6, scale_lr=False) == 1e-6
+    trainer.logger.save()
+    assert float(next(r["lr/effective"] for r in metrics_rows_of(tmp_path) if r["lr/effective"])) == pytest.approx(lr)
+
+
+def metrics_rows_of(folder: Path) -> list[dict[str, str]]:
+    with open(folder / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+# --- throughput and denoising rows ----------------------------------------------------------------
+
+def test_throughput_and_mfu_of_the_autoencoder_are_logged(tmp_path):
+    out = tmp_path / "run"
+    train(compose("train", [*AE, "callbacks.throughput.window_size=2", "callbacks.throughput.available_flops=1e12"],
+                  out, tmp_path / "data"))
+    for key in ("perf/samples_per_s", "perf/steps_per_s", "perf/tflops_per_s_per_device", "perf/mfu"):
+        values = logged(out, key)
+        assert values and all(math.isfinite(v) and v > 0 for v in values), key
+    # MFU is the achieved FLOP/s over the 1e12 given
+    row = next(r for r in metrics_rows(out) if r["perf/mfu"])
+    assert float(row["perf/mfu"]) == pytest.approx(float(row["perf/tflops_per_s_per_device"]))
+    assert logged(out, "lr/effective") and (out / "csv" / "hparams.yaml").read_text().count("effective_lr:") == 1
+
+
+def test_ldm_throughput_without_peak_flops_and_denoising_rows(tmp_path):
+    """On the CPU no peak FLOP/s is known: rates are logged, MFU is not. The denoising rows land
+    in images/ at their step schedule."""
+    out = tmp_path / "run"
+    train(compose("train", [*LDM, "callbacks.throughput.window_size=2", "+callbacks@callbacks.denoising=denoising",
+                            "callbacks.denoising.every_n_steps=2", "callbacks.denoising.num_samples=2",
+                            "callbacks.denoising.num_steps=4", "callbacks.denoising.num_columns=3"],
+                  out, tmp_path / "data"))
+    assert all(v > 0 for v in logged(out, "perf/samples_per_s")) and logged(out, "perf/tflops_per_s_per_device")
+    assert "perf/mfu" not in metrics_rows(out)[0]
+    grids = sorted((out / "images").glob("train_denoising_step*.png"))
+    assert [g.name for g in grids] == ["train_denoising_step0000002.png"]
+    from PIL import Image
+    w, h = Image.open(grids[0]).size
+    assert (w, h) == (3 * 34 + 2, 2 * 34 + 2)  # 3 columns x 2 samples of 32 px, 2 px padding
+
+
+def test_denoising_rows_end_with_the_sample():
+    from ldm.callbacks.denoising import denoising_rows
+    from ldm.first_stage.factory import identity
+    from ldm.nets.unet import UNetModel
+
+    torch.manual_seed(0)
+    unet = UNetModel(in_channels=3, out_channels=3, model_channels=32, channel_mult=[1], num_res_blocks=1,
+                     attention_resolutions=[], num_head_channels=32)
+    module = LatentDiffusion(unet, identity(), timesteps=100, ema_decay=None, image_size=16).eval()
+    rows = denoising_rows(module, {"image": torch.zeros(2, 3, 16, 16)}, num_steps=5, num_columns=4)
+    assert rows.shape == (8, 3, 16, 16)
+    sample = module.sample({"image": torch.zeros(2, 3, 16, 16)}, n=2, num_steps=5, progress=False, use_ema=False)
+    torch.testing.assert_close(rows.view(2, 4, 3, 16, 16)[:, -1], sample.clamp(-1, 1))
+
+
+# --- failures -------------------------------------------------------------------------------------
+
+def nan_from_step(monkeypatch, cls, method: str, step: int) -> None:
+    """Make `cls.method`'s loss NaN once the trainer reaches optimiser step `step`."""
+    original = getattr(cls, method)
+
+    def poisoned(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if self.trainer.global_step < step:
+            return out
+        return (out[0] * float("nan"), *out[1:]) if isinstance(out, tuple) else out * float("nan")
+
+    monkeypatch.setattr(cls, method, poisoned)
+
+
+def test_nan_loss_stops_with_the_step_and_last_checkpoint(tmp_path, monkeypatch):
+    nan_from_step(monkeypatch, LatentDiffusion, "_step", step=2)
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match="at step 2") as err:
+        train(compose("train", [*LDM, "callbacks.checkpoint.every_n_train_steps=1"], out, tmp_path / "data"))
+    last = out / "checkpoints" / "last.ckpt"
+    assert f"ckpt_path={last}" in str(err.value) and last.is_file()
+
+
+def test_nan_loss_skip_leaves_the_ldm_weights_and_counts(tmp_path, monkeypatch):
+    nan_from_step(monkeypatch, LatentDiffusion, "_step", step=1)
+    out = tmp_path / "run"
+    train(compose("train", [*LDM, "model.nonfinite_loss=skip", "model.ema_decay=null"], out, tmp_path / "data"))
+    assert logged(out, "train/nonfinite_skipped")[-1] == 2  # batches 2 and 3
+    state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_nan_loss_skip_makes_no_autoencoder_update(tmp_path, monkeypatch):
+    # manual optimisation: each batch makes an autoencoder and a discriminator step (global_step += 2)
+    nan_from_step(monkeypatch, AutoencoderModule, "reconstruct", step=2)
+    out = tmp_path / "run"
+    train(compose("train", [*AE, "model.nonfinite_loss=skip", "model.loss.disc_start=0"], out, tmp_path / "data"))
+    checkpoint = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["ae_steps"] == 1 and checkpoint["global_step"] == 2  # the two later batches: no update
+    assert logged(out, "train/nonfinite_skipped")[-1] == 2
+    assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
+
+
+def test_out_of_memory_names_batch_devices_and_accumulation(tmp_path, monkeypatch):
+    def oom(self, batch, batch_idx):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(LatentDiffusion, "training_step", oom)
+    with pytest.raises(torch.OutOfMemoryError) as err:
+        train(compose("train", [*LDM, "data.batch_size=4", "trainer.accumulate_grad_batches=2"],
+                      tmp_path / "run", tmp_path / "data"))
+    message = str(err.value)
+    assert "data.batch_size=4 per device on 1 device(s) x 1 node(s)" in message
+    assert "data.batch_size=2 trainer.accumulate_grad_batches=4" in message  # same effective batch of 8
+    assert "Tried to allocate" in str(err.value.__cause__)

@@ -134,6 +134,9 @@ class AutoencoderModule(BuildableModule):
         x = batch["image"]
         rec, reg, extra = self.reconstruct(x)
         _, log = self.loss(x, rec, reg, 0, self.ae_steps, split="val")
+        # the one name every module logs for checkpoint selection (callbacks.best), as the
+        # reference's autoencoder monitor: the reconstruction loss
+        log["val/loss"] = log["val/rec_loss"]
         rec = rec.clamp(-1, 1)
         log["val/psnr"] = psnr(x, rec).mean()
         log["val/ssim"] = ssim(x, rec).mean()

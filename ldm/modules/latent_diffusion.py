@@ -242,7 +242,11 @@ class LatentDiffusion(BuildableModule):
         loss = self._step(batch, "train", drop=True)
         return loss if self.nonfinite.usable(self, loss) else None  # None: Lightning skips the update
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here rather than in on_train_batch_end: ModelCheckpoint saves in its on_train_batch_end,
+        # which runs before the module's, so a checkpoint there would miss this step's EMA update
+        # and a resumed run would drift from an uninterrupted one.
         if self.model_ema is not None:
             self.model_ema.update(self.model)
 

@@ -1,0 +1,181 @@
+"""Resuming: exact mid-epoch continuation, atomic checkpoint files, best-k checkpoints, SIGTERM
+stops, and logs that continue in the run folder."""
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from conftest import TINY_RUN, compose
+from ldm.cli.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+# A small, fast autoencoder run: no LPIPS or rFID networks, the discriminator on from its 2nd step
+# (so both optimisers step and Lightning's global_step counts two per batch).
+AE = ["experiment=toy/ae_kl", *TINY_RUN, "model.loss.disc_start=2", "model.rfid_extractor=null",
+      "model.loss.perceptual=null", "model.loss.perceptual_weight=0", "logger=csv"]
+# A text-conditional LDM with EMA, LR warm-up and condition dropout straight on 32 px pixels.
+LDM = ["experiment=toy/ldm_text", *TINY_RUN, "first_stage=identity", "unet.in_channels=3", "unet.out_channels=3",
+       "unet.model_channels=32", "model.log_images=0", "model.warmup_steps=5", "cond.p_uncond=0.2"]
+
+
+class KeyRecorder(pl.Callback):
+    """Appends the sample keys of every training batch (one JSON line per step) to `path`.keys and
+    writes the final global step and weights to `path`.final.pt."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        with open(f"{self.path}.keys", "a") as fh:
+            fh.write(json.dumps(list(batch["__key__"])) + "\n")
+
+    def on_train_end(self, trainer, pl_module):
+        torch.save({"global_step": trainer.global_step, "state_dict": pl_module.state_dict()}, f"{self.path}.final.pt")
+
+
+def _run(base: list[str], out: Path, data: Path, *extra: str) -> None:
+    record = [f"+callbacks.keys._target_=test_resume.KeyRecorder", f"+callbacks.keys.path={out}"]
+    train(compose("train", [*base, *record, *extra], out, data))
+
+
+def _keys(out: Path) -> list[list[str]]:
+    return [json.loads(line) for line in Path(f"{out}.keys").read_text().splitlines()]
+
+
+def _state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    sa, sb = _state(a)["state_dict"], _state(b)["state_dict"]
+    assert sa.keys() == sb.keys()
+    different = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_autoencoder_resumes_mid_epoch_exactly(tmp_path, workers):
+    # 3 batches an epoch, 3 epochs: 9 batches, global_step 16 (one step, then two per batch).
+    # The step-6 checkpoint lies after batch 4, inside the second epoch.
+    base = [*AE, "trainer.max_epochs=3", f"data.num_workers={workers}",
+            "callbacks.checkpoint.every_n_train_steps=6"]
+    data = tmp_path / "data"
+    _run(base, tmp_path / "full", data)
+    middle = tmp_path / "full" / "checkpoints" / "step0000006.ckpt"
+    assert _state(middle)["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 1}]
+    _run(base, tmp_path / "resumed", data, f"ckpt_path={middle}")
+
+    full, resumed = tmp_path / "full.final.pt", tmp_path / "resumed.final.pt"
+    assert _state(full)["global_step"] == _state(resumed)["global_step"] == 16
+    _assert_same_weights(full, resumed)
+    # the resumed run saw exactly the batches after the checkpoint, none again
+    assert _keys(tmp_path / "resumed") == _keys(tmp_path / "full")[4:]
+    assert not torch.equal(_state(middle)["state_dict"]["first_stage.encoder.conv_in.weight"],
+                           _state(resumed)["state_dict"]["first_stage.encoder.conv_in.weight"])
+
+
+def test_text_ldm_with_ema_resumes_mid_epoch_and_at_an_epoch_end_exactly(tmp_path):
+    base = [*LDM, "trainer.max_epochs=3", "callbacks.checkpoint.every_n_train_steps=2"]
+    data = tmp_path / "data"
+    _run(base, tmp_path / "full", data)
+    full = tmp_path / "full.final.pt"
+    assert _state(full)["global_step"] == 9
+    # step 4: mid-epoch (batch 1 of epoch 1); step 6: after the last batch of epoch 1
+    for step, seen in ((4, 4), (6, 6)):
+        out = tmp_path / f"from{step}"
+        _run(base, out, data, f"ckpt_path={tmp_path / 'full' / 'checkpoints' / f'step{step:07d}.ckpt'}")
+        _assert_same_weights(full, tmp_path / f"from{step}.final.pt")
+        assert _keys(out) == _keys(tmp_path / "full")[seen:]
+    ema = _state(full)["state_dict"]
+    assert any(k.startswith("model_ema.") for k in ema) and int(ema["model_ema.num_updates"]) == 9
+
+
+def test_atomic_save_survives_a_kill_during_the_write(tmp_path):
+    ckpt = tmp_path / "last.ckpt"
+    child = f"""
+import sys, time, torch
+from ldm.utils.checkpoint_io import AtomicCheckpointIO
+io = AtomicCheckpointIO()
+io.save_checkpoint({{"step": 1, "w": torch.ones(1000)}}, {str(ckpt)!r})
+real_save = torch.save
+def slow_save(obj, fh, *a, **k):
+    fh.write(b"partial bytes of a big checkpoint")
+    fh.flush()
+    print("writing", flush=True)
+    time.sleep(60)
+torch.save = slow_save
+io.save_checkpoint({{"step": 2, "w": torch.zeros(1000)}}, {str(ckpt)!r})
+"""
+    proc = subprocess.Popen([sys.executable, "-c", child], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"  # the second save is half written
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["step"] == 1 and torch.equal(saved["w"], torch.ones(1000))
+    assert [p.name for p in tmp_path.iterdir()] != ["last.ckpt"]  # the temp file was next to it
+
+
+def test_sigterm_saves_last_and_exits_cleanly_then_resume_continues(tmp_path):
+    out, data = tmp_path / "run", tmp_path / "data"
+    args = [*AE, "data.batches_per_epoch=400", "trainer.max_epochs=1", "callbacks.checkpoint.every_n_train_steps=2",
+            f"hydra.run.dir={out}", f"paths.data_dir={data}"]
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as err:
+        proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+    last = out / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not last.is_file():  # periodic saves: every 2 steps
+        time.sleep(0.2)
+    assert proc.poll() is None, log.read_text()[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+    stopped = _state(last)
+    assert 0 < stopped["ae_steps"] < 400
+    metrics = out / "csv" / "metrics.csv"
+    with metrics.open() as fh:
+        before = [r["step"] for r in csv.DictReader(fh)]
+    assert before
+
+    # resume in the same folder for a few more batches: it continues from the stop, appends to the CSV
+    train(compose("train", [*AE, f"data.batches_per_epoch={stopped['ae_steps'] + 2}", "trainer.max_epochs=1",
+                            "callbacks.checkpoint.every_n_train_steps=2", "ckpt_path=last"], out, data))
+    assert _state(last)["ae_steps"] == stopped["ae_steps"] + 2
+    with metrics.open() as fh:
+        after = [r["step"] for r in csv.DictReader(fh)]
+    assert after[:len(before)] == before and len(after) > len(before)  # appended, not replaced
+
+
+def test_best_k_checkpoints_follow_val_loss_and_runs_without_validation_still_work(tmp_path):
+    data = tmp_path / "data"
+    out = tmp_path / "run"
+    train(compose("train", [*AE, "trainer.max_epochs=4", "callbacks.best.save_top_k=2"], out, data))
+    best = sorted((out / "checkpoints").glob("best-*.ckpt"))
+    assert len(best) == 2
+    scores = [float(p.stem.rsplit("-", 1)[1]) for p in best]
+    with (out / "csv" / "metrics.csv").open() as fh:
+        logged = sorted(float(r["val/loss"]) for r in csv.DictReader(fh) if r.get("val/loss"))
+    assert len(logged) == 4 and sorted(scores) == pytest.approx(logged[:2], abs=1e-4)
+
+    no_val = tmp_path / "noval"
+    train(compose("train", [*AE, "data.val_urls=null", "~data.synthetic.val_samples"], no_val, data))
+    assert (no_val / "checkpoints" / "last.ckpt").is_file() and not list((no_val / "checkpoints").glob("best-*"))
+
+
+def test_wandb_run_id_is_kept_in_the_run_folder(tmp_path, monkeypatch):
+    from ldm.utils.loggers import wandb_logger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    first = wandb_logger(save_dir=str(tmp_path), project="ldm-test", name="t")
+    run_id = (tmp_path / "wandb" / "run_id").read_text()
+    assert first.version == run_id
+    again = wandb_logger(save_dir=str(tmp_path), project="ldm-test", name="t")
+    assert again.version == run_id

@@ -19,8 +19,7 @@ from ldm.cli.train import train
 from ldm.modules.autoencoder import AutoencoderModule
 from ldm.modules.latent_diffusion import LatentDiffusion
 from ldm.modules.nonfinite import NonFiniteLossError
-from ldm.nets.attention import SpatialTransformer
-from ldm.nets.unet import ResBlock
+from ldm.nets.unet import TimestepEmbedSequential
 from ldm.utils.lr import trainer_effective_lr
 
 AE = ["experiment=toy/ae_kl", *TINY_RUN]
@@ -72,8 +71,8 @@ def test_fsdp_trainer_wraps_unet_blocks_and_writes_full_checkpoints(tmp_path):
                   tmp_path / "run")
     assert cfg.trainer.precision == "bf16-mixed"
     strategy = instantiate(cfg.trainer.strategy)
-    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {ResBlock, SpatialTransformer}
-    assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {ResBlock, SpatialTransformer}
+    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {TimestepEmbedSequential}
+    assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {TimestepEmbedSequential}
     assert strategy._state_dict_type == "full" and strategy.sharding_strategy.name == "FULL_SHARD"
     assert "find_unused_parameters" not in strategy.kwargs  # no DDP-only keys reach FSDP
 

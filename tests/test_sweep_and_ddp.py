@@ -41,3 +41,21 @@ def test_autoencoder_trains_on_two_ddp_ranks_with_the_discriminator_on(tmp_path)
     assert module.ae_steps == 3  # 3 batches per rank and epoch; both ranks step together
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["train/disc_loss"] > 0 and saved["val/psnr"] > 0
+
+
+def test_multirun_of_ddp_jobs_gives_each_job_its_own_folder(tmp_path):
+    """A two-point sweep where every job trains on 2 DDP (gloo) ranks: the jobs run one after the
+    other, each in the folder named after its override, with rank 0's files only there."""
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "train.py", "-m", "experiment=toy/ae_kl", "trainer=ddp_cpu", "seed=1,2", *TINY_RUN,
+           f"paths.data_dir={tmp_path / 'data'}", f"hydra.sweep.dir={sweep}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")) == ["seed-1", "seed-2"]
+    for seed in (1, 2):
+        run = sweep / f"seed-{seed}"
+        assert json.loads((run / "config.yaml").read_text().split("seed: ")[1].split("\n")[0]) == seed
+        assert (run / "checkpoints" / "last.ckpt").is_file()
+        assert load_module(run).ae_steps == 3  # both ranks stepped together through the tiny epoch
+        assert json.loads((run / "metrics.json").read_text())["val/psnr"] > 0

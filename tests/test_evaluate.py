@@ -318,7 +318,8 @@ def test_tables_from_a_sweep_of_results(tmp_path, capsys):
         ("autoencoder", ae16, 900, {"rfid": 5.15, "psnr": 20.83, "ssim": 0.6}, {}),
         ("ldm", ldm4, 100, {"fid": 30.0, "precision": 0.5, "recall": 0.3}, {"samples_per_s": 1.0}),
         ("ldm", ldm4, 300, {"fid": 5.11, "precision": 0.72, "recall": 0.49}, {"samples_per_s": 2.5}),
-        ("ldm", ldm8, 300, {"fid": 12.63, "is_mean": 30.29, "is_std": 0.4, "precision": 0.6, "recall": 0.4},
+        ("ldm", ldm8, 300, {"fid": 12.63, "is_mean": 30.29, "is_std": 0.4, "precision": 0.6, "recall": 0.4,
+                            "prompt_accuracy": 0.81, "clip_score": 27.5},
          {"samples_per_s": 7.25, "guidance": 1.5}),
     ]):
         (sweep / "evals" / str(i)).mkdir(parents=True)
@@ -337,12 +338,12 @@ def test_tables_from_a_sweep_of_results(tmp_path, capsys):
     assert done.returncode == 0, done.stderr[-3000:]
     text = (out / "tables.md").read_text()
     assert text in done.stdout
-    assert "| ldm_f1 | 1 | identity | - | - | 38.00 | - | - | - | 3.00 | 300 |" in text  # from eval.jsonl
-    assert "| ldm_f4 | 4 | kl | 0.58 | 27.43 | 5.11 | - | 0.72 | 0.49 | 2.50 | 300 |" in text  # newest step wins
-    assert "| ldm_f8 | 8 | vq | 1.14 | 23.07 | 12.63 | 30.29 | 0.60 | 0.40 | 7.25 | 300 |" in text
-    assert "| ae_f16 | 16 | kl | 5.15 | 20.83 | - | - | - | - | - | 900 |" in text  # unused first stage
+    assert "| ldm_f1 | 1 | identity | - | - | 38.00 | - | - | - | - | 3.00 | 300 |" in text  # from eval.jsonl
+    assert "| ldm_f4 | 4 | kl | 0.58 | 27.43 | 5.11 | - | 0.72 | 0.49 | - | 2.50 | 300 |" in text  # newest step wins
+    assert "| ldm_f8 | 8 | vq | 1.14 | 23.07 | 12.63 | 30.29 | 0.60 | 0.40 | 0.81 | 7.25 | 300 |" in text
+    assert "| ae_f16 | 16 | kl | 5.15 | 20.83 | - | - | - | - | - | - | 900 |" in text  # unused first stage
     assert "| ldm_f4 | 4 | kl | 300 | ddim | 200 | 1.00 | 50 | 5.11 | 0.72 | 0.49 |" in text
-    assert "| ldm_f8 | 8 | vq | 300 | ddim | 200 | 1.50 | 50 | 12.63 | 30.29 |" in text
+    assert "| ldm_f8 | 8 | vq | 300 | ddim | 200 | 1.50 | 50 | 12.63 | 30.29 | 0.81 | 27.50 |" in text
 
     with open(out / "compression.csv") as fh:
         rows = list(csv.DictReader(fh))
@@ -351,7 +352,8 @@ def test_tables_from_a_sweep_of_results(tmp_path, capsys):
     with open(out / "unconditional.csv") as fh:
         assert [r["run"] for r in csv.DictReader(fh)] == ["ldm_f1", "ldm_f4"]
     with open(out / "text.csv") as fh:
-        assert [(r["run"], r["guidance"], r["IS"]) for r in csv.DictReader(fh)] == [("ldm_f8", "1.5", "30.29")]
+        assert [(r["run"], r["guidance"], r["IS"], r["prompt acc"], r["CLIP score"]) for r in csv.DictReader(fh)] == \
+            [("ldm_f8", "1.5", "30.29", "0.81", "27.5")]
     png = out / "fid_vs_steps.png"
     with Image.open(png) as img:
         assert img.format == "PNG" and img.size[0] > 300

@@ -5,7 +5,8 @@ The protocol: samples are generated with one sampler setting (`SamplingProtocol`
 conditions of real validation batches (captions, class labels, low-res or masked inputs: whatever
 the model is conditioned on), so text and class models are scored on the data's own conditions;
 sample i uses seed `seed + i`; the real side is the validation images. Metrics come from
-ldm.metrics.collection (one `update(images, real)` for all of them).
+ldm.metrics.collection (one `update(images, real)` for all of them; text models' samples also
+carry the captions they were generated from, for prompt accuracy and CLIP score).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from omegaconf import OmegaConf
 from ldm.first_stage.identity import IdentityFirstStage
 from ldm.first_stage.kl import AutoencoderKL
 from ldm.first_stage.vq import AutoencoderVQ
-from ldm.metrics.collection import build_metrics
+from ldm.metrics.collection import CAPTION_METRICS, FEATURE_METRICS, build_metrics
 from ldm.metrics.features import FeatureExtractor
 from ldm.modules.latent_diffusion import LatentDiffusion
 
@@ -62,9 +63,12 @@ class SamplingProtocol:
 
 
 def build_extractors(features: Mapping[str, Any], metric_names: Sequence[str]
-                     ) -> tuple[FeatureExtractor, FeatureExtractor | None]:
+                     ) -> tuple[FeatureExtractor | None, FeatureExtractor | None]:
     """The extractor described by `features` (a configs/features node with `_target_`) and, when
-    IS is among `metric_names`, the same network's class logits (output='logits')."""
+    IS is among `metric_names`, the same network's class logits (output='logits'). (None, None)
+    when no metric uses a feature network, so none is loaded."""
+    if not set(metric_names) & set(FEATURE_METRICS):
+        return None, None
     if "is" not in metric_names:
         return instantiate(features), None
     target = features["_target_"]
@@ -90,6 +94,22 @@ def describe_model(module: pl.LightningModule) -> dict[str, Any]:
                 "conditioning": key, "cond_key": module.hparams.cond_stage_key if key else None}
     first_stage = module.first_stage
     return {"f": first_stage.downsampling_factor, "first_stage": first_stage_kind(first_stage)}
+
+
+def check_caption_metrics(model: LatentDiffusion, metric_names: Sequence[str]) -> None:
+    """Refuse text-alignment metrics (prompt_accuracy, clip_score) for a model not conditioned on captions."""
+    asked = sorted(set(metric_names) & set(CAPTION_METRICS))
+    if asked and (model.model.conditioning_key is None or model.hparams.cond_stage_key != "caption"):
+        raise ValueError(f"{asked} score samples against the captions they were generated from, and this model "
+                         f"is conditioned on {model.hparams.cond_stage_key if model.model.conditioning_key else 'nothing'}"
+                         "; use them with text-conditional models")
+
+
+def sample_captions(model: LatentDiffusion, batch: Mapping[str, Any] | None) -> list[str] | None:
+    """The captions the samples generated under `batch` are conditioned on (text models), else None."""
+    if batch is None or model.model.conditioning_key is None or model.hparams.cond_stage_key != "caption":
+        return None
+    return list(batch["caption"])
 
 
 def take(batch: Mapping[str, Any], n: int) -> dict[str, Any]:
@@ -154,12 +174,15 @@ class EvaluationCallback(pl.Callback):
     seed: sample j of rank r uses seed + r + world_size * j, so the images are those of seeds
         seed .. seed + num_samples - 1 whatever the number of ranks.
     kid_subsets, kid_subset_size, is_splits, pr_k: metric settings (ldm.metrics.collection).
+    classifier: the shape classifier folder of prompt_accuracy; clip_model: the CLIP model (folder or
+        hub name) of clip_score. Both score the samples against the captions they were generated from.
     """
 
     def __init__(self, features: Mapping[str, Any], every_n_steps: int = 5000, num_samples: int = 1000,
                  metrics: Sequence[str] = ("fid",), sampler: str = "ddim", steps: int = 50, guidance: float = 1.0,
                  eta: float = 0.0, use_ema: bool = True, seed: int = 0, kid_subsets: int = 100,
-                 kid_subset_size: int = 1000, is_splits: int = 10, pr_k: int = 3):
+                 kid_subset_size: int = 1000, is_splits: int = 10, pr_k: int = 3, classifier: str | None = None,
+                 clip_model: str | None = None):
         if every_n_steps < 1 or num_samples < 1:
             raise ValueError(f"every_n_steps and num_samples must be >= 1, got {every_n_steps} and {num_samples}")
         self.features = OmegaConf.to_container(features, resolve=True) if OmegaConf.is_config(features) \
@@ -168,9 +191,10 @@ class EvaluationCallback(pl.Callback):
         self.every_n_steps, self.num_samples, self.seed = every_n_steps, num_samples, seed
         self.protocol = SamplingProtocol(sampler, steps, float(guidance), float(eta), use_ema)
         self.metric_settings = {"kid_subsets": kid_subsets, "kid_subset_size": kid_subset_size,
-                                "is_splits": is_splits, "pr_k": pr_k}
+                                "is_splits": is_splits, "pr_k": pr_k, "classifier": classifier,
+                                "clip_model": clip_model}
         self.metrics = None
-        self._extractor_name = ""
+        self._extractor_name: str | None = None  # None: no metric uses a feature network
         self._n_real = 0  # validation images on the real side, all ranks (counted at the first evaluation)
         self._last_step: int | None = None
 
@@ -184,8 +208,9 @@ class EvaluationCallback(pl.Callback):
             raise ValueError(f"num_samples={self.num_samples} is below the {trainer.world_size} ranks: "
                              "every rank must generate at least one sample")
         self.protocol.check(pl_module)
+        check_caption_metrics(pl_module, self.metric_names)
         extractor, logits = build_extractors(self.features, self.metric_names)
-        self._extractor_name = extractor.name
+        self._extractor_name = extractor.name if extractor is not None else None
         # The real side is computed once and kept across evaluations.
         self.metrics = build_metrics(self.metric_names, extractor, logits, reset_real_features=False,
                                      **self.metric_settings)
@@ -239,7 +264,7 @@ class EvaluationCallback(pl.Callback):
                 size = len(part["image"])
                 seeds = [self.seed + rank + world * j for j in range(done, done + size)]
                 images = generate(pl_module, part, size, part["image"].shape[-1], seeds, self.protocol)
-                self.metrics.update(images.float(), real=False)
+                self.metrics.update(images.float(), real=False, captions=sample_captions(pl_module, part))
                 done += size
         finally:
             pl_module.train(was_training)

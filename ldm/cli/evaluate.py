@@ -9,6 +9,10 @@ metrics of an autoencoder run, or the scores of given images, written to metrics
   when the run kept them); rFID (and the other metrics asked for), PSNR, SSIM, LPIPS;
 - `images=`: a folder of PNG/JPEG files or an .npz (N, H, W, 3) uint8 array, scored as they are.
 
+Text-alignment metrics (prompt_accuracy, clip_score) score text models' samples against the
+captions of the real batches they were generated under, and autoencoder reconstructions against
+their images' captions; given images carry no captions.
+
 The real side is `real` (shards) or the FID statistics cached in `real_stats`: read when the file
 exists (FID only: the other real-side metrics need the images), else computed from `real` and
 written there for the next run. A cache from another feature extractor is refused.
@@ -31,11 +35,11 @@ from PIL import Image
 from torchmetrics import MetricCollection
 from tqdm import tqdm
 
-from ldm.callbacks.evaluation import (SamplingProtocol, build_extractors, condition_chunks, describe_model,
-                                      generate)
+from ldm.callbacks.evaluation import (SamplingProtocol, build_extractors, check_caption_metrics, condition_chunks,
+                                      describe_model, generate, sample_captions)
 from ldm.data.pipeline import SampleDecoder, ShardStream, make_loader
 from ldm.data.transforms import ImageTransform
-from ldm.metrics.collection import build_metrics
+from ldm.metrics.collection import CAPTION_METRICS, NO_REAL_SIDE, build_metrics
 from ldm.metrics.fid import ExtractorMismatchError, load_statistics, save_statistics
 from ldm.metrics.lpips import build_lpips
 from ldm.metrics.reconstruction import psnr, ssim
@@ -45,8 +49,6 @@ from ldm.modules.loading import find_checkpoint, load_module
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-# Metrics that need only generated images: allowed with cached real statistics.
-_NO_REAL_SIDE = ("is",)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -135,7 +137,7 @@ class RealSide:
         self.path = Path(cfg.real_stats) if cfg.real_stats else None
         self.cached = False
         self.n = 0
-        self.needed = bool(set(names) - set(_NO_REAL_SIDE))
+        self.needed = bool(set(names) - set(NO_REAL_SIDE))
         if self.path is not None:
             if "fid" not in names:
                 raise ValueError("real_stats caches the real images' FID statistics: add fid to metrics or drop "
@@ -146,11 +148,11 @@ class RealSide:
                 raise FileNotFoundError(f"no statistics at {self.path}; pass real=<shards> as well to compute them "
                                         "(they are then written there)")
         if self.wants_images and not cfg.real:
-            raise ValueError(f"{sorted(set(names) - set(_NO_REAL_SIDE))} need real images: pass real=<validation "
+            raise ValueError(f"{sorted(set(names) - set(NO_REAL_SIDE))} need real images: pass real=<validation "
                              "shards> (or, for FID, real_stats=<statistics .npz>)")
 
     def _load(self, metrics: MetricCollection, names: list[str]) -> None:
-        need_images = sorted(set(names) - {"fid", *_NO_REAL_SIDE})
+        need_images = sorted(set(names) - {"fid", *NO_REAL_SIDE})
         if need_images:
             raise ValueError(f"{self.path} holds FID statistics only (mean and covariance); {need_images} need "
                              "the real images: evaluate them without real_stats (real=<shards>), or set "
@@ -244,6 +246,7 @@ def _evaluate_ldm(cfg: DictConfig, model: LatentDiffusion, metrics: MetricCollec
         raise ValueError("a latent diffusion run needs n=<number of samples>")
     protocol = SamplingProtocol(cfg.sampler, cfg.steps, float(cfg.guidance), float(cfg.eta), cfg.use_ema)
     protocol.check(model)
+    check_caption_metrics(model, list(cfg.metrics))
     image_size = cfg.image_size or model.hparams.image_size
     conditional = model.model.conditioning_key is not None
     stream = None
@@ -280,7 +283,7 @@ def _evaluate_ldm(cfg: DictConfig, model: LatentDiffusion, metrics: MetricCollec
                 if mask_key is not None:
                     images = paste_known(truth, images, part[mask_key].to(device))
                 paired.update(truth, images)
-            metrics.update(images, real=False)
+            metrics.update(images, real=False, captions=sample_captions(model, part))
             done += size
             bar.update(size)
     record = {"n": done, "image_size": image_size, "samples_per_s": done / seconds}
@@ -312,7 +315,7 @@ def _evaluate_autoencoder(cfg: DictConfig, module, metrics: MetricCollection, re
         with torch.no_grad(), _autocast(cfg, device):
             rec = first_stage.decode(first_stage.encode(x).mode())
         rec = rec.float().clamp(-1, 1)
-        metrics.update(rec, real=False)
+        metrics.update(rec, real=False, captions=batch["caption"][:len(x)])
         paired.update(x, rec)
         done += len(x)
     return {"n": done, "image_size": image_size, "paired": paired.compute()}
@@ -347,13 +350,17 @@ def evaluate(cfg: DictConfig) -> Path:
     """Evaluate what cfg names (ckpt= or images=) and write metrics.json into cfg.out_dir; returns its path."""
     if bool(cfg.ckpt) == bool(cfg.images):
         raise ValueError("pass exactly one of ckpt=<run folder or .ckpt> and images=<folder or .npz>")
+    names = list(cfg.metrics)
+    if cfg.images and set(names) & set(CAPTION_METRICS):
+        raise ValueError(f"{sorted(set(names) & set(CAPTION_METRICS))} need the captions the images were generated "
+                         "from, which images= does not carry: evaluate the text model's run (ckpt=) instead")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    names = list(cfg.metrics)
     device = _device(cfg.device)
     extractor, logits = build_extractors(cfg.features, names)
     metrics = build_metrics(names, extractor, logits, kid_subsets=cfg.kid_subsets,
-                            kid_subset_size=cfg.kid_subset_size, is_splits=cfg.is_splits, pr_k=cfg.pr_k).to(device)
+                            kid_subset_size=cfg.kid_subset_size, is_splits=cfg.is_splits, pr_k=cfg.pr_k,
+                            classifier=cfg.classifier, clip_model=cfg.clip_model).to(device)
     real = RealSide(cfg, metrics, names)
     notes: list[str] = []
     record: dict[str, Any] = {"run": None}
@@ -379,7 +386,7 @@ def evaluate(cfg: DictConfig) -> Path:
     real.save(metrics)
     settings = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "out_dir"}
     record.update(metrics=values, real=real.describe(),
-                  features={"name": extractor.name, "settings": extractor.settings},
+                  features=None if extractor is None else {"name": extractor.name, "settings": extractor.settings},
                   settings=settings, notes=notes, written=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     path = out / "metrics.json"
     path.write_text(json.dumps(record, indent=1))

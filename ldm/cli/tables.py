@@ -11,10 +11,10 @@ Looks below the given folders for
 
 Prints three markdown tables and writes them (tables.md, one CSV each) with fid_vs_steps.png into --out:
 - compression: the trade-off over f (paper Fig. 6 / Tab. 8): per LDM run its f, its first
-  stage's rFID and PSNR, and its FID, IS, precision, recall and sampling speed; autoencoder runs
-  no LDM uses get a row of their own;
+  stage's rFID and PSNR, and its FID, IS, precision, recall, prompt accuracy (text models on the
+  shapes data) and sampling speed; autoencoder runs no LDM uses get a row of their own;
 - unconditional (paper Tab. 1): FID, precision, recall with the sampling protocol;
-- text-conditional (paper Tab. 2): FID, IS with the guidance scale.
+- text-conditional (paper Tab. 2): FID, IS, prompt accuracy and CLIP score with the guidance scale.
 An LDM's numbers come from its evaluate.py record at the highest step (the newest if several),
 else from the last line of its eval.jsonl. The figure plots every eval.jsonl (or, for runs without
 one, their evaluate.py records) as FID against training steps, one line per run, labelled by f.
@@ -147,9 +147,10 @@ def _name(run: Run, roots: Sequence[Path]) -> str:
     return str(run.path)
 
 
-COMPRESSION = ["run", "f", "first_stage", "rFID", "PSNR", "FID", "IS", "precision", "recall", "samples/s", "step"]
+COMPRESSION = ["run", "f", "first_stage", "rFID", "PSNR", "FID", "IS", "precision", "recall", "prompt acc", "samples/s",
+               "step"]
 UNCONDITIONAL = ["run", "f", "first_stage", "step", "sampler", "steps", "eta", "n", "FID", "precision", "recall"]
-TEXT = ["run", "f", "first_stage", "step", "sampler", "steps", "guidance", "n", "FID", "IS"]
+TEXT = ["run", "f", "first_stage", "step", "sampler", "steps", "guidance", "n", "FID", "IS", "prompt acc", "CLIP score"]
 
 
 def build_tables(runs: dict[Path, Run], roots: Sequence[Path]) -> dict[str, list[dict[str, Any]]]:
@@ -165,14 +166,16 @@ def build_tables(runs: dict[Path, Run], roots: Sequence[Path]) -> dict[str, list
         base = {"run": _name(run, roots), "f": run.info.get("f"), "first_stage": run.info.get("first_stage")}
         compression.append({**base, "rFID": ae_res.get("rfid"), "PSNR": ae_res.get("psnr"), "FID": res.get("fid"),
                             "IS": res.get("is_mean"), "precision": res.get("precision"), "recall": res.get("recall"),
-                            "samples/s": res.get("samples_per_s"), "step": res.get("step")})
+                            "prompt acc": res.get("prompt_accuracy"), "samples/s": res.get("samples_per_s"),
+                            "step": res.get("step")})
         protocol = {k: res.get(k) for k in ("step", "sampler", "steps", "n")}
         if run.info.get("conditioning") is None:
             unconditional.append({**base, **protocol, "eta": res.get("eta"), "FID": res.get("fid"),
                                   "precision": res.get("precision"), "recall": res.get("recall")})
         elif run.info.get("cond_key") == "caption":
             text.append({**base, **protocol, "guidance": res.get("guidance"), "FID": res.get("fid"),
-                         "IS": res.get("is_mean")})
+                         "IS": res.get("is_mean"), "prompt acc": res.get("prompt_accuracy"),
+                         "CLIP score": res.get("clip_score")})
     for run in sorted((r for r in runs.values() if r.kind == "autoencoder" and r.path not in used),
                       key=lambda r: (r.info.get("f") or 0, _name(r, roots))):
         res = run.results()

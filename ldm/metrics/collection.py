@@ -8,8 +8,13 @@ number: FID via ldm.metrics.fid.frechet_distance, KID and IS with torch-fidelity
 and split rules (torchmetrics' own draw unseeded subsets and split differently).
 
 All metrics share one calling convention, `update(images, real: bool)`, so one MetricCollection
-takes every batch; IS ignores real batches. Results are flat scalar tensors: fid, kid_mean,
-kid_std, is_mean, is_std, precision, recall.
+takes every batch; IS ignores real batches. The text-alignment metrics (CAPTION_METRICS:
+prompt_accuracy, clip_score) score generated images against the captions they were generated
+from and also take `captions=`: `collection.update(images, real=False, captions=[...])`
+(MetricCollection hands each metric only the keyword arguments its update names, so the others
+never see them). Results are flat scalar tensors: fid, kid_mean, kid_std, is_mean, is_std,
+precision, recall, prompt_accuracy, shape_accuracy, color_accuracy, prompt_accuracy_chance,
+clip_score.
 
 Each metric runs its extractor itself: with FID, KID and precision/recall on Inception features
 and IS on its logits, a generated batch passes through Inception four times (small next to
@@ -18,6 +23,7 @@ sampling the images).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,13 +35,19 @@ from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
 from torchmetrics.utilities.data import dim_zero_cat
 
+from ldm.metrics.clip_score import ClipScore
 from ldm.metrics.features import FeatureExtractor
 from ldm.metrics.fid import FeatureStatistics, check_same_extractor, frechet_distance
 from ldm.metrics.inception_score import inception_score
 from ldm.metrics.kid import kernel_inception_distance
 from ldm.metrics.precision_recall import PrecisionRecall, stored_rows
+from ldm.metrics.prompt_accuracy import PromptAccuracy
+from ldm.metrics.shape_classifier import load_classifier
 
-METRIC_NAMES = ("fid", "kid", "is", "precision_recall")
+FEATURE_METRICS = ("fid", "kid", "is", "precision_recall")  # on the feature network
+CAPTION_METRICS = ("prompt_accuracy", "clip_score")  # generated images against their captions
+METRIC_NAMES = (*FEATURE_METRICS, *CAPTION_METRICS)
+NO_REAL_SIDE = ("is", *CAPTION_METRICS)  # need no real images
 
 
 def _require_extractor(extractor: Any, role: str) -> FeatureExtractor:
@@ -143,7 +155,7 @@ class IS(InceptionScore):
 
 def build_metrics(
     names: Sequence[str],
-    extractor: FeatureExtractor,
+    extractor: FeatureExtractor | None,
     logits_extractor: FeatureExtractor | None = None,
     *,
     reset_real_features: bool = True,
@@ -153,15 +165,21 @@ def build_metrics(
     pr_k: int = 3,
     pr_block_size: int = 10000,
     seed: int = 2020,
+    classifier: str | Path | None = None,
+    clip_model: str | Path | None = None,
 ) -> MetricCollection:
     """A MetricCollection of the metrics in `names` (from METRIC_NAMES) that all take
-    `update(images, real)`; FID, KID and precision/recall use `extractor`, IS uses
-    `logits_extractor`. reset_real_features=False keeps the real side across reset() (a fixed
-    reference set evaluated once). Defaults are the standard protocols (REFERENCE.md section 9)."""
+    `update(images, real)` (and `captions=`, see the module doc); FID, KID and precision/recall
+    use `extractor` (None when none of them is asked for), IS uses `logits_extractor`,
+    prompt_accuracy the shape classifier in folder `classifier`
+    (ldm.metrics.train_classifier), clip_score the CLIP model `clip_model` (folder or hub name).
+    reset_real_features=False keeps the real side across reset() (a fixed reference set evaluated
+    once). Defaults are the standard protocols (REFERENCE.md section 9)."""
     unknown = sorted(set(names) - set(METRIC_NAMES))
     if unknown or not names:
         raise ValueError(f"unknown or no metric names {unknown or list(names)}; choose from {METRIC_NAMES}")
-    _require_extractor(extractor, "extractor")
+    if set(names) & {"fid", "kid", "precision_recall"}:
+        _require_extractor(extractor, "extractor")
     metrics: dict[str, Any] = {}
     if "fid" in names:
         metrics["fid"] = FID(extractor, reset_real_features=reset_real_features)
@@ -175,6 +193,15 @@ def build_metrics(
     if "precision_recall" in names:
         metrics["precision_recall"] = PrecisionRecall(extractor, k=pr_k, block_size=pr_block_size,
                                                       reset_real_features=reset_real_features)
+    if "prompt_accuracy" in names:
+        if not classifier:
+            raise ValueError("prompt_accuracy needs classifier=<folder> (train one with `python -m "
+                             "ldm.metrics.train_classifier --resolution <px> --out <folder>`)")
+        metrics["prompt_accuracy"] = PromptAccuracy(load_classifier(classifier))
+    if "clip_score" in names:
+        if not clip_model:
+            raise ValueError("clip_score needs clip_model=<folder with a CLIP model and processor, or a hub name>")
+        metrics["clip_score"] = ClipScore(str(clip_model))
     # Each metric keeps its own states: merging look-alike states (compute groups) would make
     # correctness depend on which metrics happen to be configured together.
     return MetricCollection(metrics, compute_groups=False)

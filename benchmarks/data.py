@@ -38,11 +38,10 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler
 from torch.utils.flop_counter import FlopCounterMode
 
-from ldm.data.pipeline import IMAGE_KEYS, SampleDecoder, ShardStream, make_loader
-from ldm.data.sources import SyntheticSource
-from ldm.data.transforms import ImageTransform
-from ldm.data.write import write_shards
 from ldm.first_stage.factory import autoencoder_kl
+
+# The loading side (ldm.data: webdataset, PIL) is imported where it is used, so that --skip-loading
+# runs where only torch is installed (a bare GPU machine).
 
 
 def log(message: str) -> None:
@@ -54,6 +53,10 @@ def log(message: str) -> None:
 def prepare_images(root: Path, n: int, resolution: int, image_format: str, shards: int) -> tuple[Path, Path]:
     """Write `n` synthetic images as `shards` shards under root/shards and, byte for byte the same
     files, as an ImageFolder (one class) under root/folder. Existing complete data is reused."""
+    from ldm.data.pipeline import IMAGE_KEYS
+    from ldm.data.sources import SyntheticSource
+    from ldm.data.write import write_shards
+
     shard_dir, folder = root / "shards", root / "folder" / "shapes"
     per_shard = -(-n // shards)
     write_shards(SyntheticSource(n, resolution=resolution, image_format=image_format), shard_dir,
@@ -81,6 +84,8 @@ def folder_loader(folder: Path, transform: ImageTransform, batch: int, workers: 
 def shard_loader(shard_dir: Path, transform: ImageTransform, batch: int, workers: int, n: int) -> DataLoader:
     """Our pipeline: a training ShardStream of n // batch batches (endless passes over the shards,
     cut there) through make_loader."""
+    from ldm.data.pipeline import SampleDecoder, ShardStream, make_loader
+
     stream = ShardStream(str(shard_dir), batch, SampleDecoder(transform), train=True, batches_per_epoch=n // batch)
     return make_loader(stream, num_workers=workers)
 
@@ -105,6 +110,8 @@ def measure_loading(args: argparse.Namespace, root: Path) -> list[dict[str, Any]
     begin = time.perf_counter()
     shard_dir, folder = prepare_images(root, args.images, args.resolution, args.format, args.shards)
     log(f"images ready in {time.perf_counter() - begin:.1f} s under {root}")
+    from ldm.data.transforms import ImageTransform
+
     transform = ImageTransform(args.size)  # centre crop, no flip: the same work in both pipelines
     n = args.images * args.passes
     records = []

@@ -13,8 +13,12 @@ For a named config it measures, per implementation and in one process:
 - ours/diffusers ratios. diffusers gets our randomly drawn weights through the converters, and a
   startup cross-check prints the largest output difference, so both time the same network.
 
+Our UNet can be measured in several fast-path variants at once (--ours): `base` (the reference
+layout: NCHW, float32 norms), `cl` (channels_last), `bf16norm` (fp32_norms=False) and `fast`
+(both); each gets its own ratio to diffusers.
+
     python benchmarks/unet.py --suite cpu                      # small config, fp32, 3 alternating rounds
-    python benchmarks/unet.py --suite gpu --out gpu.jsonl      # SD-1 b32 bf16 eager + compiled, CelebA b48
+    python benchmarks/unet.py --suite gpu --out gpu.jsonl      # SD-1 b32 bf16 eager (variants) + compiled, CelebA b48
     python benchmarks/unet.py --config sd1 --batch 8 --precision tf32 --device cuda
 
 JSON lines go to stdout (and are appended to --out); a markdown table ends the output; progress
@@ -57,6 +61,7 @@ ROOT = Path(__file__).resolve().parent.parent
 H100_BF16_DENSE_FLOPS = 989e12
 PRECISIONS = ("fp32", "tf32", "bf16")
 GIB = 2 ** 30
+MIN_TIMED_STEPS = 3  # a phase cut by the time limit still times this many steps (or --steps if fewer)
 
 
 @dataclass(frozen=True)
@@ -110,9 +115,21 @@ class Impl:
         return model
 
 
-def ours_impl(kwargs: Mapping[str, Any]) -> Impl:
-    return Impl("ours", "ldm.nets.unet.UNetModel", lambda: UNetModel(**kwargs), dict,
-                lambda m, x, t, c: m(x, t, c))
+# Our UNet's fast paths (UNetModel arguments) per --ours variant; `base` pins the reference
+# behaviour, whatever the config file sets.
+VARIANTS: dict[str, dict[str, bool]] = {
+    "base": dict(channels_last=False, fp32_norms=True),
+    "cl": dict(channels_last=True, fp32_norms=True),
+    "bf16norm": dict(channels_last=False, fp32_norms=False),
+    "fast": dict(channels_last=True, fp32_norms=False),
+}
+
+
+def ours_impl(kwargs: Mapping[str, Any], variant: str = "base") -> Impl:
+    """Our UNetModel with the fast paths of `variant` (named `ours` for base, else `ours-<variant>`)."""
+    full = {**kwargs, **VARIANTS[variant]}
+    return Impl("ours" if variant == "base" else f"ours-{variant}", "ldm.nets.unet.UNetModel",
+                lambda: UNetModel(**full), dict, lambda m, x, t, c: m(x, t, c))
 
 
 def _unet2d_problems(cfg: Mapping[str, Any]) -> list[str]:
@@ -269,7 +286,7 @@ def fp32_math(device: torch.device, tf32: bool) -> Iterator[None]:
 
 def cross_check(impls: list[Impl], bench: BenchConfig, weights: Mapping[str, torch.Tensor],
                 device: torch.device) -> dict[str, float]:
-    """Largest |output difference| of each other implementation from ours, fp32 (no TF32), batch 2."""
+    """Largest |output difference| of each other implementation from the first, fp32 (no TF32), batch 2."""
     inputs = make_inputs(bench, 2, device, 1)
     outputs = {}
     with fp32_math(device, tf32=False), torch.no_grad():
@@ -278,11 +295,10 @@ def cross_check(impls: list[Impl], bench: BenchConfig, weights: Mapping[str, tor
             outputs[impl.name] = impl.call(model, inputs["x"], inputs["t"], inputs["context"]).float()
             del model
             cleanup(device)
-    ours = outputs["ours"]
-    result = {"output_max_abs": ours.abs().max().item()}
-    for name, out in outputs.items():
-        if name != "ours":
-            result[f"max_abs_diff_{name}"] = (out - ours).abs().max().item()
+    first = outputs[impls[0].name]
+    result = {"output_max_abs": first.abs().max().item()}
+    for name, out in list(outputs.items())[1:]:
+        result[f"max_abs_diff_{name}"] = (out - first).abs().max().item()
     return result
 
 
@@ -346,12 +362,14 @@ class Row:
     batch: int
     precision: str
     compile: bool
+    ours: tuple[str, ...] = ("base",)  # our variants (VARIANTS keys)
+    phases: tuple[str, ...] = ("train", "infer")
 
 
 def measure_phase(impl: Impl, phase: str, row: Row, bench: BenchConfig, weights: Mapping[str, torch.Tensor],
                   device: torch.device, steps: int, warmup: int, deadline: float) -> dict[str, float]:
     """Time `steps` training steps (phase 'train') or no-grad forwards ('infer') after `warmup`.
-    Stops early (after at least one timed step) once `deadline` (perf_counter) has passed."""
+    Stops early (after at least MIN_TIMED_STEPS timed steps) once `deadline` (perf_counter) has passed."""
     memory = PeakMemory(device)
     cleanup(device)
     memory.start()
@@ -389,7 +407,8 @@ def measure_phase(impl: Impl, phase: str, row: Row, bench: BenchConfig, weights:
 
 def timed_steps(step: Callable[[], None], steps: int, deadline: float,
                 device: torch.device) -> tuple[float, float | None, int]:
-    """(seconds per step, fastest step or None, steps run); stops early past `deadline`.
+    """(seconds per step, fastest step or None, steps run); stops early past `deadline`, but not
+    before MIN_TIMED_STEPS steps (a single step after compilation can still include a recompile).
 
     CUDA: the loop's mean with one synchronisation at the end, so the host queues the next step
     while the device works, as in training. CPU: the median step, because on a shared machine
@@ -397,13 +416,13 @@ def timed_steps(step: Callable[[], None], steps: int, deadline: float,
     """
     if device.type == "cuda":
         begin, done = time.perf_counter(), 0
-        while done < steps and (done == 0 or time.perf_counter() < deadline):
+        while done < steps and (done < MIN_TIMED_STEPS or time.perf_counter() < deadline):
             step()
             done += 1
         synchronize(device)
         return (time.perf_counter() - begin) / done, None, done
     times: list[float] = []
-    while len(times) < steps and (not times or time.perf_counter() < deadline):
+    while len(times) < steps and (len(times) < MIN_TIMED_STEPS or time.perf_counter() < deadline):
         begin = time.perf_counter()
         step()
         times.append(time.perf_counter() - begin)
@@ -446,7 +465,8 @@ class Benchmark:
         self.device, self.steps, self.warmup, self.rounds = device, steps, warmup, rounds
         self.deadline, self.peak, self.seed, self.out = deadline, peak, seed, out
         self.records: list[dict[str, Any]] = []
-        self._checked: dict[str, dict[str, float]] = {}
+        self._checked: dict[tuple[str, tuple[str, ...]], dict[str, float]] = {}
+        self._flops: dict[tuple[str, Any], int] = {}
 
     def emit(self, record: dict[str, Any]) -> None:
         self.records.append(record)
@@ -458,7 +478,7 @@ class Benchmark:
 
     def run(self, row: Row) -> None:
         bench = bench_config(row.config)
-        impls = [ours_impl(bench.unet)]
+        impls = [ours_impl(bench.unet, v) for v in row.ours]
         theirs, why_not = diffusers_impl(bench)
         if theirs is not None:
             impls.append(theirs)
@@ -467,22 +487,24 @@ class Benchmark:
         with torch.device("meta"):
             skeleton = impls[0].make()
         weights = random_weights(skeleton, self.device, self.seed)
-        if row.config not in self._checked:
-            self._checked[row.config] = cross_check(impls, bench, weights, self.device)
-            log(f"[{row.config}] cross-check (fp32, batch 2): {self._checked[row.config]}")
+        checked = (row.config, tuple(i.name for i in impls))
+        if checked not in self._checked:
+            self._checked[checked] = cross_check(impls, bench, weights, self.device)
+            log(f"[{row.config}] cross-check (fp32, batch 2): {self._checked[checked]}")
         base = {"config": row.config, "batch": row.batch, "precision": row.precision, "compile": row.compile,
+                "ours_variants": {f"ours-{v}" if v != "base" else "ours": VARIANTS[v] for v in row.ours},
                 "latent": [bench.unet["in_channels"], bench.size, bench.size], "context_tokens": bench.tokens,
                 "params_m": sum(v.numel() for v in weights.values()) / 1e6, "steps": self.steps,
                 "warmup": self.warmup, "n_rounds": self.rounds,
                 "timing": "mean step, one sync" if self.device.type == "cuda" else "median step",
-                **environment(self.device), "cross_check": self._checked[row.config],
+                **environment(self.device), "cross_check": self._checked[checked],
                 "diffusers_unavailable": why_not or None}
-        runs: dict[str, dict[str, list[dict[str, float]]]] = {i.name: {"train": [], "infer": []} for i in impls}
+        runs: dict[str, dict[str, list[dict[str, float]]]] = {i.name: {p: [] for p in row.phases} for i in impls}
         skipped: list[str] = []
         errors: list[str] = []
         for r in range(self.rounds):
             order = impls if r % 2 == 0 else impls[::-1]  # alternate who goes first against drift in load
-            for phase in ("train", "infer"):
+            for phase in row.phases:
                 for impl in order:
                     if time.perf_counter() > self.deadline:
                         skipped.append(f"{impl.name} {phase} round {r}")
@@ -492,6 +514,7 @@ class Benchmark:
                     try:
                         runs[impl.name][phase].append(measure_phase(
                             impl, phase, row, bench, weights, self.device, self.steps, self.warmup, self.deadline))
+                        log(f"  -> {runs[impl.name][phase][-1]}")  # kept in the log should the run be cut
                     except Exception as err:  # e.g. out of memory: record it, go on with the other phases
                         errors.append(f"{impl.name} {phase} round {r}: {type(err).__name__}: {str(err)[:300]}")
                         log(f"FAILED {errors[-1]}")
@@ -502,21 +525,27 @@ class Benchmark:
             log(f"time limit reached: skipped {', '.join(skipped)}")
         per_impl = {}
         for impl in impls:
-            per_impl[impl.name] = self._impl_record(impl, bench, runs[impl.name])
+            per_impl[impl.name] = self._impl_record(impl, row.config, bench, runs[impl.name])
             self.emit({**base, "kind": "impl", **per_impl[impl.name], "skipped": skipped or None,
                        "errors": [e for e in errors if e.startswith(impl.name)] or None,
                        "load_avg_end": [round(v, 2) for v in os.getloadavg()]})
         if theirs is not None:
-            self.emit({**base, "kind": "ratio", **ratios(per_impl["ours"], per_impl["diffusers"])})
+            for ours in impls[:-1]:
+                self.emit({**base, "kind": "ratio", "impl": ours.name,
+                           **ratios(per_impl[ours.name], per_impl["diffusers"])})
 
-    def _impl_record(self, impl: Impl, bench: BenchConfig, runs: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
-        flops = forward_flops(impl, bench)
+    def _impl_record(self, impl: Impl, config: str, bench: BenchConfig,
+                     runs: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
+        key = (impl.model_class, config)
+        if key not in self._flops:  # the variants of one network share its FLOPs; counting SD-1 takes a while
+            self._flops[key] = forward_flops(impl, bench)
+        flops = self._flops[key]
         record: dict[str, Any] = {"impl": impl.name, "model_class": impl.model_class,
                                   "fwd_gflop_per_sample": flops / 1e9, "rounds": runs}
         for phase, key in (("train", "train_samples_per_s"), ("infer", "infer_evals_per_s")):
-            values = [m["samples_per_s"] for m in runs[phase]]
+            values = [m["samples_per_s"] for m in runs.get(phase, [])]
             record[key] = statistics.median(values) if values else None
-            record[f"{phase}_peak_gib"] = max((m["peak_gib"] for m in runs[phase]), default=None)
+            record[f"{phase}_peak_gib"] = max((m["peak_gib"] for m in runs.get(phase, [])), default=None)
         record["mfu"] = (3 * flops * record["train_samples_per_s"] / self.peak
                          if self.peak and record["train_samples_per_s"] else None)
         return record
@@ -548,7 +577,7 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
                 ("%" if r["mfu"] else ""), _fmt(r["infer_evals_per_s"], ".2f"), _fmt(r["train_peak_gib"], ".2f"),
                 _fmt(r["infer_peak_gib"], ".2f"), f"{r['fwd_gflop_per_sample']:.1f} |"]))
         else:
-            lines.append(head.format("**ours / diffusers**") + " | ".join([
+            lines.append(head.format(f"**{r['impl']} / diffusers**") + " | ".join([
                 f" **{_fmt(r['train_ratio'], '.3f')}**", "", f"**{_fmt(r['infer_ratio'], '.3f')}**",
                 _fmt(r["train_mem_ratio"], ".3f"), _fmt(r["infer_mem_ratio"], ".3f"), " |"]))
     return "\n".join(lines)
@@ -563,11 +592,17 @@ def log(message: str) -> None:
 SUITES: dict[str, dict[str, Any]] = {
     # The CPU targets: eager fp32, small config (ratio >= 1.0 for training and sampling). One
     # thread: on a shared 2-core machine a descheduled OpenMP thread stalls every parallel op.
-    "cpu": dict(rows=[Row("small", 4, "fp32", False)], steps=6, warmup=2, rounds=3, time_limit=None, threads=1),
-    # The GPU targets (SD-1 eager and compiled) first, so the time limit cuts CelebA-HQ first.
-    "gpu": dict(rows=[Row("sd1", 32, "bf16", False), Row("sd1", 32, "bf16", True),
-                      Row("celebahq", 48, "bf16", False)], steps=10, warmup=3, rounds=1, time_limit=240.0,
-                threads=None),
+    # channels_last is the only fast path that acts in float32.
+    "cpu": dict(rows=[Row("small", 4, "fp32", False, ours=("base", "cl"))], steps=6, warmup=2, rounds=3,
+                time_limit=None, threads=1),
+    # The GPU targets in order of importance, so the time limit cuts the least important: SD-1
+    # eager for every fast-path variant of ours, SD-1 compiled training (compiling one model takes
+    # about 2 minutes), CelebA-HQ LDM-4 eager, SD-1 compiled inference.
+    "gpu": dict(rows=[Row("sd1", 32, "bf16", False, ours=("base", "cl", "fast")),
+                      Row("sd1", 32, "bf16", True, ours=("fast",), phases=("train",)),
+                      Row("celebahq", 48, "bf16", False, ours=("base", "fast")),
+                      Row("sd1", 32, "bf16", True, ours=("fast",), phases=("infer",))],
+                steps=10, warmup=3, rounds=1, time_limit=330.0, threads=None),
 }
 DEFAULTS = dict(steps=10, warmup=3, rounds=1, time_limit=None, threads=None)
 
@@ -581,6 +616,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", choices=PRECISIONS, help="fp32 (strict), tf32 (CUDA: TF32 matmul/conv) or "
                    "bf16 (autocast, fp32 weights); default fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile both implementations")
+    p.add_argument("--ours", default="base", help="comma-separated variants of our UNet to measure: "
+                   f"{', '.join(VARIANTS)} (default base)")
+    p.add_argument("--phases", default="train,infer", help="comma-separated phases: train, infer (default both)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     p.add_argument("--steps", type=int, help="timed steps per phase (default 10; suite cpu: 6)")
     p.add_argument("--warmup", type=int, help="untimed steps per phase, compilation included "
@@ -588,7 +626,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="repetitions of every phase, alternating which implementation "
                    "goes first; the median is reported (default 1; suite cpu: 3)")
     p.add_argument("--time-limit", type=float, help="seconds; phases not started by then are skipped and "
-                   "timed loops stop early (default none; suite gpu: 240)")
+                   "timed loops stop early (default none; suite gpu: 330)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; suite cpu: 1)")
     p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s for MFU (default 989 on H100/H200, "
                    "else no MFU)")
@@ -606,6 +644,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--steps, --rounds, --threads and --batch must be >= 1")
     if args.warmup is not None and args.warmup < 0:
         p.error("--warmup must be >= 0")
+    args.ours, args.phases = tuple(args.ours.split(",")), tuple(args.phases.split(","))
+    if not set(args.ours) <= set(VARIANTS) or len(set(args.ours)) != len(args.ours):
+        p.error(f"--ours takes distinct names among {', '.join(VARIANTS)}")
+    if not set(args.phases) <= {"train", "infer"} or not args.phases:
+        p.error("--phases takes train and/or infer")
     return args
 
 
@@ -629,7 +672,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = preset["rows"]
     else:
         preset = DEFAULTS
-        rows = [Row(args.config, args.batch or 8, args.precision or "fp32", args.compile)]
+        rows = [Row(args.config, args.batch or 8, args.precision or "fp32", args.compile, args.ours, args.phases)]
     opts = {k: getattr(args, k) if getattr(args, k) is not None else preset[k] for k in DEFAULTS}
     if device.type == "cpu" and any(r.precision == "tf32" for r in rows):
         raise SystemExit("--precision tf32 needs a CUDA device (TF32 is a tensor-core format)")

@@ -17,7 +17,7 @@ from ldm.metrics.collection import FID
 from ldm.metrics.features import FeatureExtractor
 from ldm.metrics.lpips import LPIPS
 from ldm.metrics.reconstruction import psnr, ssim
-from ldm.modules.base import BuildableModule
+from ldm.modules.base import BuildableModule, fast_optimizer_kwargs
 from ldm.modules.nonfinite import NonFiniteGuard
 from ldm.utils.images import log_grid
 from ldm.utils.lr import trainer_effective_lr
@@ -70,8 +70,9 @@ class AutoencoderModule(BuildableModule):
     def configure_optimizers(self):
         lr = trainer_effective_lr(self, self.hparams.base_lr, self.hparams.scale_lr)
         betas = tuple(self.hparams.betas)
-        opt_ae = torch.optim.Adam(self._ae_parameters(), lr=lr, betas=betas)
-        opt_d = torch.optim.Adam(self.loss.discriminator.parameters(), lr=lr, betas=betas)
+        ae_params, d_params = list(self._ae_parameters()), list(self.loss.discriminator.parameters())
+        opt_ae = torch.optim.Adam(ae_params, lr=lr, betas=betas, **fast_optimizer_kwargs(ae_params))
+        opt_d = torch.optim.Adam(d_params, lr=lr, betas=betas, **fast_optimizer_kwargs(d_params))
         return [opt_ae, opt_d]
 
     def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, object, dict[str, torch.Tensor]]:

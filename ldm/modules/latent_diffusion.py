@@ -22,7 +22,7 @@ from ldm.diffusion.objective import (check_parameterization, logvar_weighted, lo
 from ldm.diffusion.samplers import get_sampler, noise_for_seeds
 from ldm.diffusion.schedule import DiffusionSchedule, make_betas, q_sample
 from ldm.first_stage.base import FirstStage
-from ldm.modules.base import BuildableModule
+from ldm.modules.base import BuildableModule, fast_optimizer_kwargs
 from ldm.modules.nonfinite import NonFiniteGuard
 from ldm.nets.wrapper import DiffusionWrapper
 from ldm.utils.images import log_grid
@@ -52,6 +52,10 @@ class LatentDiffusion(BuildableModule):
     image_size: training resolution in pixels (the default size of samples).
     scale_factor / scale_by_std: latents are scale_factor * z; with scale_by_std it becomes
         1/std of the first training batch's latents (all DDP ranks pooled) and is saved.
+    compile / compile_mode: torch.compile the denoiser (training and sampling) with that mode
+        (None: torch's default; e.g. "max-autotune"). It is compiled in place (nn.Module.compile),
+        so parameter names and checkpoints are unchanged; compilation happens at the first call.
+    compile_first_stage: also compile the first stage's encoder (latents computed from images).
     nonfinite_loss: "stop" or "skip" on a NaN/inf training loss (ldm.modules.nonfinite).
     """
 
@@ -65,6 +69,7 @@ class LatentDiffusion(BuildableModule):
                  scale_factor: float = 1.0, scale_by_std: bool = False, ema_decay: float | None = 0.9999,
                  base_lr: float = 1e-4, scale_lr: bool = True, weight_decay: float = 0.01, warmup_steps: int = 0,
                  image_size: int = 256, val_sampler: dict | None = None, log_images: int = 8,
+                 compile: bool = False, compile_mode: str | None = None, compile_first_stage: bool = False,
                  nonfinite_loss: str = "stop"):
         super().__init__()
         self.save_hyperparameters(ignore=["unet", "first_stage", "cond_stage", "concat_stage"])
@@ -79,6 +84,13 @@ class LatentDiffusion(BuildableModule):
         self.parameterization = check_parameterization(parameterization)
         self.model = DiffusionWrapper(unet, conditioning_key)
         self.first_stage_model = first_stage.eval().requires_grad_(False)
+        if compile:
+            unet.compile(mode=compile_mode)
+        if compile_first_stage:
+            encoder = getattr(first_stage, "encoder", None)
+            if not isinstance(encoder, nn.Module):
+                raise ValueError(f"compile_first_stage: {type(first_stage).__name__} has no encoder network to compile")
+            encoder.compile(mode=compile_mode)
         self.cond_stage_model = cond_stage
         if cond_stage is not None and not cond_stage_trainable:
             cond_stage.eval().requires_grad_(False)
@@ -280,7 +292,8 @@ class LatentDiffusion(BuildableModule):
             params += list(self.cond_stage_model.parameters())
         if self.hparams.learn_logvar:
             params.append(self.logvar)
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=self.hparams.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=self.hparams.weight_decay,
+                                      **fast_optimizer_kwargs(params))
         if not self.hparams.warmup_steps:
             return optimizer
         warmup = self.hparams.warmup_steps

@@ -8,8 +8,11 @@ Two kinds of attention sit in the UNet:
   (text / class models through cross-attention).
 
 All attention runs through torch.nn.functional.scaled_dot_product_attention. Normalisation layers
-compute in float32 and cast back, so the blocks work under bf16 / fp16 autocast and in reduced
-precision without the statistics losing precision.
+compute in float32 and cast back by default (the reference's GroupNorm32), so the blocks work under
+bf16 / fp16 autocast and in reduced precision without the statistics losing precision. With
+`fp32 = False` (see `set_norm_precision`) a norm reads and writes its input's dtype instead; torch's
+norm kernels still accumulate the statistics of bf16 / fp16 inputs in float32, and float32 inputs
+are computed exactly as before.
 """
 from __future__ import annotations
 
@@ -20,26 +23,56 @@ from torch import nn
 GROUPS = 32
 
 
-class GroupNorm32(nn.GroupNorm):
-    """GroupNorm with 32 groups that always computes in float32 and returns the input's dtype."""
+def _in_input_dtype(norm, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """norm(x, weight, bias) with input, parameters and output in x's (reduced) dtype.
 
-    def __init__(self, channels: int, eps: float):
+    CUDA autocast runs group_norm and layer_norm in float32 and hands float32 on (so the next
+    op reads and writes twice the bytes); switching it off here keeps the activations in x's
+    dtype, while the kernels still accumulate mean and variance in float32.
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        return norm(x, weight.to(x.dtype), bias.to(x.dtype))
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm with 32 groups that computes in float32 and returns the input's dtype; with
+    `fp32 = False` a bf16 / fp16 input is normalised in its own dtype (float32 statistics)."""
+
+    def __init__(self, channels: int, eps: float, fp32: bool = True):
         if channels % GROUPS:
             raise ValueError(f"{channels} channels do not split into {GROUPS} GroupNorm groups: "
                              f"every block width must be a multiple of {GROUPS}")
         super().__init__(GROUPS, channels, eps=eps, affine=True)
+        self.fp32 = fp32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(),
-                            self.eps).to(x.dtype)
+        if self.fp32 or x.dtype == torch.float32:
+            return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(),
+                                self.eps).to(x.dtype)
+        return _in_input_dtype(lambda t, w, b: F.group_norm(t, self.num_groups, w, b, self.eps),
+                               x, self.weight, self.bias)
 
 
 class LayerNorm32(nn.LayerNorm):
-    """LayerNorm over the last dimension that computes in float32 and returns the input's dtype."""
+    """LayerNorm over the last dimension that computes in float32 and returns the input's dtype;
+    with `fp32 = False` a bf16 / fp16 input is normalised in its own dtype (float32 statistics)."""
+
+    fp32 = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
-                            self.eps).to(x.dtype)
+        if self.fp32 or x.dtype == torch.float32:
+            return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
+                                self.eps).to(x.dtype)
+        return _in_input_dtype(lambda t, w, b: F.layer_norm(t, self.normalized_shape, w, b, self.eps),
+                               x, self.weight, self.bias)
+
+
+def set_norm_precision(module: nn.Module, fp32: bool) -> None:
+    """Make every GroupNorm32 / LayerNorm32 in `module` compute in float32 (`fp32`, the reference)
+    or in the dtype of its input (float32 statistics either way)."""
+    for m in module.modules():
+        if isinstance(m, (GroupNorm32, LayerNorm32)):
+            m.fp32 = fp32
 
 
 def zero_init(module: nn.Module) -> nn.Module:

@@ -8,7 +8,8 @@ Layout: a 3x3 conv, then per resolution level `num_res_blocks` ResBlocks (each f
 attention block when the level's downsampling factor ds is in `attention_resolutions`) and,
 between levels, a downsampler; a middle block (ResBlock, attention, ResBlock); the decoder mirrors
 the encoder with `num_res_blocks + 1` ResBlocks per level, each fed the matching encoder
-activation concatenated on channels. GroupNorm uses 32 groups, eps 1e-5, computed in float32.
+activation concatenated on channels. GroupNorm uses 32 groups, eps 1e-5, computed in float32
+(unless `fp32_norms=False`).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ldm.nets.attention import GroupNorm32, SelfAttentionBlock, SpatialTransformer, zero_init
+from ldm.nets.attention import GroupNorm32, SelfAttentionBlock, SpatialTransformer, set_norm_precision, zero_init
 from ldm.nets.timestep import timestep_embedding
 
 NORM_EPS = 1e-5
@@ -153,6 +154,14 @@ class UNetModel(nn.Module):
     activations in the backward pass (torch.utils.checkpoint, non-reentrant). `dropout` acts
     in the ResBlocks, as in the reference. `config` holds every argument (defaults filled in,
     plain containers) for checkpoints and the converters.
+
+    Fast paths that leave the weights and the float32 results unchanged:
+    `channels_last` stores the conv weights and runs the activations in channels-last
+    (NHWC) memory format (tensor-core convolutions need no layout transposes, and the spatial
+    transformers' token view is then contiguous); the output is returned contiguous (NCHW).
+    `fp32_norms=False` lets the GroupNorms / LayerNorms of bf16 / fp16 activations (autocast or
+    a reduced-precision model) read and write that dtype, statistics still in float32, instead
+    of the reference's float32 round trip.
     """
 
     def __init__(
@@ -178,6 +187,8 @@ class UNetModel(nn.Module):
         transformer_depth: int = 1,
         context_dim: int | None = None,
         legacy: bool = True,
+        channels_last: bool = False,
+        fp32_norms: bool = True,
     ):
         super().__init__()
         channel_mult = _ints("channel_mult", channel_mult)
@@ -191,13 +202,15 @@ class UNetModel(nn.Module):
             num_head_channels=num_head_channels, num_heads_upsample=num_heads_upsample,
             use_scale_shift_norm=use_scale_shift_norm, resblock_updown=resblock_updown,
             use_new_attention_order=use_new_attention_order, use_spatial_transformer=use_spatial_transformer,
-            transformer_depth=transformer_depth, context_dim=context_dim, legacy=legacy)
+            transformer_depth=transformer_depth, context_dim=context_dim, legacy=legacy,
+            channels_last=channels_last, fp32_norms=fp32_norms)
         check_unet_config(self.config)
         self.model_channels = model_channels
         self.num_classes = num_classes
         self.adm_in_channels = adm_in_channels
         self.context_dim = context_dim
         self.use_checkpoint = use_checkpoint
+        self.channels_last = channels_last
 
         emb_dim = 4 * model_channels
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -253,6 +266,10 @@ class UNetModel(nn.Module):
 
         self.out = nn.Sequential(GroupNorm32(ch, NORM_EPS), nn.SiLU(),
                                  zero_init(nn.Conv2d(model_channels, out_channels, 3, padding=1)))
+        set_norm_precision(self, fp32_norms)
+        if channels_last:
+            # Only 4-D tensors (conv kernels) change layout; .to(device) and load_state_dict keep it.
+            self.to(memory_format=torch.channels_last)
 
     def _run(self, block: TimestepEmbedSequential, h: torch.Tensor, emb: torch.Tensor,
              context: torch.Tensor | None) -> torch.Tensor:
@@ -283,6 +300,8 @@ class UNetModel(nn.Module):
             context = context.to(dtype)
 
         h = x.to(dtype)
+        if self.channels_last:
+            h = h.contiguous(memory_format=torch.channels_last)
         skips = []
         for block in self.input_blocks:
             h = self._run(block, h, emb, context)
@@ -290,7 +309,7 @@ class UNetModel(nn.Module):
         h = self._run(self.middle_block, h, emb, context)
         for block in self.output_blocks:
             h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context)
-        return self.out(h).to(x.dtype)
+        return self.out(h).to(x.dtype).contiguous()
 
     def _check_inputs(self, x: torch.Tensor, context: torch.Tensor | None, y: torch.Tensor | None) -> None:
         cfg = self.config

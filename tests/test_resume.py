@@ -99,6 +99,19 @@ def test_text_ldm_with_ema_resumes_mid_epoch_and_at_an_epoch_end_exactly(tmp_pat
     assert any(k.startswith("model_ema.") for k in ema) and int(ema["model_ema.num_updates"]) == 9
 
 
+
+def test_finished_run_is_extended_from_its_last_checkpoint(tmp_path):
+    # last.ckpt holds the final step (no periodic save falls on it), so a finished 2-epoch run
+    # continued to 3 epochs in its own folder equals a 3-epoch run.
+    base = [*LDM, "callbacks.checkpoint.every_n_train_steps=100"]
+    data = tmp_path / "data"
+    _run([*base, "trainer.max_epochs=3"], tmp_path / "full", data)
+    _run([*base, "trainer.max_epochs=2"], tmp_path / "run", data)
+    assert _state(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 6
+    _run([*base, "trainer.max_epochs=3"], tmp_path / "run", data, "ckpt_path=last")
+    _assert_same_weights(tmp_path / "full.final.pt", tmp_path / "run.final.pt")
+    assert _keys(tmp_path / "run") == _keys(tmp_path / "full")
+
 def test_atomic_save_survives_a_kill_during_the_write(tmp_path):
     ckpt = tmp_path / "last.ckpt"
     child = f"""

@@ -17,12 +17,12 @@ import logging
 import os
 import signal
 import subprocess
-from pathlib import Path
 from types import FrameType
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+from ldm.callbacks.last_checkpoint import save_last
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +63,10 @@ class Preemption(pl.Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
             return
-        checkpoint = trainer.checkpoint_callback
-        if not isinstance(checkpoint, ModelCheckpoint) or checkpoint.dirpath is None:
+        path = save_last(trainer)
+        if path is None:
             log.warning("stopped by a signal at step %d without a ModelCheckpoint: nothing saved", trainer.global_step)
         else:
-            path = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
-            trainer.save_checkpoint(path)  # every rank takes part; rank 0 writes
             log.info("stopped by a signal at step %d; saved %s", trainer.global_step, path)
         job = slurm_job_id()
         if self._usr1 and self.requeue and job is not None and trainer.is_global_zero:

@@ -198,6 +198,19 @@ def test_briefly_trained_classifier_is_clearly_above_chance(classifier):
     assert shifted.compute()["prompt_accuracy"].item() < fresh["prompt_accuracy"] / 2
 
 
+
+@pytest.mark.parametrize("resolution", [32, 64])
+def test_shipped_classifiers_read_fresh_images_correctly(resolution):
+    # assets/classifiers/* are what the quickstart and the f-sweep score with: on images of a
+    # generator seed they never saw, whole prompts must come out right almost always.
+    folder = Path(__file__).resolve().parents[1] / "assets" / "classifiers" / f"shapes-{resolution}"
+    model = load_classifier(folder, resolution=resolution)
+    images, _, captions = generated_batch(ShapesGenerator(resolution, seed=123), 0, 300)
+    metric = PromptAccuracy(model)
+    metric.update(images, real=False, captions=captions)
+    result = {k: v.item() for k, v in metric.compute().items()}
+    assert result["prompt_accuracy"] > 0.9 and result["prompt_accuracy_chance"] < 0.1, result
+
 def test_classifier_files_round_trip_and_refuse_mismatches(classifier, tmp_path):
     model = load_classifier(classifier)
     assert not model.training and (classifier / "classifier.safetensors").stat().st_size < 1_000_000

@@ -327,7 +327,14 @@ class EpochLoader(DataLoader):
             self._next_epoch, self._resume_at = state["epoch"], state["batches"]
 
 
+def _batch_as_built(batch: dict) -> dict:
+    """The loader's collate_fn: ShardStream's batches are ready (stacked tensors, lists), so the
+    DataLoader's default per-element conversion walk over every caption and metadata entry is
+    skipped (about 5% of the single-process loading time on the synthetic shards)."""
+    return batch
+
+
 def make_loader(dataset: ShardStream, num_workers: int, start_epoch: int = 0) -> EpochLoader:
     """A loader over `dataset`: batching happens in the dataset, so batch_size=None here."""
-    return EpochLoader(dataset, start_epoch=start_epoch, num_workers=num_workers,
+    return EpochLoader(dataset, start_epoch=start_epoch, num_workers=num_workers, collate_fn=_batch_as_built,
                        pin_memory=torch.cuda.is_available(), persistent_workers=False)

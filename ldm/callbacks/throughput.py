@@ -36,7 +36,7 @@ def batch_size(batch: dict) -> int:
 
 
 class ThroughputLogger(pl.Callback):
-    """Logs, from rank 0, every training step (written at the trainer's log_every_n_steps):
+    """Logs, from rank 0, every trainer.log_every_n_steps batches:
 
     perf/samples_per_s: images per second over all ranks;
     perf/samples_per_s_per_device, perf/steps_per_s (optimiser updates, i.e. batches / accumulation);
@@ -47,13 +47,14 @@ class ThroughputLogger(pl.Callback):
     called once on the first training batch, in eval mode and with the RNG state restored, so the
     run trains exactly as without this callback. It is skipped under sharded strategies (FSDP):
     there the weights exist only inside the wrapped forward, and no MFU is logged.
-    Rates are averages over the last `window_size` steps; validation time is left out.
+    Rates are averages over the last `window_size` logging intervals (trainer.log_every_n_steps
+    batches each; timings are taken only then); validation time is left out.
 
     available_flops: peak FLOP/s of one device; None: Lightning's table for known GPUs at the
         trainer's precision (an unknown device or the CPU has none: then no MFU).
     """
 
-    def __init__(self, window_size: int = 20, available_flops: float | None = None):
+    def __init__(self, window_size: int = 5, available_flops: float | None = None):
         if window_size < 2:
             raise ValueError(f"window_size must be at least 2 (rates need two timings), got {window_size}")
         self.window_size = window_size
@@ -100,9 +101,11 @@ class ThroughputLogger(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
+        self._batches += 1
+        if self._batches % trainer.log_every_n_steps:
+            return  # timing only at logging steps: a synchronisation per step would stall the GPU queue
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize()  # time finished work, not queued kernels
-        self._batches += 1
         samples = self._batches * batch_size(batch)
         self._throughput.update(time=time.perf_counter() - self._t0, batches=self._batches, samples=samples,
                                 flops=self.flops_per_batch)

@@ -95,3 +95,34 @@ def test_toy_ldm_experiments_resolve(tmp_path, experiment):
     cfg = compose("train", [f"experiment={experiment}", "first_stage.path=some/run"], tmp_path / "run", tmp_path / "data")
     resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     assert resolved["model"]["image_size"] == 32 and resolved["first_stage"]["path"] == "some/run"
+
+
+FSWEEP = [e for e in EXPERIMENTS if e.startswith("fsweep/")]
+
+
+def test_every_experiment_is_tested_here():
+    """A new experiment config must land in one of the groups this file composes and builds."""
+    covered = (set(AUTOENCODERS) | {f"paper/{n}" for n in PAPER_LDMS} | set(FSWEEP)
+               | {e for e in EXPERIMENTS if e.startswith("toy/ldm_")})
+    assert sorted(set(EXPERIMENTS) - covered) == []
+
+
+@pytest.mark.parametrize("f", [1, 2, 4, 8, 16, 32])
+def test_fsweep_builds_for_every_f(tmp_path, caption_shards, f):
+    """The f-sweep's autoencoder builds for each f > 1, and its LDM (same UNet for all f) denoises
+    the latent of that f: pixels for f = 1, a random KL autoencoder of fsweep/ae's shape otherwise."""
+    if f > 1:
+        ae = compose("train", ["experiment=fsweep/ae", f"first_stage.f={f}"], tmp_path / "ae", tmp_path / "data")
+        assert instantiate(ae.first_stage).downsampling_factor == f
+        stage = ["first_stage=kl", f"first_stage.f={f}", "first_stage.ch=32", "first_stage.num_res_blocks=1",
+                 "first_stage.z_channels=4", "first_stage.attn_resolutions=[]"]
+    else:
+        stage = ["first_stage=identity", "fsweep.latent_channels=3"]
+    cfg = compose("train", ["experiment=fsweep/ldm", f"fsweep.f={f}", *stage, f"data.train_urls={caption_shards}"],
+                  tmp_path / "run", tmp_path / "data")
+    model = instantiate(cfg.model, _convert_="all")
+    c, h, w = model.latent_shape(cfg.data.image_size)
+    assert (h, w) == (32 // f, 32 // f)
+    x = torch.randn(2, c, h, w)
+    cond = model.condition({"caption": ["a red circle", "a blue square"]}, (h, w))
+    assert model.model(x, torch.tensor([10, 500]), cond).shape == x.shape

@@ -18,8 +18,8 @@ class NonFiniteGuard:
     policy: "stop" raises NonFiniteLossError naming the step and the last checkpoint written;
         "skip" leaves the weights untouched for this batch and counts it (`skipped`, logged as
         train/nonfinite_skipped).
-    All DDP ranks decide together: if any rank's loss is not finite, every rank stops or skips,
-    so no rank waits in a gradient all-reduce the others never enter.
+    All DDP ranks decide together: if any rank's loss is not finite, every rank stops, so no rank
+    waits in a collective the others never enter. "skip" is refused with more than one process.
     """
 
     def __init__(self, policy: str = "stop"):
@@ -31,6 +31,12 @@ class NonFiniteGuard:
     def usable(self, module: pl.LightningModule, loss: torch.Tensor, name: str = "loss") -> bool:
         """True when `loss` is finite on every rank; otherwise stop or (skip) count and return False."""
         trainer = module.trainer
+        if self.policy == "skip" and trainer.world_size > 1:
+            # A step without backward leaves DDP's gradient reduction unfinished, and the next
+            # forward fails on every rank; skipping is therefore a single-process option.
+            raise ValueError("model.nonfinite_loss=skip works on one device only (DDP needs a backward pass "
+                             f"every step; this run has {trainer.world_size} processes): use "
+                             "model.nonfinite_loss=stop and resume from the named checkpoint")
         finite = trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss).all()), all=True)
         if not finite:
             if self.policy == "stop":

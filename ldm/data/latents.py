@@ -38,6 +38,7 @@ from ldm.data.index import INDEX_NAME, ShardIndex
 from ldm.data.pipeline import IMAGE_KEYS, MOMENTS_KEY, SampleDecoder, count_samples, expand_urls
 from ldm.data.sources import Members
 from ldm.data.transforms import ImageTransform
+from ldm.data.tar import tar_samples
 from ldm.data.write import write_shards
 from ldm.first_stage.base import FirstStage, Posterior
 from ldm.first_stage.distributions import DeterministicLatent, DiagonalGaussian
@@ -128,7 +129,7 @@ def posterior_from_moments(moments: torch.Tensor, first_stage: FirstStage,
 # --- reading image shards in a fixed, resumable order ------------------------------------------
 def _image_samples(urls: list[str]) -> Iterator[dict]:
     """Raw samples with an image member, in shard order (the order count_samples counts)."""
-    raw = wds.tarfile_to_samples(handler=wds.warn_and_continue)({"url": u} for u in urls)
+    raw = tar_samples(({"url": u} for u in urls), wds.warn_and_continue)
     return (s for s in raw if any(k in s for k in IMAGE_KEYS))
 
 

@@ -28,6 +28,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ldm.data.index import ShardIndex, count_from_index
+from ldm.data.tar import tar_samples
 from ldm.data.transforms import ImageTransform
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -69,7 +70,7 @@ def count_samples(urls: list[str]) -> int:
     counted = count_from_index(urls)
     if counted is not None:
         return counted
-    stream = wds.tarfile_to_samples(handler=wds.warn_and_continue)({"url": u} for u in urls)
+    stream = tar_samples(({"url": u} for u in urls), wds.warn_and_continue)
     return sum(1 for s in stream if has_payload(s))
 
 
@@ -258,7 +259,7 @@ class ShardStream(IterableDataset):
         counter = SkipCounter()
         rng = self._rng(worker, 1)
         if self.train:
-            raw = wds.tarfile_to_samples(handler=counter.handler)(self._train_shards(worker, n_workers))
+            raw = tar_samples(self._train_shards(worker, n_workers), counter.handler)
             raw = wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=self._rng(worker, 2))(raw)
             share, done = (n // n_workers + (worker < n % n_workers) for n in (self.batches_per_epoch,
                                                                                self.resume_batches))
@@ -272,7 +273,7 @@ class ShardStream(IterableDataset):
             for batch in itertools.islice(lists, share - done):
                 yield self._collate(batch, counter.take())
         else:
-            raw = wds.tarfile_to_samples(handler=counter.handler)({"url": u} for u in self.urls)
+            raw = tar_samples(({"url": u} for u in self.urls), counter.handler)
             yield from self._batches(self._val_samples(raw, worker, n_workers), counter, rng)
 
     def _val_samples(self, raw: Iterator[dict], worker: int, n_workers: int) -> Iterator[dict]:

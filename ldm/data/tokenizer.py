@@ -108,8 +108,9 @@ def captions_from_shards(urls: str | list[str]) -> Iterator[str]:
     import webdataset as wds
 
     from ldm.data.pipeline import expand_urls
+    from ldm.data.tar import tar_samples
 
-    for sample in wds.tarfile_to_samples()({"url": u} for u in expand_urls(urls)):
+    for sample in tar_samples(({"url": u} for u in expand_urls(urls)), wds.reraise_exception):
         if "txt" in sample:
             yield sample["txt"].decode("utf-8").strip()
 

@@ -14,13 +14,13 @@
 #   FSWEEP_DIR=runs/fsweep/mine bash scripts/fsweep.sh # the output folder (default runs/fsweep/<time>)
 #   FSWEEP_F="1 4" bash scripts/fsweep.sh              # the factors (default "1 2 4 8 16 32")
 #   FSWEEP_LDM_ARGS="callbacks.evaluation.num_samples=8" bash scripts/fsweep.sh   # overrides for the LDM jobs only
-#   FSWEEP_EVAL_N=64 bash scripts/fsweep.sh            # samples per LDM for evaluate.py (default 128, the val set)
+#   FSWEEP_EVAL_N=64 bash scripts/fsweep.sh            # samples per LDM for evaluate.py (default 64)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 export HF_HUB_OFFLINE=1
 OUT=${FSWEEP_DIR:-runs/fsweep/$(date +%Y-%m-%d_%H-%M-%S)}
-EVAL_N=${FSWEEP_EVAL_N:-128}
+EVAL_N=${FSWEEP_EVAL_N:-64}
 read -r -a ALL_F <<< "${FSWEEP_F:-1 2 4 8 16 32}"
 read -r -a LDM_ARGS <<< "${FSWEEP_LDM_ARGS:-}"
 AE_F=()

@@ -1,21 +1,43 @@
 #!/usr/bin/env bash
 # From a fresh clone: install, write the built-in shapes shards, train a toy KL-f4 autoencoder,
-# train a toy text-conditional LDM on its latents, and sample a grid for a few prompts (CPU).
+# train a toy text-conditional LDM on its latents, sample a grid for a few prompts and evaluate
+# the LDM (FID against the data with the toy features; prompt accuracy when the shape classifier
+# assets/classifiers/shapes-32 is present). Budget: about 15 minutes on two idle CPU cores,
+# install included (configs/experiment/toy/*_quickstart.yaml; stage times in docs/reproduction.md).
 # Extra arguments are Hydra overrides for both training stages (e.g. trainer=gpu).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+START=$SECONDS
+stage() { echo "[quickstart $(( SECONDS - START ))s] $*"; }
+stage "install"
 bash scripts/install.sh
 export HF_HUB_OFFLINE=1
 PY=.venv/bin/python
 STAMP=$(date +%Y-%m-%d_%H-%M-%S)
-AE="runs/quickstart/$STAMP/autoencoder"
-LDM="runs/quickstart/$STAMP/ldm"
-SAMPLES="runs/quickstart/$STAMP/samples"
-$PY train.py experiment=toy/ae_kl task_name=quickstart hydra.run.dir="$AE" "$@"
-$PY train.py experiment=toy/ldm_text task_name=quickstart hydra.run.dir="$LDM" first_stage.path="$AE" "$@"
+RUN="runs/quickstart/$STAMP"
+AE="$RUN/autoencoder"
+LDM="$RUN/ldm"
+SAMPLES="$RUN/samples"
+EVAL="$RUN/eval"
+stage "autoencoder -> $AE (writes the shards data/shapes-32 first, once)"
+$PY train.py experiment=toy/ae_kl_quickstart hydra.run.dir="$AE" "$@"
+stage "text LDM -> $LDM"
+$PY train.py experiment=toy/ldm_text_quickstart hydra.run.dir="$LDM" first_stage.path="$AE" "$@"
+stage "samples -> $SAMPLES"
 $PY sample.py ckpt="$LDM" hydra.run.dir="$SAMPLES" n=8 steps=50 guidance=3.0 \
   'prompt=["a large red circle on a grey background","a small blue square on a beige background","a large yellow star on a dark blue background","a small green triangle on a grey background"]'
+METRICS="fid,precision_recall"
+CLASSIFIER=()
+if [ -f assets/classifiers/shapes-32/classifier.json ]; then  # do the samples show the prompted shapes and colours?
+  METRICS="$METRICS,prompt_accuracy"
+  CLASSIFIER=("classifier=assets/classifiers/shapes-32")
+fi
+stage "evaluate -> $EVAL"
+$PY evaluate.py ckpt="$LDM" real=data/shapes-32/val features=toy n=128 steps=20 guidance=3.0 \
+  "metrics=[$METRICS]" "${CLASSIFIER[@]}" hydra.run.dir="$EVAL"
+stage "done"
 echo
 echo "autoencoder:  $AE (checkpoints/last.ckpt, images/ reconstructions, metrics.json)"
 echo "ldm:          $LDM (checkpoints/last.ckpt, images/ samples, metrics.json)"
-echo "grid:         $SAMPLES/grid.png  (settings: $SAMPLES/samples.json)"
+echo "grid:         $SAMPLES/grid_captioned.png  (settings: $SAMPLES/samples.json)"
+echo "metrics:      $EVAL/metrics.json  (FID with the toy features, precision/recall, prompt accuracy)"

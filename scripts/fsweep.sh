@@ -45,18 +45,14 @@ fi
 
 # The real images are the runs' own validation shards (so overrides of the data reach evaluation).
 REAL=$($PY -c "from omegaconf import OmegaConf; print(OmegaConf.load('$OUT/ldm/f-${ALL_F[0]}/config.yaml').data.val_urls)")
-LDM_METRICS="fid,precision_recall"
-CLASSIFIER=()
-if $PY -c "import ldm.metrics.prompt_accuracy" 2>/dev/null; then  # prompt accuracy: do samples show the prompted shapes and colours?
-  RES=$($PY -c "from omegaconf import OmegaConf; print(OmegaConf.load('$OUT/ldm/f-${ALL_F[0]}/config.yaml').data.image_size)")
-  CLS=assets/classifiers/shapes-$RES
-  if [ ! -f "$CLS/classifier.json" ]; then
-    CLS=$OUT/classifier
-    stage "shape classifier for prompt accuracy -> $CLS"
-    $PY -m ldm.metrics.train_classifier --resolution "$RES" --out "$CLS"
-  fi
-  LDM_METRICS="$LDM_METRICS,prompt_accuracy"
-  CLASSIFIER=("classifier=$CLS")
+# Prompt accuracy (do the samples show the prompted shapes and colours?) needs a shape classifier
+# for the image size: the committed one, else one trained here.
+RES=$($PY -c "from omegaconf import OmegaConf; print(OmegaConf.load('$OUT/ldm/f-${ALL_F[0]}/config.yaml').data.image_size)")
+CLS=assets/classifiers/shapes-$RES
+if [ ! -f "$CLS/classifier.json" ]; then
+  CLS=$OUT/classifier
+  stage "shape classifier for prompt accuracy -> $CLS"
+  $PY -m ldm.metrics.train_classifier --resolution "$RES" --out "$CLS"
 fi
 
 for f in "${AE_F[@]}"; do
@@ -66,7 +62,7 @@ done
 for f in "${ALL_F[@]}"; do
   stage "evaluate LDM f = $f ($EVAL_N samples)"
   $PY evaluate.py ckpt="$OUT/ldm/f-$f" real="$REAL" features=toy n="$EVAL_N" steps=20 guidance=3.0 \
-    "metrics=[$LDM_METRICS]" "${CLASSIFIER[@]}" hydra.run.dir="$OUT/ldm/f-$f/eval"
+    'metrics=[fid,precision_recall,prompt_accuracy]' classifier="$CLS" hydra.run.dir="$OUT/ldm/f-$f/eval"
 done
 
 stage "tables"

@@ -42,7 +42,7 @@ def test_ldm_finds_the_autoencoder_of_its_f(tmp_path):
     assert ldm_r["data"]["val_urls"] == ae_r["data"]["val_urls"]  # the LDMs are scored on the AEs' data
 
 
-@pytest.mark.slow  # ~2 min on two idle CPU cores: 4 training jobs, 3 evaluations, the tables
+@pytest.mark.slow  # 108 s on two lightly loaded CPU cores: 3 training jobs, 3 evaluations, the tables
 def test_fsweep_script_end_to_end(tmp_path):
     out = tmp_path / "sweep"
     env = {**os.environ, "PY": sys.executable, "FSWEEP_DIR": str(out), "FSWEEP_F": "1 4", "FSWEEP_EVAL_N": "4",

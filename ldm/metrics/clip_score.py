@@ -13,12 +13,10 @@ processor (resize, crop, CLIP normalisation); captions beyond the text model's l
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 
+from ldm.metrics.captioned import CaptionedMetric
 from ldm.metrics.features import images_to_uint8
 
 
@@ -40,13 +38,15 @@ def load_clip(name_or_path: str):
                                 "or a hub name on a machine with a network") from err
 
 
-class ClipScore(Metric):
+class ClipScore(CaptionedMetric):
     """Mean CLIP score of generated images against their captions (see module doc).
 
     model: a folder or hub name of a CLIP model with its processor (e.g. openai/clip-vit-large-patch14).
     update(images, real, captions): generated (N, 3, H, W) images in [-1, 1] (or uint8) with the
         captions they were generated from; real batches are ignored.
     """
+
+    label = "clip_score"
 
     full_state_update = False
     higher_is_better = True
@@ -57,18 +57,9 @@ class ClipScore(Metric):
         self.add_state("score", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("n", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def train(self, mode: bool = True) -> ClipScore:
-        """Stay in eval mode (no dropout in the embeddings)."""
-        return super().train(False)
-
-    def update(self, images: Tensor, real: bool, captions: Sequence[str] | None = None) -> None:  # type: ignore[override]
-        """Add the scores of a generated batch; real batches do not enter."""
-        if real:
-            return
-        if captions is None or len(captions) != len(images):
-            raise ValueError(f"clip_score needs the caption of every generated image: got {len(images)} images "
-                             f"and {'no' if captions is None else len(captions)} captions")
-        inputs = self.processor(text=list(captions), images=list(images_to_uint8(images).cpu()), return_tensors="pt",
+    def score_batch(self, images: Tensor, captions: list[str]) -> None:
+        """Add the CLIP scores of generated `images` against their `captions`."""
+        inputs = self.processor(text=captions, images=list(images_to_uint8(images).cpu()), return_tensors="pt",
                                 padding=True, truncation=True,
                                 max_length=self.model.config.text_config.max_position_embeddings)
         with torch.no_grad():

@@ -15,12 +15,10 @@ penalised.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor, nn
-from torchmetrics import Metric
 
+from ldm.metrics.captioned import CaptionedMetric
 from ldm.metrics.prompts import NUM_LABELS, NUM_SHAPES, caption_labels
 from ldm.metrics.shape_classifier import ClassifierMismatchError
 
@@ -50,7 +48,7 @@ def chance_accuracy(predicted_counts: Tensor, named_counts: Tensor) -> float:
     return float((predicted_counts.double() * covered).sum() / pairs)
 
 
-class PromptAccuracy(Metric):
+class PromptAccuracy(CaptionedMetric):
     """Prompt, shape and colour accuracy of generated images against their captions (see module doc).
 
     classifier: a ShapeClassifier (or any module with `resolution` mapping images to (N, NUM_LABELS)
@@ -58,6 +56,8 @@ class PromptAccuracy(Metric):
     update(images, real, captions): generated (N, 3, H, W) images in [-1, 1] (or uint8) with the
         captions they were generated from; real batches are ignored (the real side is the captions).
     """
+
+    label = "prompt accuracy"
 
     full_state_update = False
     higher_is_better = True
@@ -73,17 +73,8 @@ class PromptAccuracy(Metric):
         self.add_state("predicted_sets", torch.zeros(_NUM_SETS, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("named_sets", torch.zeros(_NUM_SETS, dtype=torch.long), dist_reduce_fx="sum")
 
-    def train(self, mode: bool = True) -> PromptAccuracy:
-        """Stay in eval mode: the classifier's batch-norm statistics must not follow the scored batch."""
-        return super().train(False)
-
-    def update(self, images: Tensor, real: bool, captions: Sequence[str] | None = None) -> None:  # type: ignore[override]
-        """Score generated images against their captions; real batches do not enter."""
-        if real:
-            return
-        if captions is None or len(captions) != len(images):
-            raise ValueError(f"prompt accuracy needs the caption of every generated image: got {len(images)} "
-                             f"images and {'no' if captions is None else len(captions)} captions")
+    def score_batch(self, images: Tensor, captions: list[str]) -> None:
+        """Score generated `images` against their `captions`."""
         size = self.classifier.resolution
         if tuple(images.shape[-2:]) != (size, size):
             raise ClassifierMismatchError(

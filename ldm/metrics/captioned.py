@@ -2,6 +2,7 @@
 against the captions they were generated from, with a frozen network in eval mode."""
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Sequence
 
 from torch import Tensor
@@ -30,6 +31,6 @@ class CaptionedMetric(Metric):
                              f"and {'no' if captions is None else len(captions)} captions")
         self.score_batch(images, list(captions))
 
+    @abstractmethod
     def score_batch(self, images: Tensor, captions: list[str]) -> None:
         """Add the scores of generated `images` against `captions` (one each) to the states."""
-        raise NotImplementedError

@@ -23,48 +23,46 @@ from torch import nn
 GROUPS = 32
 
 
-def _in_input_dtype(norm, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """norm(x, weight, bias) with input, parameters and output in x's (reduced) dtype.
+def _normalise(norm, fp32: bool, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """norm(x, weight, bias) in float32, returned in x's dtype (`fp32`, or a float32 input); else in
+    x's reduced dtype throughout.
 
-    CUDA autocast runs group_norm and layer_norm in float32 and hands float32 on (so the next
-    op reads and writes twice the bytes); switching it off here keeps the activations in x's
-    dtype, while the kernels still accumulate mean and variance in float32.
+    CUDA autocast runs group_norm and layer_norm in float32 and hands float32 on (so the next op
+    reads and writes twice the bytes); switching it off keeps the activations in x's dtype, while
+    the kernels still accumulate mean and variance in float32.
     """
+    if fp32 or x.dtype == torch.float32:
+        return norm(x.float(), weight.float(), bias.float()).to(x.dtype)
     with torch.autocast(x.device.type, enabled=False):
         return norm(x, weight.to(x.dtype), bias.to(x.dtype))
 
 
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm with 32 groups that computes in float32 and returns the input's dtype; with
-    `fp32 = False` a bf16 / fp16 input is normalised in its own dtype (float32 statistics)."""
+    `fp32 = False` (set_norm_precision) a bf16 / fp16 input is normalised in its own dtype."""
 
-    def __init__(self, channels: int, eps: float, fp32: bool = True):
+    fp32 = True
+
+    def __init__(self, channels: int, eps: float):
         if channels % GROUPS:
             raise ValueError(f"{channels} channels do not split into {GROUPS} GroupNorm groups: "
                              f"every block width must be a multiple of {GROUPS}")
         super().__init__(GROUPS, channels, eps=eps, affine=True)
-        self.fp32 = fp32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fp32 or x.dtype == torch.float32:
-            return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(),
-                                self.eps).to(x.dtype)
-        return _in_input_dtype(lambda t, w, b: F.group_norm(t, self.num_groups, w, b, self.eps),
-                               x, self.weight, self.bias)
+        return _normalise(lambda t, w, b: F.group_norm(t, self.num_groups, w, b, self.eps),
+                          self.fp32, x, self.weight, self.bias)
 
 
 class LayerNorm32(nn.LayerNorm):
     """LayerNorm over the last dimension that computes in float32 and returns the input's dtype;
-    with `fp32 = False` a bf16 / fp16 input is normalised in its own dtype (float32 statistics)."""
+    with `fp32 = False` (set_norm_precision) a bf16 / fp16 input is normalised in its own dtype."""
 
     fp32 = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fp32 or x.dtype == torch.float32:
-            return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
-                                self.eps).to(x.dtype)
-        return _in_input_dtype(lambda t, w, b: F.layer_norm(t, self.normalized_shape, w, b, self.eps),
-                               x, self.weight, self.bias)
+        return _normalise(lambda t, w, b: F.layer_norm(t, self.normalized_shape, w, b, self.eps),
+                          self.fp32, x, self.weight, self.bias)
 
 
 def set_norm_precision(module: nn.Module, fp32: bool) -> None:

@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
 from conftest import TINY_RUN, compose
 from ldm.cli.train import train
+from ldm.data.datamodule import default_cache_dir
 from ldm.data.index import ShardIndex
 from ldm.data.latents import encode_shards, posterior_from_moments
 from ldm.data.pipeline import SampleDecoder, ShardStream
@@ -21,6 +23,7 @@ from ldm.data.transforms import ImageTransform
 from ldm.first_stage.distributions import DeterministicLatent
 from ldm.first_stage.identity import IdentityFirstStage
 from ldm.first_stage.kl import AutoencoderKL
+from ldm.modules.latent_diffusion import LatentDiffusion
 from ldm.modules.loading import load_first_stage
 
 QUIET = {"device": "cpu", "workers": 0, "progress": False}
@@ -152,8 +155,78 @@ def ldm_config(runs, out: Path, *extra: str):
     root = runs["root"]
     return compose("train", ["experiment=toy/ldm_class", *TINY_RUN, f"first_stage.path={root / 'ae_kl'}",
                              f"data.train_urls={root / 'kl_train'}", f"data.val_urls={root / 'kl_val'}",
-                             "data.synthetic=null", "data.image_size=32", "model.val_sampler.num_steps=2",
-                             "model.log_images=2", *extra], out)
+                             "data.synthetic=null", "data.image_size=32", "data.latent_cache.first_stage=null",
+                             "model.val_sampler.num_steps=2", "model.log_images=2", *extra], out)
+
+
+def test_configured_cache_is_encoded_once_and_training_reads_it(runs, tmp_path, monkeypatch):
+    """data.latent_cache (on in toy/ldm_class): the first run encodes the train shards into the
+    first-stage run folder, training steps see moments, a second run reuses the cache untouched."""
+    ae = tmp_path / "ae"
+    shutil.copytree(runs["root"] / "ae_kl", ae)
+    images = runs["images"]
+    seen: list[bool] = []
+    original = LatentDiffusion.first_stage_latents
+
+    def spy(self, batch):
+        if self.training:
+            seen.append("moments" in batch and "image" not in batch)
+        return original(self, batch)
+
+    monkeypatch.setattr(LatentDiffusion, "first_stage_latents", spy)
+
+    def run(name: str) -> None:
+        train(compose("train", ["experiment=toy/ldm_class", *TINY_RUN, f"first_stage.path={ae}",
+                                f"data.train_urls={images / 'train'}", f"data.val_urls={images / 'val'}",
+                                "data.synthetic=null", "data.image_size=32", "data.latent_cache.per_shard=20",
+                                "model.val_sampler.num_steps=2", "model.log_images=2"], tmp_path / name))
+
+    run("first")
+    (cache,) = (ae / "latent-cache").glob("train-32px-*")
+    index = ShardIndex.load(cache)
+    assert index.settings["source"] == "latents" and index.settings["kind"] == "kl"
+    assert index.total == 48 and len(list(cache.glob("*.tar"))) == 3  # 48 images, 20 per shard
+    calls = len(seen)  # 3 steps and the scale_by_std estimate
+    assert calls >= 3 and all(seen)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.tar")}
+    run("second")
+    assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.tar")} == mtimes  # not re-encoded
+    assert len(seen) == 2 * calls and all(seen)
+
+    # the autoencoder changed since the cache was written: refused, with what to do
+    ckpt = torch.load(ae / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt["global_step"] += 1
+    torch.save(ckpt, ae / "checkpoints" / "last.ckpt")
+    with pytest.raises(FileExistsError, match=r"delete .*latent-cache/train-32px-\w{8} to re-encode"):
+        run("third")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.flip=true", r"centre crops without flips, but data.crop=center and data.flip=True"),
+    ("data.crop=random", r"data.crop=random"),
+    ("+data.latent_cache.workers=2", r"takes first_stage and .*got \['workers'\]"),
+])
+def test_latent_cache_refuses_what_it_cannot_store(override, message, tmp_path):
+    cfg = compose("train", ["experiment=toy/ldm_text", "first_stage.path=/some/ae", override], tmp_path)
+    with pytest.raises(InstantiationException, match=message):
+        instantiate(cfg.data, _convert_="all")
+
+
+def test_latent_cache_is_off_without_an_encoder_and_for_image_degradations(tmp_path):
+    pixels = compose("train", ["experiment=toy/ldm_text", "first_stage=identity"], tmp_path)
+    assert instantiate(pixels.data, _convert_="all").latent_cache is None  # pixel space: nothing to skip
+    cfg = compose("train", ["experiment=toy/ldm_sr", "first_stage.path=/some/ae",
+                            "data.latent_cache.first_stage=/some/ae"], tmp_path)
+    with pytest.raises(InstantiationException, match=r"batch_transforms degrade images"):
+        instantiate(cfg.data, _convert_="all")
+    # one folder per encoder, dataset and size; a .ckpt stands for its run folder
+    dirs = {Path(instantiate(compose("train", ["experiment=toy/ldm_text", *o], tmp_path).data,
+                             _convert_="all").latent_cache["dir"])
+            for o in (["first_stage.path=/runs/ae"], ["first_stage.path=/runs/ae/checkpoints/last.ckpt"])}
+    assert len(dirs) == 1 and dirs.pop().parent == Path("/runs/ae/latent-cache")
+    a, b, c = (default_cache_dir("/runs/ae", urls, size) for urls, size in
+               (("/data/a/train", 32), ("/data/b/train", 32), ("/data/a/train", 64)))
+    assert a.name.startswith("train-32px-") and len({a, b, c}) == 3
 
 
 def test_ldm_trains_from_the_cache_without_the_encoder(runs, tmp_path, monkeypatch):

@@ -2,10 +2,12 @@
 object-store URLs), optionally writing the built-in synthetic shards first."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytorch_lightning as pl
 
+from ldm.data.latents import encode_shards
 from ldm.data.pipeline import SampleDecoder, ShardStream, make_loader
 from ldm.data.sources import SyntheticSource
 from ldm.data.transforms import ImageTransform
@@ -26,6 +28,13 @@ class ShardDataModule(pl.LightningDataModule):
     `synthetic`, when given, names the built-in dataset to write into `train_urls` and
     `val_urls` (both then folders) before training, e.g.
     {train_samples: 2000, val_samples: 256, resolution: 64, seed: 0, per_shard: 100}.
+
+    `latent_cache`, when its first_stage is set, encodes the training shards once with that
+    trained first stage (ldm.data.latents, resumable) and trains from the cache, so the encoder
+    and image decoding leave the training step: {first_stage: <run folder or .ckpt; null: no
+    cache>, dir: <folder; null: default_cache_dir>, per_shard: 250, dtype: float16,
+    batch_size: 64}. Validation keeps reading images (grids and FID need them). The cache holds
+    centre crops without flips, so it is refused with random crops, flips or image degradations.
     """
 
     def __init__(self, train_urls: str | list[str], val_urls: str | list[str] | None = None, *,
@@ -33,7 +42,8 @@ class ShardDataModule(pl.LightningDataModule):
                  num_workers: int = 2, batches_per_epoch: int = 1000, shuffle_buffer: int = 1000,
                  resampled: bool = False, seed: int = 0, crop: str = "random", flip: bool = False,
                  val_max_samples: int | None = None, extra_keys: dict[str, str] | None = None,
-                 synthetic: dict | None = None, batch_transforms: list | None = None):
+                 synthetic: dict | None = None, batch_transforms: list | None = None,
+                 latent_cache: dict | None = None):
         super().__init__()
         self.train_urls, self.val_urls = train_urls, val_urls
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
@@ -44,9 +54,10 @@ class ShardDataModule(pl.LightningDataModule):
         self.val_decoder = SampleDecoder(ImageTransform(image_size, "center", False), dict(extra_keys or {}))
         self.image_size = image_size
         self.batch_transforms = list(batch_transforms or [])
+        self.latent_cache = _check_latent_cache(latent_cache, train_urls, image_size, crop, flip,
+                                                self.batch_transforms)
 
-    def prepare_data(self) -> None:
-        """Write the synthetic shards when configured (resumes; a no-op once complete)."""
+    def _write_synthetic(self) -> None:
         if not self.synthetic:
             return
         spec = dict(self.synthetic)
@@ -62,13 +73,21 @@ class ShardDataModule(pl.LightningDataModule):
                 raise ValueError(f"with data.synthetic, data urls must be plain folders, got {folder!r}")
             write_shards(SyntheticSource(n, resolution, split_seed), Path(folder), per_shard=per_shard)
 
+    def prepare_data(self) -> None:
+        """Write the synthetic shards and the latent cache when configured (both resume; no-ops
+        once complete)."""
+        self._write_synthetic()
+        if self.latent_cache is not None:
+            _write_latent_cache(self.latent_cache, self.train_urls, self.image_size)
+
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def train_dataloader(self):
         rank, world = self._rank_world()
-        stream = ShardStream(self.train_urls, self.batch_size, self.train_decoder, train=True, rank=rank,
+        urls = self.latent_cache["dir"] if self.latent_cache is not None else self.train_urls
+        stream = ShardStream(urls, self.batch_size, self.train_decoder, train=True, rank=rank,
                              world_size=world, seed=self.seed, batches_per_epoch=self.batches_per_epoch,
                              shuffle_buffer=self.shuffle_buffer, resampled=self.resampled,
                              batch_transforms=self.batch_transforms)
@@ -86,3 +105,46 @@ class ShardDataModule(pl.LightningDataModule):
                              world_size=world, seed=self.seed, max_samples=self.val_max_samples,
                              batch_transforms=self.batch_transforms)
         return make_loader(stream, min(self.num_workers, 1))
+
+
+_CACHE_DEFAULTS = {"dir": None, "per_shard": 250, "dtype": "float16", "batch_size": 64}
+
+
+def default_cache_dir(first_stage: str | Path, train_urls: str | list[str], image_size: int) -> Path:
+    """<first-stage run>/latent-cache/<train folder name>-<size>px-<hash of the shards' location>:
+    the cache belongs to the encoder that wrote it (a .ckpt in <run>/checkpoints/ counts as that
+    run), and other datasets or sizes get their own folder."""
+    path = Path(first_stage)
+    run = path.parent.parent if path.suffix == ".ckpt" else path
+    plain = isinstance(train_urls, str) and not any(c in train_urls for c in "{}:")
+    where = str(Path(train_urls).resolve()) if plain else repr(train_urls)
+    name = Path(train_urls).name if plain else "shards"
+    return run / "latent-cache" / f"{name}-{image_size}px-{hashlib.sha1(where.encode()).hexdigest()[:8]}"
+
+
+def _check_latent_cache(spec: dict | None, train_urls, image_size: int, crop: str, flip: bool,
+                        batch_transforms: list) -> dict | None:
+    spec = {"first_stage": None, **_CACHE_DEFAULTS, **(spec or {})}
+    unknown = set(spec) - set(_CACHE_DEFAULTS) - {"first_stage"}
+    if unknown:
+        raise ValueError(f"data.latent_cache takes first_stage and {sorted(_CACHE_DEFAULTS)}; got {sorted(unknown)}")
+    if spec["first_stage"] is None:  # no encoder to skip (e.g. pixel space)
+        return None
+    if crop != "center" or flip:
+        raise ValueError(f"data.latent_cache stores centre crops without flips, but data.crop={crop} and "
+                         f"data.flip={flip}: set data.crop=center data.flip=false, or data.latent_cache=null "
+                         "to keep the augmentation (the encoder then runs every step)")
+    if batch_transforms:
+        raise ValueError("data.latent_cache holds no images, but data.batch_transforms degrade images (SR, "
+                         "inpainting): set data.latent_cache.first_stage=null")
+    spec["dir"] = str(spec["dir"] or default_cache_dir(spec["first_stage"], train_urls, image_size))
+    return spec
+
+
+def _write_latent_cache(spec: dict, train_urls, image_size: int) -> None:
+    try:
+        encode_shards(spec["first_stage"], train_urls, spec["dir"], image_size=image_size,
+                      batch_size=spec["batch_size"], dtype=spec["dtype"], per_shard=spec["per_shard"])
+    except FileExistsError as err:  # another encoder, dtype or size wrote this folder
+        raise FileExistsError(f"{err}\n(from data.latent_cache: delete {spec['dir']} to re-encode, or set "
+                              "data.latent_cache.dir to another folder)") from err

@@ -132,7 +132,7 @@ def _check_latent_cache(spec: dict | None, train_urls, image_size: int, crop: st
         return None
     if crop != "center" or flip:
         raise ValueError(f"data.latent_cache stores centre crops without flips, but data.crop={crop} and "
-                         f"data.flip={flip}: set data.crop=center data.flip=false, or data.latent_cache=null "
+                         f"data.flip={flip}: set data.crop=center data.flip=false, or data.latent_cache.first_stage=null "
                          "to keep the augmentation (the encoder then runs every step)")
     if batch_transforms:
         raise ValueError("data.latent_cache holds no images, but data.batch_transforms degrade images (SR, "

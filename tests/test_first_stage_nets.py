@@ -7,6 +7,7 @@ import torch
 
 from ldm.convert.diffusers_vae import ddconfig_from_diffusers, diffusers_vae_config, from_diffusers, to_diffusers
 from ldm.first_stage.distributions import DeterministicLatent, DiagonalGaussian
+from ldm.first_stage.factory import autoencoder_kl
 from ldm.first_stage.identity import IdentityFirstStage
 from ldm.first_stage.kl import AutoencoderKL
 from ldm.first_stage.validate import first_stage_ddconfig, validate_first_stage
@@ -93,6 +94,17 @@ def test_paper_ddconfig_per_f():
         assert validate_first_stage(cfg, cfg["z_channels"], "kl", image_size=256) == f
     with pytest.raises(ValueError, match="f = 3"):
         first_stage_ddconfig(3)
+
+
+def test_ch_mult_override_sets_the_widths_and_keeps_f():
+    model = autoencoder_kl(4, ch=32, num_res_blocks=1, z_channels=4, attn_resolutions=[], resolution=32,
+                           ch_mult=[1, 1, 2])
+    assert model.downsampling_factor == 4 and model.encoder.conv_out.in_channels == 64
+    assert model.encode(torch.randn(2, 3, 32, 32)).mean.shape == (2, 4, 8, 8)
+    paper = autoencoder_kl(4, ch=32, num_res_blocks=1, z_channels=4, attn_resolutions=[], resolution=32)
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in paper.parameters()) / 2
+    with pytest.raises(ValueError, match=r"ch_mult \[1, 2\] has 2 levels, f = 4 needs 3"):
+        first_stage_ddconfig(4, ch_mult=[1, 2])
 
 
 def test_decoder_last_layer_is_final_conv_and_gets_gradient():

@@ -46,15 +46,19 @@ def resolve_ddconfig(ddconfig: Mapping[str, Any] | None, kwargs: Mapping[str, An
 def first_stage_ddconfig(f: int, *, ch: int = 128, z_channels: int | None = None, num_res_blocks: int = 2,
                          attn_resolutions: list[int] | None = None, resolution: int = 256,
                          in_channels: int = 3, out_ch: int = 3, double_z: bool = True,
-                         dropout: float = 0.0) -> dict[str, Any]:
+                         dropout: float = 0.0, ch_mult: list[int] | None = None) -> dict[str, Any]:
     """The ddconfig of the paper's autoencoder with downsampling factor `f`.
 
     ch_mult, z_channels and attn_resolutions default to the released KL autoencoders for that f
     (pass z_channels for VQ models, e.g. 3 for vq-f4, and double_z=False). Meant as a Hydra
-    `_target_` so that a sweep over f alone rebuilds a consistent first stage.
+    `_target_` so that a sweep over f alone rebuilds a consistent first stage. A given ch_mult
+    (width per level, e.g. [1, 1, 2] for a cheaper f = 4) must have log2(f) + 1 levels.
     """
     if f not in PAPER_CH_MULT:
         raise ValueError(f"f = {f} is not supported: choose f from {ALLOWED_F}")
+    if ch_mult is not None and len(ch_mult) != len(PAPER_CH_MULT[f]):
+        raise ValueError(f"ch_mult {list(ch_mult)} has {len(ch_mult)} levels, f = {f} needs {len(PAPER_CH_MULT[f])} "
+                         f"(one per halving plus the full resolution), e.g. {list(PAPER_CH_MULT[f])}")
     return {
         "double_z": double_z,
         "z_channels": PAPER_KL_Z_CHANNELS[f] if z_channels is None else z_channels,
@@ -62,7 +66,7 @@ def first_stage_ddconfig(f: int, *, ch: int = 128, z_channels: int | None = None
         "in_channels": in_channels,
         "out_ch": out_ch,
         "ch": ch,
-        "ch_mult": list(PAPER_CH_MULT[f]),
+        "ch_mult": list(PAPER_CH_MULT[f] if ch_mult is None else ch_mult),
         "num_res_blocks": num_res_blocks,
         "attn_resolutions": list(PAPER_KL_ATTN[f] if attn_resolutions is None else attn_resolutions),
         "dropout": dropout,

@@ -131,10 +131,12 @@ def test_sample_py_end_to_end_and_bad_input(tmp_path, first_stage_run):
     def cfg(*args):
         return compose("sample", [f"ckpt={run}", f"out_dir={tmp_path / 'again'}", *args], tmp_path / "s")
 
-    # image 2 depends on its seed only, not on the batch it was drawn in
+    # image 2 depends on its seed only, not on the batch it was drawn in: equal up to one uint8
+    # step (batched convolutions differ in their last float bits with the batch size)
     sample(cfg(prompt, "n=3", "batch_size=3", "steps=4", "guidance=2.0"))
-    assert np.array_equal(np.asarray(Image.open(out / "samples" / "00002.png")),
-                          np.asarray(Image.open(tmp_path / "again" / "samples" / "00002.png")))
+    alone, batched = (np.asarray(Image.open(d / "samples" / "00002.png")).astype(int) for d in (out, tmp_path / "again"))
+    other_seed = np.asarray(Image.open(out / "samples" / "00001.png")).astype(int)
+    assert np.abs(alone - batched).max() <= 1 and np.abs(alone - other_seed).max() > 1
     with pytest.raises(ValueError, match="not class-conditional"):
         sample(cfg("class_label=3"))
     with pytest.raises(ValueError, match="needs prompt="):

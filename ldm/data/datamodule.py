@@ -69,7 +69,7 @@ class ShardDataModule(pl.LightningDataModule):
         if spec:
             raise ValueError(f"unknown data.synthetic keys: {sorted(spec)}")
         for folder, n, split_seed in splits:
-            if not isinstance(folder, str) or any(c in folder for c in "{}:"):
+            if not _is_plain_folder(folder):
                 raise ValueError(f"with data.synthetic, data urls must be plain folders, got {folder!r}")
             write_shards(SyntheticSource(n, resolution, split_seed), Path(folder), per_shard=per_shard)
 
@@ -107,6 +107,11 @@ class ShardDataModule(pl.LightningDataModule):
         return make_loader(stream, min(self.num_workers, 1))
 
 
+def _is_plain_folder(urls) -> bool:
+    """One local folder: not a list, brace pattern, `pipe:` command or URL."""
+    return isinstance(urls, str) and not any(c in urls for c in "{}:")
+
+
 _CACHE_DEFAULTS = {"dir": None, "per_shard": 250, "dtype": "float16", "batch_size": 64}
 
 
@@ -116,7 +121,7 @@ def default_cache_dir(first_stage: str | Path, train_urls: str | list[str], imag
     run), and other datasets or sizes get their own folder."""
     path = Path(first_stage)
     run = path.parent.parent if path.suffix == ".ckpt" else path
-    plain = isinstance(train_urls, str) and not any(c in train_urls for c in "{}:")
+    plain = _is_plain_folder(train_urls)
     where = str(Path(train_urls).resolve()) if plain else repr(train_urls)
     name = Path(train_urls).name if plain else "shards"
     return run / "latent-cache" / f"{name}-{image_size}px-{hashlib.sha1(where.encode()).hexdigest()[:8]}"

@@ -20,6 +20,7 @@ from ldm.data.synthetic import NUM_CLASSES, SHAPES, ShapesGenerator, class_label
 from ldm.data.transforms import ImageTransform
 from ldm.data.write import main as write_main
 from ldm.data.write import write_shards
+from ldm.metrics.prompts import parse_caption
 
 
 def _pixels(image: Image.Image) -> np.ndarray:
@@ -257,3 +258,20 @@ def test_datamodule_writes_synthetic_shards(tmp_path):
     val_captions = {c for b in dm.val_dataloader() for c in b["caption"]}
     train_captions = {ShapesGenerator(32, seed=0)[i].caption for i in range(20)}
     assert not val_captions & train_captions
+
+
+def test_datamodule_synthetic_max_objects(tmp_path):
+    """data.synthetic.max_objects = 1 writes single-object scenes (the quickstart's data), and a folder
+    written with other settings is refused rather than mixed."""
+    spec = {"train_samples": 12, "val_samples": 4, "resolution": 32, "per_shard": 6}
+    dm = ShardDataModule(str(tmp_path / "train"), str(tmp_path / "val"), image_size=32, batch_size=4,
+                         num_workers=0, synthetic={**spec, "max_objects": 1})
+    dm.prepare_data()
+    captions = [c for b in dm.val_dataloader() for c in b["caption"]]
+    assert ShardIndex.load(tmp_path / "train").settings["max_objects"] == 1
+    assert len(captions) == 4 and all(len(parse_caption(c).shapes) == 1 and " and " not in c for c in captions)
+    many = [ShapesGenerator(32, seed=0)[i].labels["n_objects"] for i in range(12)]
+    assert max(many) > 1  # the default (3) would have written multi-object scenes here
+    with pytest.raises(FileExistsError, match="max_objects"):
+        ShardDataModule(str(tmp_path / "train"), str(tmp_path / "val"), image_size=32, batch_size=4, num_workers=0,
+                        synthetic=spec).prepare_data()

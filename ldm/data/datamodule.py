@@ -27,7 +27,8 @@ class ShardDataModule(pl.LightningDataModule):
 
     `synthetic`, when given, names the built-in dataset to write into `train_urls` and
     `val_urls` (both then folders) before training, e.g.
-    {train_samples: 2000, val_samples: 256, resolution: 64, seed: 0, per_shard: 100}.
+    {train_samples: 2000, val_samples: 256, resolution: 64, seed: 0, per_shard: 100, max_objects: 3}
+    (max_objects 1: single-object scenes, the quickstart's data).
 
     `latent_cache`, when its first_stage is set, encodes the training shards once with that
     trained first stage (ldm.data.latents, resumable) and trains from the cache, so the encoder
@@ -63,6 +64,7 @@ class ShardDataModule(pl.LightningDataModule):
         spec = dict(self.synthetic)
         per_shard = spec.pop("per_shard", 100)
         resolution, seed = spec.pop("resolution", self.image_size), spec.pop("seed", 0)
+        max_objects = spec.pop("max_objects", 3)
         splits = [(self.train_urls, spec.pop("train_samples"), seed)]
         if self.val_urls is not None:
             splits.append((self.val_urls, spec.pop("val_samples"), seed + 1_000_003))  # disjoint from train
@@ -71,7 +73,8 @@ class ShardDataModule(pl.LightningDataModule):
         for folder, n, split_seed in splits:
             if not _is_plain_folder(folder):
                 raise ValueError(f"with data.synthetic, data urls must be plain folders, got {folder!r}")
-            write_shards(SyntheticSource(n, resolution, split_seed), Path(folder), per_shard=per_shard)
+            source = SyntheticSource(n, resolution, split_seed, max_objects=max_objects)
+            write_shards(source, Path(folder), per_shard=per_shard)
 
     def prepare_data(self) -> None:
         """Write the synthetic shards and the latent cache when configured (both resume; no-ops

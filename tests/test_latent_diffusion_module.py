@@ -54,6 +54,30 @@ def test_hybrid_concat_and_crossattn():
     assert model.sample(_batch(), num_steps=2, guidance_scale=1.5, progress=False).shape == (2, 3, 16, 16)
 
 
+def test_crossattn_pooled_feeds_the_context_and_its_mean_to_the_unet():
+    """crossattn_pooled: the encoder's sequence goes to cross-attention and its mean over positions
+    to the vector embedding (adm_in_channels), so both paths carry the condition and get gradients."""
+    unet = UNetModel(in_channels=3, out_channels=3, use_spatial_transformer=True, context_dim=8,
+                     adm_in_channels=8, **UNET)
+    model = LatentDiffusion(unet, IdentityFirstStage(), ClassEmbedder(8, 5, null_class=True),
+                            conditioning_key="crossattn_pooled", cond_stage_key="class_label", uncond_value=5,
+                            p_uncond=0.1, image_size=16, ema_decay=None)
+    cond = model.condition(_batch(), (16, 16))
+    assert set(cond) == {"crossattn", "y"} and cond["y"].shape == (2, 8)
+    assert torch.equal(cond["y"], cond["crossattn"].mean(dim=1))
+    null = model.null_condition(_batch(), (16, 16))
+    assert torch.equal(null["y"], model.cond_stage_model(torch.tensor([5, 5])).mean(dim=1))
+    for p in unet.parameters():  # the zero-initialised output convs would block the gradient at init
+        torch.nn.init.normal_(p, std=0.05)
+    loss, _ = model.diffusion_loss(torch.zeros(2, 3, 16, 16), cond)
+    loss.backward()
+    assert unet.label_emb[0][0].weight.grad.abs().sum() > 0
+    assert model.cond_stage_model.embedding.weight.grad[[1, 4]].abs().sum() > 0
+    with pytest.raises(ValueError, match=r"\['crossattn', 'y'\]"):
+        model.model(torch.zeros(2, 3, 16, 16), torch.tensor([1, 2]), {"crossattn": cond["crossattn"]})
+    assert model.sample(_batch(), num_steps=2, guidance_scale=1.5, progress=False).shape == (2, 3, 16, 16)
+
+
 def test_state_dict_is_the_reference_layout_and_sampling_uses_ema():
     model = LatentDiffusion(UNetModel(in_channels=3, out_channels=3, **UNET), IdentityFirstStage(),
                             scale_by_std=True, ema_decay=0.5, image_size=16)

@@ -77,7 +77,7 @@ class LatentDiffusion(BuildableModule):
             raise ValueError(f"p_uncond must be in [0, 1), got {p_uncond}")
         if p_uncond > 0 and uncond_value is None:
             raise ValueError("p_uncond > 0 needs uncond_value: the null condition (\"\" for text, the null class id)")
-        if conditioning_key in ("crossattn", "hybrid") and cond_stage is None:
+        if conditioning_key in ("crossattn", "hybrid", "crossattn_pooled") and cond_stage is None:
             raise ValueError(f"conditioning_key={conditioning_key!r} needs a cond_stage (text or class encoder)")
         if conditioning_key in ("concat", "hybrid") and concat_stage is None:
             raise ValueError(f"conditioning_key={conditioning_key!r} needs a concat_stage (ldm.nets.concat)")
@@ -173,7 +173,7 @@ class LatentDiffusion(BuildableModule):
         if key is None:
             return None
         cond: dict = {}
-        if key in ("crossattn", "hybrid", "adm"):
+        if key in ("crossattn", "hybrid", "adm", "crossattn_pooled"):
             if self.hparams.cond_stage_key not in batch:
                 raise KeyError(f"the model is conditioned on batch[{self.hparams.cond_stage_key!r}], which is missing")
             values = batch[self.hparams.cond_stage_key]
@@ -181,6 +181,8 @@ class LatentDiffusion(BuildableModule):
                 values = drop_conditions(values, drop, self.hparams.uncond_value)
             encoded = self.encode_condition(values)
             cond["y" if key == "adm" else "crossattn"] = encoded
+            if key == "crossattn_pooled":
+                cond["y"] = encoded.mean(dim=1)  # (B, L, D) -> (B, D) for the UNet's vector embedding
         if key in ("concat", "hybrid"):
             cond["concat"] = self.concat_stage(batch, lambda im: self.encode_images(im, sample=False), latent_hw)
         return cond

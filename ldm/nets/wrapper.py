@@ -5,15 +5,19 @@ A condition is None or a dict with any of
             and masked image, semantic map),
   crossattn (B, L, D) context for the spatial transformers (text, class embeddings),
   y         (B,) class ids or (B, D) vectors for the UNet's label embedding (adm style).
+
+`crossattn_pooled` takes both a context and a vector y (the context's mean over its positions,
+see LatentDiffusion.condition): the text reaches every residual block through the timestep
+embedding as well as the attention layers, as SDXL's pooled text embedding does.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "adm")
+CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "adm", "crossattn_pooled")
 _EXPECTED = {None: set(), "concat": {"concat"}, "crossattn": {"crossattn"}, "hybrid": {"concat", "crossattn"},
-             "adm": {"y"}}
+             "adm": {"y"}, "crossattn_pooled": {"crossattn", "y"}}
 
 
 class DiffusionWrapper(nn.Module):

@@ -122,7 +122,7 @@ def test_fsweep_builds_for_every_f(tmp_path, caption_shards, f):
                   tmp_path / "run", tmp_path / "data")
     model = instantiate(cfg.model, _convert_="all")
     c, h, w = model.latent_shape(cfg.data.image_size)
-    assert (h, w) == (32 // f, 32 // f)
+    assert (h, w) == (cfg.data.image_size // f, cfg.data.image_size // f) == (64 // f, 64 // f)
     x = torch.randn(2, c, h, w)
     cond = model.condition({"caption": ["a red circle", "a blue square"]}, (h, w))
     assert model.model(x, torch.tensor([10, 500]), cond).shape == x.shape

@@ -36,7 +36,7 @@ def condition_inputs(model: LatentDiffusion, cfg: DictConfig) -> tuple[dict, lis
     labels = [] if labels is None else (list(labels) if OmegaConf.is_list(labels) else [labels])
     cond_key = model.hparams.cond_stage_key
     text_model = key in ("crossattn", "hybrid", "crossattn_pooled") and cond_key == "caption"
-    label_model = cond_key in ("class_label", "class") and key in ("crossattn", "adm")
+    label_model = cond_key in ("class_label", "class") and key in ("crossattn", "adm", "crossattn_pooled")
     if prompts and not text_model:
         raise ValueError(f"this model is not text-conditional (conditioning on {cond_key or 'nothing'}): drop prompt=")
     if labels and not label_model:

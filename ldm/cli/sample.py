@@ -14,6 +14,7 @@ from ldm.data.transforms import ImageTransform, to_uint8
 from ldm.modules.latent_diffusion import LatentDiffusion
 from ldm.modules.loading import find_checkpoint, load_module
 from ldm.nets.concat import InpaintConcat
+from ldm.nets.wrapper import CONTEXT_KEYS
 from ldm.utils.images import captioned_grid, save_grid
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def condition_inputs(model: LatentDiffusion, cfg: DictConfig) -> tuple[dict, lis
     labels = cfg.class_label
     labels = [] if labels is None else (list(labels) if OmegaConf.is_list(labels) else [labels])
     cond_key = model.hparams.cond_stage_key
-    text_model = key in ("crossattn", "hybrid", "crossattn_pooled") and cond_key == "caption"
+    text_model = key in CONTEXT_KEYS and cond_key == "caption"
     label_model = cond_key in ("class_label", "class") and key in ("crossattn", "adm", "crossattn_pooled")
     if prompts and not text_model:
         raise ValueError(f"this model is not text-conditional (conditioning on {cond_key or 'nothing'}): drop prompt=")

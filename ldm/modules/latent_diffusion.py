@@ -24,7 +24,7 @@ from ldm.diffusion.schedule import DiffusionSchedule, make_betas, q_sample
 from ldm.first_stage.base import FirstStage
 from ldm.modules.base import BuildableModule, fast_optimizer_kwargs
 from ldm.modules.nonfinite import NonFiniteGuard
-from ldm.nets.wrapper import DiffusionWrapper
+from ldm.nets.wrapper import CONTEXT_KEYS, DiffusionWrapper
 from ldm.utils.images import log_grid
 from ldm.utils.lr import trainer_effective_lr
 
@@ -77,7 +77,7 @@ class LatentDiffusion(BuildableModule):
             raise ValueError(f"p_uncond must be in [0, 1), got {p_uncond}")
         if p_uncond > 0 and uncond_value is None:
             raise ValueError("p_uncond > 0 needs uncond_value: the null condition (\"\" for text, the null class id)")
-        if conditioning_key in ("crossattn", "hybrid", "crossattn_pooled") and cond_stage is None:
+        if conditioning_key in CONTEXT_KEYS and cond_stage is None:
             raise ValueError(f"conditioning_key={conditioning_key!r} needs a cond_stage (text or class encoder)")
         if conditioning_key in ("concat", "hybrid") and concat_stage is None:
             raise ValueError(f"conditioning_key={conditioning_key!r} needs a concat_stage (ldm.nets.concat)")
@@ -173,7 +173,7 @@ class LatentDiffusion(BuildableModule):
         if key is None:
             return None
         cond: dict = {}
-        if key in ("crossattn", "hybrid", "adm", "crossattn_pooled"):
+        if key in CONTEXT_KEYS or key == "adm":
             if self.hparams.cond_stage_key not in batch:
                 raise KeyError(f"the model is conditioned on batch[{self.hparams.cond_stage_key!r}], which is missing")
             values = batch[self.hparams.cond_stage_key]

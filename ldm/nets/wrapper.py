@@ -18,6 +18,8 @@ from torch import nn
 CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "adm", "crossattn_pooled")
 _EXPECTED = {None: set(), "concat": {"concat"}, "crossattn": {"crossattn"}, "hybrid": {"concat", "crossattn"},
              "adm": {"y"}, "crossattn_pooled": {"crossattn", "y"}}
+# The keys that feed the UNet's cross-attention a context from the cond_stage encoder.
+CONTEXT_KEYS = tuple(key for key, entries in _EXPECTED.items() if "crossattn" in entries)
 
 
 class DiffusionWrapper(nn.Module):

@@ -68,8 +68,9 @@ def test_objects_do_not_overlap():
                 assert np.hypot(o.cx - p.cx, o.cy - p.cy) > SIZES[o.size] + SIZES[p.size]
 
 
-def _read_all(urls, size=64, world=1, rank=0, batch=7, workers=0):
-    stream = ShardStream(urls, batch, SampleDecoder(ImageTransform(size)), train=False, rank=rank, world_size=world)
+def _read_all(urls, size=64, world=1, rank=0, batch=7, workers=0, extra_keys=None):
+    decoder = SampleDecoder(ImageTransform(size), extra_keys or {})
+    stream = ShardStream(urls, batch, decoder, train=False, rank=rank, world_size=world)
     return list(make_loader(stream, workers))
 
 
@@ -80,7 +81,7 @@ def test_write_and_read_back_exactly(tmp_path):
     with tarfile.open(tmp_path / "s" / "shard-000000.tar") as tar:
         names = tar.getnames()
     assert names[:4] == ["000000000.png", "000000000.txt", "000000000.cls", "000000000.json"]
-    batches = _read_all(str(tmp_path / "s"))
+    batches = _read_all(str(tmp_path / "s"), extra_keys={"meta": "json"})
     assert [len(b["caption"]) for b in batches] == [7, 7, 7, 4]
     g = ShapesGenerator(64, seed=7)
     keys = [k for b in batches for k in b["__key__"]]
@@ -152,7 +153,7 @@ def test_folder_source_with_labels_captions_and_a_corrupt_file(tmp_path):
     assert src.classes == ["cats", "dogs"] and len(src) == 7
     index = write_shards(src, tmp_path / "out", per_shard=4, progress=False)
     assert index.total == 6 and index.settings["skipped"] == 1 and index.classes == ["cats", "dogs"]
-    batches = _read_all(str(tmp_path / "out"), size=24, batch=10)
+    batches = _read_all(str(tmp_path / "out"), size=24, batch=10, extra_keys={"meta": "json"})
     b = batches[0]
     by_file = {m["source_file"]: (c, int(lbl)) for m, c, lbl in zip(b["meta"], b["caption"], b["class_label"])}
     assert by_file["cats/0.png"] == ("a red cat", 0)

@@ -46,7 +46,7 @@ def runs(tmp_path_factory) -> dict:
 
 def first_batch(urls, n: int = 64) -> dict:
     """The first n samples of shards in order, centre-cropped at 32 px (as the cache encodes)."""
-    decoder = SampleDecoder(ImageTransform(32, "center", False))
+    decoder = SampleDecoder(ImageTransform(32, "center", False), {"meta": "json"})
     return next(iter(ShardStream(urls, n, decoder, train=False)))
 
 
@@ -299,7 +299,7 @@ def test_moments_only_samples_decode_and_image_samples_are_unchanged(runs):
     buf = io.BytesIO()
     np.save(buf, np.arange(8, dtype=np.float16).reshape(2, 2, 2))
     sample = decoder({"moments.npy": buf.getvalue(), "cls": b"5", "__key__": "k", "__url__": "/c/s.tar"}, None)
-    assert set(sample) == {"moments", "__url__", "caption", "class_label", "meta", "__key__"}
+    assert set(sample) == {"moments", "__url__", "caption", "class_label", "__key__"}
     assert sample["moments"].dtype == torch.float16 and sample["moments"].flatten().tolist() == list(range(8))
     with pytest.raises(ValueError, match="no image member"):
         decoder({"txt": b"x", "__key__": "k"}, None)

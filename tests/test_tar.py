@@ -60,3 +60,25 @@ def test_damaged_shard_goes_to_the_handler_and_the_next_shard_is_read(tmp_path):
     assert [s["__url__"] for s in samples] == [str(cut)] + [str(good)] * 3
     assert len(errors) == 2 and all(isinstance(e, TarFormatError) for e in errors)
     assert str(cut) in errors[0].args and str(garbage) in errors[1].args
+
+
+def test_grouping_follows_webdatasets_naming_rules(tmp_path):
+    """Keys end at the first dot of the file name, extensions are lowercased, names without an
+    extension and dot-files are skipped, and a repeated extension in one sample goes to the
+    handler, as webdataset's own reader does; members named __*, which webdataset's reader keeps as
+    a sample, are skipped (webdataset's meta files)."""
+    path = tmp_path / "names.tar"
+    names = ["dir.v1/a.seg.PNG", "dir.v1/a.txt", "dir.v1/noext", "dir.v1/.hidden", "__meta__.json",
+             "b.txt", "b.TXT", "b.cls", "c.txt"]
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for i, name in enumerate(names):
+            info = tarfile.TarInfo(name)
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"%02d" % i))
+    errors: list[Exception] = []
+    ours = list(tar_samples([{"url": str(path)}], lambda exn: errors.append(exn) is None))
+    theirs = list(wds.tarfile_to_samples(handler=wds.ignore_and_continue)([{"url": str(path)}]))
+    assert ours == [s for s in theirs if s["__key__"] != "__meta__"]
+    assert [(s["__key__"], sorted(k for k in s if not k.startswith("__"))) for s in ours] == [
+        ("dir.v1/a", ["seg.png", "txt"]), ("b", ["cls", "txt"]), ("c", ["txt"])]
+    assert ours[1]["txt"] == b"05" and len(errors) == 1 and "duplicate" in str(errors[0])

@@ -18,8 +18,8 @@ class ShardDataModule(pl.LightningDataModule):
     """Training and validation batches from shards.
 
     Batches are dicts: `image` (float NCHW in [-1, 1]), `caption` (list of str),
-    `class_label` (long, -1 when a sample has none), `meta` (list of dicts from .json),
-    `skipped` (samples dropped as unreadable since the previous batch) and any `extra_keys`.
+    `class_label` (long, -1 when a sample has none), `skipped` (samples dropped as unreadable
+    since the previous batch) and any `extra_keys` ({meta: json}: the .json metadata as dicts).
     Latent cache shards (ldm.data.latents) give `moments` and `__url__` in place of `image`.
 
     `batch_transforms`: callables batch -> batch run in the loader workers after collation

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 import webdataset as wds
 from braceexpand import braceexpand
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ldm.data.index import ShardIndex, count_from_index
@@ -95,12 +94,13 @@ class SkipCounter:
 
 @dataclass
 class SampleDecoder:
-    """Raw tar members -> a training sample dict (image tensor, caption, label, metadata).
+    """Raw tar members -> a training sample dict (image tensor, caption, class label).
 
     Latent cache samples (`moments.npy`, no image, see ldm.data.latents) give `moments` (the
     stored tensor) and `__url__` (their shard, so a mismatch error can name the cache) instead.
     `extra_keys` maps batch keys to member extensions decoded by type: json -> object,
-    txt -> str, cls -> int, npy -> tensor.
+    txt -> str, cls -> int, npy -> tensor; e.g. {meta: json} for the metadata, which no model
+    reads and is therefore not decoded unless asked for.
     """
 
     transform: ImageTransform
@@ -113,16 +113,13 @@ class SampleDecoder:
                              f"(nor the {MOMENTS_KEY} of a latent cache)")
         sample: dict = {}
         if key is not None:
-            with Image.open(io.BytesIO(raw[key])) as img:
-                img.load()
-                sample["image"] = self.transform(img, rng)
+            sample["image"] = self.transform.decode(raw[key], rng)
         if MOMENTS_KEY in raw:
             sample["moments"] = _decode_member("npy", raw[MOMENTS_KEY])
             sample["__url__"] = raw.get("__url__", "")
         sample.update({
             "caption": raw["txt"].decode("utf-8").strip() if "txt" in raw else "",
             "class_label": int(raw["cls"]) if "cls" in raw else -1,
-            "meta": json.loads(raw["json"]) if "json" in raw else {},
             "__key__": raw["__key__"],
         })
         for name, ext in self.extra_keys.items():
@@ -146,7 +143,7 @@ def _decode_member(ext: str, data: bytes):
 
 def collate(samples: list[dict], skipped: int) -> dict:
     """Stack a list of sample dicts into a batch dict."""
-    batch: dict = {"skipped": torch.tensor(skipped)}
+    batch: dict = {"skipped": skipped}
     for key in samples[0]:
         values = [s[key] for s in samples]
         if isinstance(values[0], torch.Tensor):

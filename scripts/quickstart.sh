@@ -20,15 +20,15 @@ AE="$RUN/autoencoder"
 LDM="$RUN/ldm"
 SAMPLES="$RUN/samples"
 EVAL="$RUN/eval"
-stage "autoencoder -> $AE (writes the shards data/shapes-32-single first, once)"
+stage "autoencoder -> $AE (writes the shards data/shapes-32-large first, once)"
 $PY train.py experiment=toy/ae_kl_quickstart hydra.run.dir="$AE" "$@"
 stage "text LDM -> $LDM"
 $PY train.py experiment=toy/ldm_text_quickstart hydra.run.dir="$LDM" first_stage.path="$AE" "$@"
 stage "samples -> $SAMPLES"
 $PY sample.py ckpt="$LDM" hydra.run.dir="$SAMPLES" n=8 steps=50 guidance=3.0 \
-  'prompt=["a large red circle on a grey background","a small blue square on a beige background","a large yellow star on a dark blue background","a small green triangle on a grey background"]'
+  'prompt=["a large red circle on a grey background","a large blue square on a beige background","a large yellow star on a dark blue background","a large green triangle on a grey background"]'
 stage "evaluate -> $EVAL"
-$PY evaluate.py ckpt="$LDM" real=data/shapes-32-single/val features=toy n=128 steps=20 guidance=3.0 \
+$PY evaluate.py ckpt="$LDM" real=data/shapes-32-large/val features=toy n=128 steps=20 guidance=3.0 \
   'metrics=[fid,precision_recall,prompt_accuracy]' classifier=assets/classifiers/shapes-32 hydra.run.dir="$EVAL"
 stage "done"
 echo

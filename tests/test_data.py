@@ -16,7 +16,7 @@ from ldm.data.datamodule import ShardDataModule
 from ldm.data.index import ShardIndex
 from ldm.data.pipeline import SampleDecoder, ShardStream, count_samples, expand_urls, make_loader
 from ldm.data.sources import FolderSource, SyntheticSource, TarShardSource
-from ldm.data.synthetic import NUM_CLASSES, SHAPES, ShapesGenerator, class_label, describe_class
+from ldm.data.synthetic import BACKGROUNDS, NUM_CLASSES, SHAPES, ShapesGenerator, class_label, describe_class
 from ldm.data.transforms import ImageTransform
 from ldm.data.write import main as write_main
 from ldm.data.write import write_shards
@@ -276,3 +276,37 @@ def test_datamodule_synthetic_max_objects(tmp_path):
     with pytest.raises(FileExistsError, match="max_objects"):
         ShardDataModule(str(tmp_path / "train"), str(tmp_path / "val"), image_size=32, batch_size=4, num_workers=0,
                         synthetic=spec).prepare_data()
+
+
+def test_synthetic_sizes_set_the_object_radius_and_are_recorded(tmp_path):
+    """data.synthetic.sizes (the quickstart's {large: 0.4}): every object gets a configured size word
+    and radius, the default sizes give the same images as before the option existed, and a folder
+    written with other sizes is refused."""
+    default, explicit = ShapesGenerator(32, seed=2), ShapesGenerator(32, seed=2, sizes={"small": 0.16, "large": 0.30})
+    assert all(np.array_equal(np.asarray(default[i].image), np.asarray(explicit[i].image)) for i in range(10))
+    large = ShapesGenerator(32, seed=2, max_objects=1, sizes={"large": 0.4})
+    for i in range(30):
+        (obj,) = large[i].objects
+        assert obj.size == "large" and 0.4 <= obj.cx <= 0.6 and 0.4 <= obj.cy <= 0.6
+        assert large[i].caption.startswith("a large ")
+    # the object covers about pi 0.4^2 = half the image (a square 0.64, a triangle or star less)
+    background = np.array(BACKGROUNDS[large[0].background])
+    share = (np.abs(np.asarray(large[0].image, dtype=int) - background).sum(axis=2) > 30).mean()
+    assert 0.25 < share < 0.75
+    crowded = ShapesGenerator(64, seed=0, max_objects=3, sizes={"big": 0.2, "tiny": 0.1})
+    assert {o.size for i in range(40) for o in crowded[i].objects} == {"big", "tiny"}
+    with pytest.raises(ValueError, match="radii in"):
+        ShapesGenerator(32, sizes={"huge": 0.6})
+
+    spec = {"train_samples": 6, "val_samples": 2, "resolution": 32, "per_shard": 6, "max_objects": 1}
+    ShardDataModule(str(tmp_path / "train"), str(tmp_path / "val"), image_size=32, batch_size=2, num_workers=0,
+                    synthetic={**spec, "sizes": {"large": 0.4}}).prepare_data()
+    assert ShardIndex.load(tmp_path / "train").settings["sizes"] == {"large": 0.4}
+    with pytest.raises(FileExistsError, match="sizes"):
+        ShardDataModule(str(tmp_path / "train"), str(tmp_path / "val"), image_size=32, batch_size=2,
+                        num_workers=0, synthetic=spec).prepare_data()
+    write_main(["synthetic", "--out", str(tmp_path / "cli"), "--n", "6", "--per-shard", "6", "--resolution", "32",
+                "--max-objects", "1", "--size", "large=0.4", "--quiet"])
+    assert ShardIndex.load(tmp_path / "cli").settings["sizes"] == {"large": 0.4}
+    with pytest.raises(SystemExit, match="WORD=RADIUS"):
+        write_main(["synthetic", "--out", str(tmp_path / "bad"), "--n", "2", "--size", "large"])

@@ -27,8 +27,9 @@ class ShardDataModule(pl.LightningDataModule):
 
     `synthetic`, when given, names the built-in dataset to write into `train_urls` and
     `val_urls` (both then folders) before training, e.g.
-    {train_samples: 2000, val_samples: 256, resolution: 64, seed: 0, per_shard: 100, max_objects: 3}
-    (max_objects 1: single-object scenes, the quickstart's data).
+    {train_samples: 2000, val_samples: 256, resolution: 64, seed: 0, per_shard: 100, max_objects: 3,
+    sizes: null} (max_objects 1: single-object scenes; sizes {large: 0.4}: one object size that
+    nearly fills the image, the quickstart's data; null: ldm.data.synthetic.SIZES).
 
     `latent_cache`, when its first_stage is set, encodes the training shards once with that
     trained first stage (ldm.data.latents, resumable) and trains from the cache, so the encoder
@@ -64,7 +65,7 @@ class ShardDataModule(pl.LightningDataModule):
         spec = dict(self.synthetic)
         per_shard = spec.pop("per_shard", 100)
         resolution, seed = spec.pop("resolution", self.image_size), spec.pop("seed", 0)
-        max_objects = spec.pop("max_objects", 3)
+        max_objects, sizes = spec.pop("max_objects", 3), spec.pop("sizes", None)
         splits = [(self.train_urls, spec.pop("train_samples"), seed)]
         if self.val_urls is not None:
             splits.append((self.val_urls, spec.pop("val_samples"), seed + 1_000_003))  # disjoint from train
@@ -73,7 +74,8 @@ class ShardDataModule(pl.LightningDataModule):
         for folder, n, split_seed in splits:
             if not _is_plain_folder(folder):
                 raise ValueError(f"with data.synthetic, data urls must be plain folders, got {folder!r}")
-            source = SyntheticSource(n, resolution, split_seed, max_objects=max_objects)
+            source = SyntheticSource(n, resolution, split_seed, max_objects=max_objects,
+                                     sizes=None if sizes is None else dict(sizes))
             write_shards(source, Path(folder), per_shard=per_shard)
 
     def prepare_data(self) -> None:

@@ -8,13 +8,13 @@ import csv
 import io
 import json
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Protocol
 
 from PIL import Image
 
-from ldm.data.synthetic import ShapesGenerator
+from ldm.data.synthetic import SIZES, ShapesGenerator
 
 IMAGE_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp", ".bmp": "bmp"}
 
@@ -55,17 +55,20 @@ class SyntheticSource:
     classes = None
 
     def __init__(self, n: int, resolution: int = 64, seed: int = 0, image_format: str = "png",
-                 max_objects: int = 3):
+                 max_objects: int = 3, sizes: Mapping[str, float] | None = None):
         self.n, self.image_format = n, image_format
-        self.generator = ShapesGenerator(resolution, seed, max_objects)
+        self.generator = ShapesGenerator(resolution, seed, max_objects, sizes)
 
     def __len__(self) -> int:
         return self.n
 
     def settings(self) -> dict:
         g = self.generator
-        return {"source": "synthetic", "n": self.n, "resolution": g.resolution, "seed": g.seed,
-                "max_objects": g.max_objects, "format": self.image_format}
+        settings = {"source": "synthetic", "n": self.n, "resolution": g.resolution, "seed": g.seed,
+                    "max_objects": g.max_objects, "format": self.image_format}
+        if g.sizes != SIZES:  # recorded only when set, so folders written before sizes existed still match
+            settings["sizes"] = g.sizes
+        return settings
 
     def iter_from(self, start: int) -> Iterator[Members | None]:
         for i in range(start, self.n):

@@ -108,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="dataset seed (use another seed for a validation split)")
     s.add_argument("--format", choices=("png", "jpg"), default="png", help="image encoding")
     s.add_argument("--max-objects", type=int, default=3, help="1-3 objects per image")
+    s.add_argument("--size", action="append", metavar="WORD=RADIUS", dest="sizes",
+                   help="a size word of the captions and its object radius as a share of the image side "
+                        "(repeat for several; default small=0.16 large=0.30)")
 
     f = sub.add_parser("folder", parents=[common], help="an image folder")
     f.add_argument("--src", required=True, help="folder with images (searched recursively)")
@@ -119,11 +122,28 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _parse_sizes(items: list[str] | None) -> dict[str, float] | None:
+    """{"large": 0.4} from ["large=0.4"]; None when no --size was given."""
+    if not items:
+        return None
+    sizes = {}
+    for item in items:
+        word, sep, radius = item.partition("=")
+        try:
+            sizes[word] = float(radius)
+        except ValueError:
+            sep = ""
+        if not sep or not word:
+            raise SystemExit(f"--size takes WORD=RADIUS (e.g. large=0.4), got {item!r}")
+    return sizes
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
     args = _parser().parse_args(argv)
     if args.source == "synthetic":
-        source: Source = SyntheticSource(args.n, args.resolution, args.seed, args.format, args.max_objects)
+        source: Source = SyntheticSource(args.n, args.resolution, args.seed, args.format, args.max_objects,
+                                         _parse_sizes(args.sizes))
     elif args.source == "folder":
         source = FolderSource(args.src, args.captions, args.labels_from_folders)
     else:

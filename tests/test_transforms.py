@@ -32,14 +32,15 @@ def photo() -> Image.Image:
     return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
 
 
-@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P", "LA"])
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P", "LA", "CMYK"])
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP", "WEBP"])
 @pytest.mark.parametrize("size,crop,flip", [(40, "center", False), (40, "random", True), (24, "random", True),
                                             (64, "center", False)])
 def test_decode_equals_the_pil_path(photo, mode, fmt, size, crop, flip):
-    if (fmt, mode) in {("JPEG", "RGBA"), ("JPEG", "P"), ("JPEG", "LA"), ("BMP", "LA")}:
+    try:
+        data = _encode(photo.convert(mode), fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    except (OSError, ValueError):
         pytest.skip(f"PIL does not write {mode} as {fmt}")
-    data = _encode(photo.convert(mode), fmt, **({"quality": 90} if fmt == "JPEG" else {}))
     transform = ImageTransform(size, crop, flip)
     for seed in range(4):  # crops and flips drawn from the same rng in the same order
         fast = transform.decode(data, random.Random(seed))

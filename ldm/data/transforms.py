@@ -24,7 +24,7 @@ class ImageTransform:
         self.size, self.crop, self.flip = size, crop, flip
 
     def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
-        return to_float(self.pixels(image, rng))
+        return to_float(self._pil_pixels(image, rng))
 
     def decode(self, data: bytes, rng: random.Random | None = None) -> torch.Tensor:
         """Encoded image bytes (PNG, JPEG, ...) -> float CHW in [-1, 1], equal to decoding with PIL
@@ -49,8 +49,8 @@ class ImageTransform:
             return self(Image.fromarray(pixels.permute(1, 2, 0).numpy()), rng)
         return to_float(self._crop_flip(pixels, rng))
 
-    def pixels(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
-        """The transformed image as uint8 CHW (before scaling to [-1, 1])."""
+    def _pil_pixels(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        """The transformed PIL image as uint8 CHW (before scaling to [-1, 1])."""
         image = image.convert("RGB")
         w, h = image.size
         scale = self.size / min(w, h)

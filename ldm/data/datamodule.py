@@ -74,8 +74,7 @@ class ShardDataModule(pl.LightningDataModule):
         for folder, n, split_seed in splits:
             if not _is_plain_folder(folder):
                 raise ValueError(f"with data.synthetic, data urls must be plain folders, got {folder!r}")
-            source = SyntheticSource(n, resolution, split_seed, max_objects=max_objects,
-                                     sizes=None if sizes is None else dict(sizes))
+            source = SyntheticSource(n, resolution, split_seed, max_objects=max_objects, sizes=sizes)
             write_shards(source, Path(folder), per_shard=per_shard)
 
     def prepare_data(self) -> None:

@@ -1,10 +1,13 @@
 """LatentDiffusion wiring that the toy experiments do not cover: adm-style class vectors, hybrid
-(concat + cross-attention) conditioning, the state-dict layout and EMA sampling."""
+(concat + cross-attention) conditioning, the state-dict layout, EMA sampling, min-SNR loss weights
+and the lr schedule option."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from ldm.diffusion.objective import training_target
+from ldm.diffusion.schedule import q_sample
 from ldm.first_stage.identity import IdentityFirstStage
 from ldm.modules.latent_diffusion import LatentDiffusion
 from ldm.nets.concat import LowResConcat
@@ -108,3 +111,30 @@ def test_config_errors_are_clear():
                             autoencoder_kl(4, ch=32, num_res_blocks=1, z_channels=4, resolution=32))
     with pytest.raises(ValueError, match="not divisible"):
         model.latent_shape(30)
+
+
+@pytest.mark.parametrize("parameterization", ["eps", "x0", "v"])
+def test_min_snr_gamma_weights_each_sample_of_the_loss(parameterization):
+    torch.manual_seed(0)
+    model = LatentDiffusion(UNetModel(in_channels=3, out_channels=3, **UNET), IdentityFirstStage(),
+                            parameterization=parameterization, image_size=16, ema_decay=None)
+    z, noise = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
+    t = torch.tensor([0, 200, 600, 999])
+    _, plain = model.diffusion_loss(z, None, t, noise)
+    model.hparams.min_snr_gamma = 5.0
+    weighted_loss, weighted = model.diffusion_loss(z, None, t, noise)
+    assert torch.equal(weighted["loss_simple"], plain["loss_simple"])  # the logged unweighted loss is unchanged
+    # Recompute per sample: min(SNR, 5) in x0 terms, converted to the parameterisation's error.
+    out = model.model(q_sample(model.schedule, z, t, noise), t, None)
+    target = training_target(parameterization, model.schedule, z, noise, t)
+    per_sample = ((out - target) ** 2).mean(dim=(1, 2, 3))
+    snr = model.schedule.alphas_cumprod[t].float() / (1 - model.schedule.alphas_cumprod[t].float())
+    to_x0 = {"eps": snr, "x0": torch.ones_like(snr), "v": snr + 1}[parameterization]
+    expected = (per_sample * snr.clamp(max=5.0) / to_x0).mean()
+    assert weighted_loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert weighted_loss.item() != pytest.approx(plain["loss"].item(), rel=1e-2)
+
+
+def test_lr_schedule_is_checked_when_the_module_is_built():
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        LatentDiffusion(UNetModel(in_channels=3, out_channels=3, **UNET), IdentityFirstStage(), lr_schedule="step")

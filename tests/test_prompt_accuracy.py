@@ -30,7 +30,8 @@ from ldm.metrics.features import images_to_uint8
 from ldm.metrics.prompt_accuracy import PromptAccuracy, chance_accuracy, set_codes
 from ldm.metrics.prompts import LABELS, NUM_LABELS, Named, caption_labels, object_labels, parse_caption
 from ldm.metrics.shape_classifier import ClassifierMismatchError, load_classifier, read_settings
-from ldm.metrics.train_classifier import generated_batch, train_classifier
+from ldm.metrics.train_classifier import generated_batch, held_out_accuracy, train_classifier
+from ldm.metrics.train_classifier import main as train_classifier_main
 from ldm.modules.loading import load_module
 from ldm.utils.checkpoint import CheckpointMismatchError
 
@@ -199,17 +200,37 @@ def test_briefly_trained_classifier_is_clearly_above_chance(classifier):
 
 
 
-@pytest.mark.parametrize("resolution", [32, 64])
-def test_shipped_classifiers_read_fresh_images_correctly(resolution):
+@pytest.mark.parametrize("folder_name, resolution, scenes", [
+    ("shapes-32", 32, {}),
+    ("shapes-64", 64, {}),
+    ("shapes-32-large", 32, {"max_objects": 1, "sizes": {"large": 0.4}}),  # data=shapes_large (the quickstart)
+])
+def test_shipped_classifiers_read_fresh_images_correctly(folder_name, resolution, scenes):
     # assets/classifiers/* are what the quickstart and the f-sweep score with: on images of a
     # generator seed they never saw, whole prompts must come out right almost always.
-    folder = Path(__file__).resolve().parents[1] / "assets" / "classifiers" / f"shapes-{resolution}"
+    folder = Path(__file__).resolve().parents[1] / "assets" / "classifiers" / folder_name
     model = load_classifier(folder, resolution=resolution)
-    images, _, captions = generated_batch(ShapesGenerator(resolution, seed=123), 0, 300)
+    assert {k: read_settings(folder)["training"].get(k) for k in scenes} == scenes
+    images, _, captions = generated_batch(ShapesGenerator(resolution, seed=123, **scenes), 0, 300)
     metric = PromptAccuracy(model)
     metric.update(images, real=False, captions=captions)
     result = {k: v.item() for k, v in metric.compute().items()}
     assert result["prompt_accuracy"] > 0.9 and result["prompt_accuracy_chance"] < 0.1, result
+
+def test_classifier_command_trains_on_the_scenes_it_is_given(tmp_path):
+    out = tmp_path / "large"
+    train_classifier_main(["--resolution", "32", "--out", str(out), "--steps", "3", "--batch-size", "8",
+                           "--held-out", "16", "--max-objects", "1", "--size", "large=0.4"])
+    settings = read_settings(out)
+    assert settings["training"]["max_objects"] == 1 and settings["training"]["sizes"] == {"large": 0.4}
+    # The held-out score was taken on scenes of those settings (generator seed + 1), not the defaults.
+    model = load_classifier(out)
+    same = held_out_accuracy(model, ShapesGenerator(32, 1, max_objects=1, sizes={"large": 0.4}), 16, 8)
+    assert settings["held_out"] == {"n": 16, "generator_seed": 1, **same}
+    assert held_out_accuracy(model, ShapesGenerator(32, 1), 16, 8) != same
+    with pytest.raises(SystemExit, match="WORD=RADIUS"):
+        train_classifier_main(["--resolution", "32", "--out", str(out), "--size", "large"])
+
 
 def test_classifier_files_round_trip_and_refuse_mismatches(classifier, tmp_path):
     model = load_classifier(classifier)

@@ -1,5 +1,5 @@
 """Scale-out: trainer configs for SLURM / torchrun / FSDP, the submitit sweep launcher, learning-rate
-scaling, the throughput callback, denoising rows, and NaN / out-of-memory handling."""
+scaling and schedules, the throughput callback, denoising rows, and NaN / out-of-memory handling."""
 from __future__ import annotations
 
 import csv
@@ -20,7 +20,7 @@ from ldm.modules.autoencoder import AutoencoderModule
 from ldm.modules.latent_diffusion import LatentDiffusion
 from ldm.modules.nonfinite import NonFiniteLossError
 from ldm.nets.unet import TimestepEmbedSequential
-from ldm.utils.lr import trainer_effective_lr
+from ldm.utils.lr import lr_factor, trainer_effective_lr
 
 AE = ["experiment=toy/ae_kl", *TINY_RUN]
 # A pixel-space (f = 1) toy LDM: no first-stage run to train first.
@@ -122,6 +122,27 @@ def test_effective_lr_scales_with_nodes_devices_and_accumulation(tmp_path, nodes
     assert trainer_effective_lr(module, 1e-6, scale_lr=False) == 1e-6
     trainer.logger.save()
     assert float(next(r["lr/effective"] for r in metrics_rows_of(tmp_path) if r["lr/effective"])) == pytest.approx(lr)
+
+
+def test_lr_factor_warms_up_then_holds_or_decays():
+    assert [lr_factor(s, 4) for s in (0, 3, 4, 1000)] == [0.25, 1.0, 1.0, 1.0]
+    cosine = [lr_factor(s, 2, 12, "cosine") for s in (0, 1, 2, 7, 12, 50)]
+    assert cosine == pytest.approx([0.5, 1.0, 1.0, 0.5, 0.0, 0.0])
+    assert lr_factor(5, 0, 10, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    with pytest.raises(ValueError, match="set trainer.max_steps"):
+        lr_factor(0, 2, None, "cosine")
+    with pytest.raises(ValueError, match="unknown lr schedule"):
+        lr_factor(0, 2, 10, "linear")
+
+
+def test_ldm_cosine_lr_schedule_decays_over_max_steps(tmp_path):
+    out = tmp_path / "run"
+    train(compose("train", [*LDM, "model.lr_schedule=cosine", "model.warmup_steps=1", "model.base_lr=1e-3",
+                            "trainer.max_steps=3"], out, tmp_path / "data"))
+    assert logged(out, "lr-AdamW") == pytest.approx([1e-3, 1e-3, 0.5e-3])  # steps 0, 1, 2 of 3
+    with pytest.raises(ValueError, match="set trainer.max_steps"):
+        train(compose("train", [*LDM, "model.lr_schedule=cosine", "trainer.max_steps=-1"], tmp_path / "no_total",
+                      tmp_path / "data"))
 
 
 def metrics_rows_of(folder: Path) -> list[dict[str, str]]:

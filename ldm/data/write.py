@@ -122,7 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _parse_sizes(items: list[str] | None) -> dict[str, float] | None:
+def parse_sizes(items: list[str] | None) -> dict[str, float] | None:
     """{"large": 0.4} from ["large=0.4"]; None when no --size was given."""
     if not items:
         return None
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.source == "synthetic":
         source: Source = SyntheticSource(args.n, args.resolution, args.seed, args.format, args.max_objects,
-                                         _parse_sizes(args.sizes))
+                                         parse_sizes(args.sizes))
     elif args.source == "folder":
         source = FolderSource(args.src, args.captions, args.labels_from_folders)
     else:

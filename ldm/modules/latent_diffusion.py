@@ -18,7 +18,7 @@ from torch import nn
 from ldm.data.latents import posterior_from_moments
 from ldm.diffusion.ema import EMA
 from ldm.diffusion.objective import (check_parameterization, logvar_weighted, loss_simple, lvlb_weights,
-                                     training_target, vlb_term)
+                                     min_snr_weight, training_target, vlb_term)
 from ldm.diffusion.samplers import get_sampler, noise_for_seeds
 from ldm.diffusion.schedule import DiffusionSchedule, make_betas, q_sample
 from ldm.first_stage.base import FirstStage
@@ -26,7 +26,7 @@ from ldm.modules.base import BuildableModule, fast_optimizer_kwargs
 from ldm.modules.nonfinite import NonFiniteGuard
 from ldm.nets.wrapper import CONTEXT_KEYS, DiffusionWrapper
 from ldm.utils.images import log_grid
-from ldm.utils.lr import trainer_effective_lr
+from ldm.utils.lr import LR_SCHEDULES, lr_factor, trainer_effective_lr
 
 
 def drop_conditions(values, drop: torch.Tensor, null):
@@ -65,14 +65,17 @@ class LatentDiffusion(BuildableModule):
                  uncond_value: str | int | None = None, p_uncond: float = 0.0,
                  timesteps: int = 1000, beta_schedule: str = "linear", linear_start: float = 0.00085,
                  linear_end: float = 0.012, cosine_s: float = 8e-3, parameterization: str = "eps",
-                 loss_type: str = "l2", learn_logvar: bool = False, logvar_init: float = 0.0,
+                 loss_type: str = "l2", min_snr_gamma: float | None = None, learn_logvar: bool = False,
+                 logvar_init: float = 0.0,
                  scale_factor: float = 1.0, scale_by_std: bool = False, ema_decay: float | None = 0.9999,
                  base_lr: float = 1e-4, scale_lr: bool = True, weight_decay: float = 0.01, warmup_steps: int = 0,
-                 image_size: int = 256, val_sampler: dict | None = None, log_images: int = 8,
-                 compile: bool = False, compile_mode: str | None = None, compile_first_stage: bool = False,
-                 nonfinite_loss: str = "stop"):
+                 lr_schedule: str = "constant", image_size: int = 256, val_sampler: dict | None = None,
+                 log_images: int = 8, compile: bool = False, compile_mode: str | None = None,
+                 compile_first_stage: bool = False, nonfinite_loss: str = "stop"):
         super().__init__()
         self.save_hyperparameters(ignore=["unet", "first_stage", "cond_stage", "concat_stage"])
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
         if not 0.0 <= p_uncond < 1.0:
             raise ValueError(f"p_uncond must be in [0, 1), got {p_uncond}")
         if p_uncond > 0 and uncond_value is None:
@@ -225,7 +228,11 @@ class LatentDiffusion(BuildableModule):
         out = self.model(x_t, t, cond)
         target = training_target(self.parameterization, self.schedule, z, noise, t)
         per_sample = loss_simple(out.float(), target.float(), self.hparams.loss_type)
-        loss = logvar_weighted(per_sample, self.logvar, t).mean()
+        weighted = per_sample
+        if self.hparams.min_snr_gamma:
+            abar = self.schedule.gather("alphas_cumprod", t, per_sample)
+            weighted = per_sample * min_snr_weight(self.parameterization, abar, self.hparams.min_snr_gamma)
+        loss = logvar_weighted(weighted, self.logvar, t).mean()
         logs = {"loss_simple": per_sample.mean(), "loss_vlb": vlb_term(per_sample, self.lvlb_weights, t), "loss": loss}
         if self.hparams.learn_logvar:
             logs["logvar"] = self.logvar.mean()
@@ -296,10 +303,12 @@ class LatentDiffusion(BuildableModule):
             params.append(self.logvar)
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=self.hparams.weight_decay,
                                       **fast_optimizer_kwargs(params))
-        if not self.hparams.warmup_steps:
+        warmup, schedule = self.hparams.warmup_steps, self.hparams.lr_schedule
+        if not warmup and schedule == "constant":
             return optimizer
-        warmup = self.hparams.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else None
+        lr_factor(0, warmup, total, schedule)  # refuses a cosine decay without trainer.max_steps, before step 0
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total, schedule))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -1,7 +1,11 @@
-"""Learning-rate scaling, made explicit (the reference multiplies silently)."""
+"""Learning-rate scaling, made explicit (the reference multiplies silently), and warm-up / decay factors."""
 from __future__ import annotations
 
+import math
+
 import pytorch_lightning as pl
+
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def effective_lr(base_lr: float, scale_lr: bool, batch_size: int, world_size: int = 1, accumulate: int = 1) -> float:
@@ -28,3 +32,18 @@ def trainer_effective_lr(module: pl.LightningModule, base_lr: float, scale_lr: b
         logger.log_hyperparams({key: module.hparams[key] for key in ("effective_lr", "lr_scaling")})
         logger.log_metrics({"lr/effective": lr}, step=trainer.global_step)
     return lr
+
+
+def lr_factor(step: int, warmup: int, total: int | None = None, schedule: str = "constant") -> float:
+    """Multiplier of the peak learning rate at optimiser step `step` (0-based): a linear warm-up over
+    `warmup` steps, then 1 (`constant`) or a cosine decay that reaches 0 at step `total` (`cosine`)."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr schedule {schedule!r}; known: {LR_SCHEDULES}")
+    if schedule == "cosine" and (total is None or total <= warmup):
+        raise ValueError(f"a cosine lr schedule needs a total step count above the warm-up ({warmup}), got {total}: "
+                         "set trainer.max_steps")
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))

@@ -135,6 +135,9 @@ def test_min_snr_gamma_weights_each_sample_of_the_loss(parameterization):
     assert weighted_loss.item() != pytest.approx(plain["loss"].item(), rel=1e-2)
 
 
-def test_lr_schedule_is_checked_when_the_module_is_built():
+def test_lr_schedule_and_min_snr_gamma_are_checked_when_the_module_is_built():
+    unet = UNetModel(in_channels=3, out_channels=3, **UNET)
     with pytest.raises(ValueError, match="lr_schedule must be one of"):
-        LatentDiffusion(UNetModel(in_channels=3, out_channels=3, **UNET), IdentityFirstStage(), lr_schedule="step")
+        LatentDiffusion(unet, IdentityFirstStage(), lr_schedule="step")
+    with pytest.raises(ValueError, match="min_snr_gamma must be positive"):
+        LatentDiffusion(unet, IdentityFirstStage(), min_snr_gamma=0)

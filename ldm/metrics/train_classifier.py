@@ -10,9 +10,10 @@ and a run is a pure function of its arguments (on one device and thread count). 
 drawn objects' shapes and colours (multi-hot, binary cross-entropy); AdamW with a linear warm-up
 and cosine decay. `max_objects` and `sizes` are the generator's (data.synthetic.*): a classifier
 reads best the scenes it was trained on (the default one misreads radius-0.4 hexagons as circles
-and squares), so train one per synthetic data config. Afterwards the classifier is scored on `held_out` images of generator seed
-`seed + 1` (never trained on) with the PromptAccuracy metric against their own captions, and
-saved as <out>/classifier.safetensors + classifier.json (settings, training, held-out accuracy).
+and squares), so train one per synthetic data config. Afterwards the classifier is scored on
+`held_out` images of generator seed `seed + 1` (never trained on) with the PromptAccuracy metric
+against their own captions, and saved as <out>/classifier.safetensors + classifier.json
+(settings, training and its scenes, held-out accuracy).
 """
 from __future__ import annotations
 
@@ -108,7 +109,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="generator seed of the training images (held out: seed+1)")
     parser.add_argument("--held-out", type=int, default=1000, help="held-out images scored after training")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--max-objects", type=int, default=3, help="objects per scene, 1-3 (data.synthetic.max_objects)")
+    parser.add_argument("--max-objects", type=int, default=3,
+                        help="objects per scene, 1-3 (data.synthetic.max_objects)")
     parser.add_argument("--size", action="append", metavar="WORD=RADIUS", dest="sizes",
                         help="a size word and its object radius as a share of the side (data.synthetic.sizes); "
                              "repeat for several; default: the generator's sizes")

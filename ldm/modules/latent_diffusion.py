@@ -57,6 +57,10 @@ class LatentDiffusion(BuildableModule):
         so parameter names and checkpoints are unchanged; compilation happens at the first call.
     compile_first_stage: also compile the first stage's encoder (latents computed from images).
     nonfinite_loss: "stop" or "skip" on a NaN/inf training loss (ldm.modules.nonfinite).
+    min_snr_gamma: None (uniform weights, as the reference) or gamma of min-SNR-gamma loss weights
+        (ldm.diffusion.objective.min_snr_weight).
+    lr_schedule: "constant" or "cosine" after `warmup_steps` (ldm.utils.lr.lr_factor; cosine ends
+        at trainer.max_steps).
     """
 
     def __init__(self, unet: nn.Module, first_stage: FirstStage, cond_stage: nn.Module | None = None,
@@ -74,6 +78,9 @@ class LatentDiffusion(BuildableModule):
                  compile_first_stage: bool = False, nonfinite_loss: str = "stop"):
         super().__init__()
         self.save_hyperparameters(ignore=["unet", "first_stage", "cond_stage", "concat_stage"])
+        if min_snr_gamma is not None and min_snr_gamma <= 0:
+            raise ValueError(f"min_snr_gamma must be positive (e.g. 5) or null for uniform weights, "
+                             f"got {min_snr_gamma}")
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
         if not 0.0 <= p_uncond < 1.0:
@@ -229,7 +236,7 @@ class LatentDiffusion(BuildableModule):
         target = training_target(self.parameterization, self.schedule, z, noise, t)
         per_sample = loss_simple(out.float(), target.float(), self.hparams.loss_type)
         weighted = per_sample
-        if self.hparams.min_snr_gamma:
+        if self.hparams.min_snr_gamma is not None:
             abar = self.schedule.gather("alphas_cumprod", t, per_sample)
             weighted = per_sample * min_snr_weight(self.parameterization, abar, self.hparams.min_snr_gamma)
         loss = logvar_weighted(weighted, self.logvar, t).mean()

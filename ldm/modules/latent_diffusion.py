@@ -310,12 +310,13 @@ class LatentDiffusion(BuildableModule):
             params.append(self.logvar)
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=self.hparams.weight_decay,
                                       **fast_optimizer_kwargs(params))
-        warmup, schedule = self.hparams.warmup_steps, self.hparams.lr_schedule
-        if not warmup and schedule == "constant":
+        warmup, lr_schedule = self.hparams.warmup_steps, self.hparams.lr_schedule
+        if not warmup and lr_schedule == "constant":
             return optimizer
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else None
-        lr_factor(0, warmup, total, schedule)  # refuses a cosine decay without trainer.max_steps, before step 0
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total, schedule))
+        # LambdaLR evaluates step 0 here, so a cosine decay without trainer.max_steps is refused before training
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                      lambda step: lr_factor(step, warmup, total, lr_schedule))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

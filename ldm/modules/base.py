@@ -24,10 +24,12 @@ class BuildableModule(pl.LightningModule):
 
 def fast_optimizer_kwargs(params: Iterable[torch.Tensor]) -> dict[str, bool]:
     """Keyword arguments that pick torch's fastest Adam/AdamW implementation for `params`:
-    `fused=True` (one kernel for all tensors) when every parameter is a floating-point CUDA
-    tensor, else `foreach=True` (one batched op per update stage instead of a loop per tensor).
-    Both compute the same update as the default loop up to float rounding."""
+    `fused=True` (one kernel for all tensors) when every parameter is a floating-point tensor on
+    the CPU or on CUDA (on two CPU cores: a toy LDM step 10% faster than with foreach), else
+    `foreach=True` (one batched op per update stage instead of a loop per tensor). Both compute
+    the same update as the default loop up to float rounding."""
     params = list(params)
-    if params and all(p.is_cuda and p.is_floating_point() for p in params):
+    devices = {p.device.type for p in params}
+    if params and len(devices) == 1 and devices <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params):
         return {"fused": True}
     return {"foreach": True}

@@ -1,7 +1,7 @@
 """UNet speed benchmark: our UNetModel against diffusers' UNet of the same shape and weights.
 
 For a named config it measures, per implementation and in one process:
-- training samples/s: forward + MSE + backward + AdamW (fused on CUDA) on random data;
+- training samples/s: forward + MSE + backward + AdamW (fused, as training uses it) on random data;
 - inference UNet evaluations/s: forward without grad (what a sampler pays per step);
 - forward FLOPs per sample, counted by torch.utils.flop_counter.FlopCounterMode on the meta
   device (the CPU attention kernel is not counted by FlopCounterMode, meta is exact and free);
@@ -55,6 +55,7 @@ from ldm.convert.diffusers_unet import (
     full_unet_kwargs,
     unet_state_dict_to_diffusers,
 )
+from ldm.modules.base import fast_optimizer_kwargs
 from ldm.nets.unet import UNetModel
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -379,7 +380,7 @@ def measure_phase(impl: Impl, phase: str, row: Row, bench: BenchConfig, weights:
     x, t, ctx, target = inputs["x"], inputs["t"], inputs["context"], inputs["target"]
     if phase == "train":
         model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, **fast_optimizer_kwargs(model.parameters()))
 
         def step() -> None:
             with autocast(device, row.precision):

@@ -16,8 +16,9 @@ fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 "$VENV/bin/python" -m pip install --quiet --no-compile -c constraints.txt torch torchvision
 "$VENV/bin/python" -m pip install --quiet --no-compile -c constraints.txt -e ".${EXTRAS:+[$EXTRAS]}"
-# --no-compile above skips byte-compiling every file of torch (about 45 s of the install); this
-# compiles what the project imports instead, once (import time ~24 s -> ~10 s for later runs).
+# --no-compile above skips byte-compiling every file of torch (about 45 s of the install). This
+# compiles what the project imports instead, once, even where PYTHONDONTWRITEBYTECODE is set
+# (otherwise every run would recompile it: importing the CLI stack takes ~24 s instead of ~10 s).
 env -u PYTHONDONTWRITEBYTECODE "$VENV/bin/python" -c "
 import importlib, pkgutil, ldm
 for module in pkgutil.walk_packages(ldm.__path__, 'ldm.'):

@@ -30,6 +30,6 @@ def fast_optimizer_kwargs(params: Iterable[torch.Tensor]) -> dict[str, bool]:
     the same update as the default loop up to float rounding."""
     params = list(params)
     devices = {p.device.type for p in params}
-    if params and len(devices) == 1 and devices <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params):
+    if len(devices) == 1 and devices <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params):
         return {"fused": True}
     return {"foreach": True}

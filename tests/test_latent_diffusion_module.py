@@ -141,3 +141,17 @@ def test_lr_schedule_and_min_snr_gamma_are_checked_when_the_module_is_built():
         LatentDiffusion(unet, IdentityFirstStage(), lr_schedule="step")
     with pytest.raises(ValueError, match="min_snr_gamma must be positive"):
         LatentDiffusion(unet, IdentityFirstStage(), min_snr_gamma=0)
+
+
+def test_timestep_focus_sets_the_training_timesteps():
+    """model.timestep_focus reaches diffusion_loss: with share 1 every training timestep lies in
+    the band, and a band outside the schedule is refused when the module is built."""
+    unet = UNetModel(in_channels=3, out_channels=3, **UNET)
+    model = LatentDiffusion(unet, IdentityFirstStage(), image_size=16, ema_decay=None,
+                            timestep_focus={"low": 990, "high": 1000, "share": 1.0})
+    seen = []
+    model.model.register_forward_hook(lambda _m, args, _out: seen.append(args[1].clone()))
+    model.diffusion_loss(torch.randn(64, 3, 16, 16), None)
+    assert seen[0].numel() == 64 and int(seen[0].min()) >= 990
+    with pytest.raises(ValueError, match="high <= 1000"):
+        LatentDiffusion(unet, IdentityFirstStage(), timestep_focus={"low": 500, "high": 2000})

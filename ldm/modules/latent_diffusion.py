@@ -21,6 +21,7 @@ from ldm.diffusion.objective import (check_parameterization, logvar_weighted, lo
                                      min_snr_weight, training_target, vlb_term)
 from ldm.diffusion.samplers import get_sampler, noise_for_seeds
 from ldm.diffusion.schedule import DiffusionSchedule, make_betas, q_sample
+from ldm.diffusion.timesteps import TimestepFocus, sample_timesteps
 from ldm.first_stage.base import FirstStage
 from ldm.modules.base import BuildableModule, fast_optimizer_kwargs
 from ldm.modules.nonfinite import NonFiniteGuard
@@ -61,6 +62,8 @@ class LatentDiffusion(BuildableModule):
         (ldm.diffusion.objective.min_snr_weight).
     lr_schedule: "constant" or "cosine" after `warmup_steps` (ldm.utils.lr.lr_factor; cosine ends
         at trainer.max_steps).
+    timestep_focus: None (training timesteps uniform, as the reference) or {low, high, share}:
+        that share of them drawn from [low, high) (ldm.diffusion.timesteps).
     """
 
     def __init__(self, unet: nn.Module, first_stage: FirstStage, cond_stage: nn.Module | None = None,
@@ -69,7 +72,8 @@ class LatentDiffusion(BuildableModule):
                  uncond_value: str | int | None = None, p_uncond: float = 0.0,
                  timesteps: int = 1000, beta_schedule: str = "linear", linear_start: float = 0.00085,
                  linear_end: float = 0.012, cosine_s: float = 8e-3, parameterization: str = "eps",
-                 loss_type: str = "l2", min_snr_gamma: float | None = None, learn_logvar: bool = False,
+                 loss_type: str = "l2", min_snr_gamma: float | None = None,
+                 timestep_focus: dict | None = None, learn_logvar: bool = False,
                  logvar_init: float = 0.0,
                  scale_factor: float = 1.0, scale_by_std: bool = False, ema_decay: float | None = 0.9999,
                  base_lr: float = 1e-4, scale_lr: bool = True, weight_decay: float = 0.01, warmup_steps: int = 0,
@@ -106,6 +110,7 @@ class LatentDiffusion(BuildableModule):
             cond_stage.eval().requires_grad_(False)
         self.concat_stage = concat_stage
         self.schedule = DiffusionSchedule(make_betas(beta_schedule, timesteps, linear_start, linear_end, cosine_s))
+        self.timestep_focus = TimestepFocus.from_config(timestep_focus).check(timesteps) if timestep_focus else None
         self._register_schedule(self.schedule)
         # the reference's weights where it has the parameterisation (eps, x0); v has no reference
         self.lvlb_weights = lvlb_weights(self.schedule, parameterization, compat=parameterization != "v")
@@ -229,7 +234,7 @@ class LatentDiffusion(BuildableModule):
                        noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The training loss on clean scaled latents z, and its logs (prefix-free names)."""
         if t is None:
-            t = torch.randint(0, self.schedule.num_timesteps, (z.shape[0],), device=z.device)
+            t = sample_timesteps(z.shape[0], self.schedule.num_timesteps, self.timestep_focus, z.device)
         noise = torch.randn_like(z) if noise is None else noise
         x_t = q_sample(self.schedule, z, t, noise)
         out = self.model(x_t, t, cond)

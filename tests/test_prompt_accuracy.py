@@ -32,6 +32,8 @@ from ldm.metrics.prompts import LABELS, NUM_LABELS, Named, caption_labels, objec
 from ldm.metrics.shape_classifier import ClassifierMismatchError, load_classifier, read_settings
 from ldm.metrics.train_classifier import generated_batch, held_out_accuracy, train_classifier
 from ldm.metrics.train_classifier import main as train_classifier_main
+from ldm.metrics.word_gap import SWAPS, swap_colors, swap_shapes, word_gaps
+from ldm.metrics.word_gap import main as word_gap_main
 from ldm.modules.loading import load_module
 from ldm.utils.checkpoint import CheckpointMismatchError
 
@@ -389,3 +391,40 @@ def test_caption_metrics_on_reconstructions_and_refusals(text_run, classifier, t
     with pytest.raises(ValueError, match="conditioned on class_label"):
         check_caption_metrics(class_model, ["fid", "prompt_accuracy"])
     check_caption_metrics(class_model, ["fid"])  # no caption metric: nothing to refuse
+
+
+def test_word_swaps_change_only_the_object_words():
+    caption = "a large purple star on a light green background"
+    assert swap_shapes(caption) == "a large purple hexagon on a light green background"
+    assert swap_colors(caption) == "a large orange star on a light green background"
+    two = "a small black hexagon above a large red circle on a dark blue background"
+    assert swap_shapes(two) == "a small black circle above a large red square on a dark blue background"
+    assert swap_colors(two) == "a small red hexagon above a large green circle on a dark blue background"
+
+
+def test_word_gaps_compare_captions_on_the_same_noise_and_timesteps(text_run, capsys):
+    """The loss increase of a swapped caption is measured against the same latents, noise and t:
+    an unchanged caption gives exactly no gap, a swapped word some; the command prints the table."""
+    module = load_module(text_run["ldm"])
+    # Three training steps leave the cross-attention outputs at their zero init (the caption is
+    # not used yet): give them weights, so that the caption reaches the loss.
+    torch.manual_seed(0)
+    for name, layer in module.model.named_modules():
+        if name.endswith("proj_out"):
+            torch.nn.init.normal_(layer.weight, std=0.2)
+    stream = ShardStream(str(text_run["val"]), 8, SampleDecoder(ImageTransform(32, "center", False)), train=False,
+                         max_samples=8)
+    batch = next(iter(stream))
+    table = word_gaps(module, batch, [100, 900], swaps={"unchanged": lambda c: c, **SWAPS}, draws=1)
+    assert list(table) == [100, 900]
+    for row in table.values():
+        assert row["unchanged"] == 0.0
+        assert row["true"] > 0 and row["shape"] != 0.0 and row["colour"] != 0.0
+    assert table[100]["true"] != table[900]["true"]
+    word_gap_main([str(text_run["ldm"]), str(text_run["val"]), "--n", "8", "--t", "100", "900", "--draws", "1"])
+    out = capsys.readouterr().out
+    assert "| t | 100 | 900 |" in out and "| + shape word swapped | " in out and "| + colour word swapped | " in out
+    loaded = word_gaps(load_module(text_run["ldm"]), batch, [100, 900], draws=1)  # the command's module, unchanged
+    assert f"| true caption | {loaded[100]['true']:.3f} | {loaded[900]['true']:.3f} |" in out  # same seed, same numbers
+    with pytest.raises(SystemExit, match="not a text-conditional LDM"):
+        word_gap_main([str(text_run["ae"]), str(text_run["val"]), "--n", "8"])

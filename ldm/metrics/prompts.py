@@ -21,7 +21,8 @@ COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
 LABELS: tuple[str, ...] = (*SHAPES, *COLOR_NAMES)  # classifier outputs, in this order
 NUM_SHAPES, NUM_LABELS = len(SHAPES), len(LABELS)
 
-_OBJECT = re.compile(rf"\b({'|'.join(COLOR_NAMES)})\s+({'|'.join(SHAPES)})s?\b")
+# "<colour> <shape>": an object of a caption (group 1 its colour, group 2 its shape)
+OBJECT_PHRASE = re.compile(rf"\b({'|'.join(COLOR_NAMES)})\s+({'|'.join(SHAPES)})s?\b")
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ def parse_caption(caption: str) -> Named:
     Raises ValueError when it names none: prompt accuracy is defined for captions of the
     synthetic shapes grammar only, and a caption without objects would count as trivially met.
     """
-    pairs = _OBJECT.findall(caption.lower())
+    pairs = OBJECT_PHRASE.findall(caption.lower())
     if not pairs:
         raise ValueError(f"caption {caption!r} names no '<colour> <shape>' object of the shapes vocabulary "
                          f"(colours {COLOR_NAMES}, shapes {SHAPES}); prompt accuracy scores captions of the "

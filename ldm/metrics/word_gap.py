@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from ldm.data.synthetic import SHAPES
 from ldm.metrics.prompts import COLOR_NAMES, OBJECT_PHRASE
+
+if TYPE_CHECKING:
+    from ldm.modules.latent_diffusion import LatentDiffusion
 
 Swap = Callable[[str], str]
 
@@ -40,7 +44,7 @@ SWAPS: dict[str, Swap] = {"shape": swap_shapes, "colour": swap_colors}
 
 
 @torch.no_grad()
-def word_gaps(module, batch: dict, timesteps: Sequence[int], swaps: dict[str, Swap] | None = None,
+def word_gaps(module: LatentDiffusion, batch: dict, timesteps: Sequence[int], swaps: dict[str, Swap] | None = None,
               draws: int = 2, seed: int = 0) -> dict[int, dict[str, float]]:
     """{t: {"true": loss, <swap name>: loss increase, ...}}: the LDM's mean diffusion loss on the
     batch's images with their captions at each t, and how much each swap of the captions raises

@@ -199,6 +199,22 @@ def test_text_encoder_ignores_padding(tokenizer, captions):
         assert (enc.encode(ids, torch.ones_like(mask))[:, :n] - unmasked[:, :n]).abs().max() > 1e-3
 
 
+def test_text_encoder_without_layers_is_a_normalised_embedding(tokenizer, captions):
+    """n_layer=0 (the quickstart's encoder): each position is the final LayerNorm of its token and
+    position embeddings, so a word at a position reads the same in every caption, and both
+    tables train."""
+    enc = _text_encoder(tokenizer, n_layer=0, max_seq_len=16)
+    assert len(enc.layers) == 0
+    ids, mask = enc.tokenize(captions[:3])
+    out = enc.encode(ids, mask)
+    expected = torch.nn.functional.layer_norm(enc.token_embedding(ids) + enc.position_embedding, (32,),
+                                              enc.final_norm.weight, enc.final_norm.bias)
+    torch.testing.assert_close(out, expected)
+    assert out.shape == (3, 16, 32)
+    (out * torch.randn_like(out)).sum().backward()  # not out.pow(2): a LayerNorm's output has a fixed norm
+    assert enc.token_embedding.weight.grad.abs().sum() > 0 and enc.position_embedding.grad.abs().sum() > 0
+
+
 def test_text_encoder_from_file_and_pickles(tokenizer, captions, tmp_path):
     path = tmp_path / "tokenizer.json"
     tokenizer.save(path)

@@ -7,7 +7,7 @@
 # (configs/experiment/toy/*_quickstart.yaml; stage times in docs/reproduction.md).
 # Extra arguments are Hydra overrides for both training stages (e.g. trainer=gpu);
 # QUICKSTART_LDM_ARGS holds overrides for the LDM stage only, e.g.
-#   QUICKSTART_LDM_ARGS="trainer.max_steps=4400" bash scripts/quickstart.sh   # twice the diffusion steps (about 8 more minutes on two CPU cores)
+#   QUICKSTART_LDM_ARGS="trainer.max_steps=4400" bash scripts/quickstart.sh   # twice the diffusion steps (about 7 more minutes on two CPU cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 START=$SECONDS

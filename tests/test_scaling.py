@@ -182,6 +182,31 @@ def test_ldm_throughput_without_peak_flops_and_denoising_rows(tmp_path):
     assert (w, h) == (3 * 34 + 2, 2 * 34 + 2)  # 3 columns x 2 samples of 32 px, 2 px padding
 
 
+def test_stand_in_parameters_keep_gradients_and_hooks_off_the_real_ones():
+    from ldm.callbacks.throughput import stand_in_parameters
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+    net[2].weight = net[0].weight  # tied: one stand-in for both uses
+    net[1].bias.requires_grad_(False)
+    fired = []
+    for name, param in net.named_parameters():
+        if param.requires_grad:
+            param.register_post_accumulate_grad_hook(lambda p, name=name: fired.append(name))
+    before = dict(net.named_parameters())
+    x = torch.randn(4, 3)
+    with stand_in_parameters(net):
+        assert net[0].weight is net[2].weight and net[0].weight is not before["0.weight"]
+        assert not net[1].bias.requires_grad
+        net(x).sum().backward()
+        inside_grad = net[0].weight.grad.clone()
+    assert fired == [] and all(p.grad is None for p in net.parameters())
+    assert dict(net.named_parameters()) == before and net[2].weight is before["0.weight"]
+    net(x).sum().backward()  # the same pass on the real parameters: the same gradient, hooks fired
+    torch.testing.assert_close(net[0].weight.grad, inside_grad)
+    assert sorted(set(fired)) == ["0.bias", "0.weight", "1.weight", "2.bias"]
+
+
 def test_denoising_rows_end_with_the_sample():
     from ldm.callbacks.denoising import denoising_rows
     from ldm.first_stage.factory import identity

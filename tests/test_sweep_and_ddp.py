@@ -1,6 +1,7 @@
 """A Hydra multirun over f through the real train.py, and autoencoder training on 2 DDP ranks."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -59,3 +60,21 @@ def test_multirun_of_ddp_jobs_gives_each_job_its_own_folder(tmp_path):
         assert (run / "checkpoints" / "last.ckpt").is_file()
         assert load_module(run).ae_steps == 3  # both ranks stepped together through the tiny epoch
         assert json.loads((run / "metrics.json").read_text())["val/psnr"] > 0
+
+
+def test_text_ldm_trains_on_two_ddp_ranks_with_static_graph_and_the_flop_count(tmp_path):
+    """The throughput callback counts the FLOPs of one update with a backward pass outside DDP's
+    forward. Under DDP's static graph that backward once threw the reducer out of step whenever
+    some parameters got no gradient in it (here the caption encoder, run without grad there), and
+    every conditional LDM experiment stopped at its first step."""
+    out = tmp_path / "run"
+    cfg = compose("train", ["experiment=toy/ldm_text", "first_stage=identity", "unet.in_channels=3",
+                            "unet.out_channels=3", "trainer=ddp_cpu", *TINY_RUN, "model.log_images=0",
+                            "callbacks.throughput.window_size=2"], out, tmp_path / "data")
+    assert cfg.ddp_static_graph and cfg.callbacks.throughput is not None
+    train(cfg)
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+    with open(out / "csv" / "metrics.csv") as f:
+        flops = [float(row["perf/tflops_per_s_per_device"]) for row in csv.DictReader(f)
+                 if row.get("perf/tflops_per_s_per_device")]
+    assert flops and all(v > 0 for v in flops)

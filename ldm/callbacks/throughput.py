@@ -7,9 +7,12 @@ Lightning's `measure_flops`, on the first batch) and logs the results under perf
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytorch_lightning as pl
 import torch
+from torch import nn
 from lightning_fabric.utilities.throughput import Throughput, get_available_flops
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 from pytorch_lightning.utilities import rank_zero_warn
@@ -25,6 +28,29 @@ def compute_dtype(precision: str) -> torch.dtype:
     if precision.startswith("64"):
         return torch.float64
     return torch.float32
+
+
+@contextmanager
+def stand_in_parameters(module: nn.Module) -> Iterator[None]:
+    """Within the block every parameter of `module` is a new leaf sharing the original's storage
+    (one stand-in per shared parameter), restored afterwards. A backward pass inside fills only
+    the stand-ins' gradients and fires none of the hooks on the originals: DDP's reducer counts
+    those hooks in the first step of a static graph, and a backward outside its own forward that
+    reaches only some parameters throws it out of step ("Expected to have finished reduction in
+    the prior iteration")."""
+    originals: list[tuple[nn.Module, str, nn.Parameter]] = []
+    stand_ins: dict[int, nn.Parameter] = {}
+    for submodule in module.modules():
+        for name, param in submodule.named_parameters(recurse=False):
+            if id(param) not in stand_ins:
+                stand_ins[id(param)] = nn.Parameter(param.detach(), requires_grad=param.requires_grad)
+            originals.append((submodule, name, param))
+            setattr(submodule, name, stand_ins[id(param)])
+    try:
+        yield
+    finally:
+        for submodule, name, param in originals:
+            setattr(submodule, name, param)
 
 
 def batch_size(batch: dict) -> int:
@@ -44,8 +70,9 @@ class ThroughputLogger(pl.Callback):
     of an update are known.
 
     The module's `measure_training_flops(batch)` (forward + backward of what one update trains) is
-    called once on the first training batch, in eval mode and with the RNG state restored, so the
-    run trains exactly as without this callback. It is skipped under sharded strategies (FSDP):
+    called once on the first training batch, in eval mode, with the RNG state restored and on
+    stand-in parameters (`stand_in_parameters`: no gradients or DDP hooks reach the real ones), so
+    the run trains exactly as without this callback. It is skipped under sharded strategies (FSDP):
     there the weights exist only inside the wrapped forward, and no MFU is logged.
     Rates are averages over the last `window_size` logging intervals (trainer.log_every_n_steps
     batches each; timings are taken only then); validation time is left out.
@@ -93,10 +120,9 @@ class ThroughputLogger(pl.Callback):
         was_training = pl_module.training
         pl_module.eval()  # no dropout draws, no running statistics or EMA codebook updates
         try:
-            with torch.random.fork_rng(devices=devices):
+            with torch.random.fork_rng(devices=devices), stand_in_parameters(pl_module):
                 return int(measure(batch))
         finally:
-            pl_module.zero_grad(set_to_none=True)
             pl_module.train(was_training)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,

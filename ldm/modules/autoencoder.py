@@ -85,8 +85,8 @@ class AutoencoderModule(BuildableModule):
 
     def measure_training_flops(self, batch: dict) -> int:
         """FLOPs of one autoencoder (generator) update on `batch`: reconstruction, loss and backward,
-        counted by torch's FLOP counter (the discriminator's own update is not counted). Leaves
-        gradients behind: the caller clears them (ldm.callbacks.throughput)."""
+        counted by torch's FLOP counter (the discriminator's own update is not counted). Fills
+        gradients: ldm.callbacks.throughput runs it on stand-in parameters."""
         x = batch["image"]
         last_layer = self.first_stage.decoder.last_layer
 

@@ -263,8 +263,8 @@ class LatentDiffusion(BuildableModule):
 
     def measure_training_flops(self, batch: dict) -> int:
         """FLOPs of the denoiser's forward and backward on `batch` (torch's FLOP counter), what one
-        update trains; the frozen first stage and the condition encoder are not counted. Leaves
-        gradients behind: the caller clears them (ldm.callbacks.throughput)."""
+        update trains; the frozen first stage and the condition encoder are not counted. Fills
+        gradients: ldm.callbacks.throughput runs it on stand-in parameters."""
         with torch.no_grad():
             z = self.scale_factor * self.first_stage_latents(batch)
             cond = self.condition(batch, tuple(z.shape[-2:]))

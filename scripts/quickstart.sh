@@ -47,11 +47,11 @@ $PY train.py experiment=toy/ldm_text_quickstart hydra.run.dir="$LDM" first_stage
 STEPS=$($PY -c "import json; print(json.load(open('$LDM/metrics.json'))['global_step'])")
 stage "text LDM trained for $STEPS steps"
 stage "samples -> $SAMPLES"
-$PY sample.py ckpt="$LDM" hydra.run.dir="$SAMPLES" n=8 steps=50 guidance=3.0 \
+$PY sample.py ckpt="$LDM" hydra.run.dir="$SAMPLES" n=8 steps=50 guidance=2.0 \
   'prompt=["a large red circle on a grey background","a large blue square on a beige background","a large yellow star on a dark blue background","a large green triangle on a grey background"]'
 stage "evaluate -> $EVAL"
 REAL=$($PY -c "from omegaconf import OmegaConf; print(OmegaConf.load('$AE/config.yaml').data.val_urls)")
-$PY evaluate.py ckpt="$LDM" real="$REAL" features=toy n=128 steps=20 guidance=3.0 \
+$PY evaluate.py ckpt="$LDM" real="$REAL" features=toy n=128 steps=20 guidance=2.0 \
   'metrics=[fid,precision_recall,prompt_accuracy]' classifier=assets/classifiers/shapes-32-large hydra.run.dir="$EVAL"
 stage "done"
 echo

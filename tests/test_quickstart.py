@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_quickstart_script_end_to_end_within_its_budget(tmp_path):
     run = tmp_path / "run"
-    env = {**os.environ, "PY": sys.executable, "QUICKSTART_DIR": str(run), "QUICKSTART_BUDGET_S": "400"}
+    env = {**os.environ, "PY": sys.executable, "QUICKSTART_DIR": str(run), "QUICKSTART_BUDGET_S": "1000"}
     result = subprocess.run(["bash", "scripts/quickstart.sh", "debug=tiny", f"paths.data_dir={tmp_path / 'data'}"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -25,7 +25,7 @@ def test_quickstart_script_end_to_end_within_its_budget(tmp_path):
     started = int(re.search(r"\[quickstart (\d+)s\] text LDM ->", result.stdout).group(1))
     max_time = OmegaConf.load(run / "ldm" / "config.yaml").trainer.max_time
     days, hours, minutes, seconds = (int(x) for x in max_time.split(":"))
-    assert days == hours == 0 and abs(60 * minutes + seconds - (400 - started - 150)) <= 1
+    assert days == hours == 0 and abs(60 * minutes + seconds - (1000 - started - 150)) <= 1
     assert "text LDM trained for 3 steps" in result.stdout  # debug=tiny's epoch ends first
     assert Image.open(run / "samples" / "grid_captioned.png").size[0] > 4 * 32
     metrics = json.loads((run / "eval" / "metrics.json").read_text())["metrics"]

@@ -9,7 +9,7 @@
 # for more steps. Stage times and results per machine are in docs/reproduction.md.
 # Extra arguments are Hydra overrides for both training stages (e.g. trainer=gpu);
 # QUICKSTART_LDM_ARGS holds overrides for the LDM stage only; the environment:
-#   QUICKSTART_BUDGET_S=1800 bash scripts/quickstart.sh     # a 30-minute budget: about twice the LDM steps
+#   QUICKSTART_BUDGET_S=1800 bash scripts/quickstart.sh     # a 30-minute budget: more LDM steps, up to the cap
 #   QUICKSTART_LDM_ARGS="trainer.max_time=null trainer.max_steps=2200" bash scripts/quickstart.sh   # a fixed step count instead
 #   QUICKSTART_DIR=<folder>   where the run goes (default runs/quickstart/<date_time>)
 #   PY=<python>               use this interpreter and skip the install

@@ -12,10 +12,10 @@ from contextlib import contextmanager
 
 import pytorch_lightning as pl
 import torch
-from torch import nn
 from lightning_fabric.utilities.throughput import Throughput, get_available_flops
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 from pytorch_lightning.utilities import rank_zero_warn
+from torch import nn
 
 
 def compute_dtype(precision: str) -> torch.dtype:

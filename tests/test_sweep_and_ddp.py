@@ -42,6 +42,8 @@ def test_autoencoder_trains_on_two_ddp_ranks_with_the_discriminator_on(tmp_path)
     assert module.ae_steps == 3  # 3 batches per rank and epoch; both ranks step together
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["train/disc_loss"] > 0 and saved["val/psnr"] > 0
+    # Written by rank 0 inside the spawned run: the calling process never sees the step counter.
+    assert saved["global_step"] == torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] > 0
 
 
 def test_multirun_of_ddp_jobs_gives_each_job_its_own_folder(tmp_path):

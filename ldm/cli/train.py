@@ -1,7 +1,6 @@
 """The logic behind train.py: build everything from the composed config and fit."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -10,6 +9,8 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+
+from ldm.callbacks.run_metrics import RunMetrics, scalar_metrics
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model = instantiate(cfg.model, _convert_="all")  # plain containers: weights_only checkpoints
     # The module can rebuild itself from this (sample.py, evaluate.py, fine-tuning).
     model.build_config = plain(cfg.model)
-    callbacks = _instantiate_group(cfg.get("callbacks"))
+    callbacks = [*_instantiate_group(cfg.get("callbacks")), RunMetrics(out / "metrics.json")]
     loggers = _instantiate_group(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for lg in loggers:
@@ -90,9 +91,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
         raise torch.cuda.OutOfMemoryError(
             out_of_memory_advice(trainer, cfg.data.batch_size, model.automatic_optimization)) from err
 
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, (int, float, torch.Tensor))
-               and torch.as_tensor(v).numel() == 1}
     if trainer.is_global_zero:
-        (out / "metrics.json").write_text(json.dumps({"global_step": trainer.global_step, **metrics}, indent=1))
         log.info("checkpoints: %s", out / "checkpoints")
-    return metrics
+    return scalar_metrics(trainer)

@@ -15,10 +15,11 @@ For a named config it measures, per implementation and in one process:
 
 Our UNet can be measured in several fast-path variants at once (--ours): `base` (the reference
 layout: NCHW, float32 norms), `cl` (channels_last), `bf16norm` (fp32_norms=False) and `fast`
-(both); each gets its own ratio to diffusers.
+(both); each gets its own ratio to diffusers. --checkpoint turns on gradient checkpointing in
+both implementations (what it costs in speed and saves in training memory).
 
     python benchmarks/unet.py --suite cpu                      # small config, fp32, 3 alternating rounds
-    python benchmarks/unet.py --suite gpu --out gpu.jsonl      # SD-1 b32 bf16 eager (variants) + compiled, CelebA b48
+    python benchmarks/unet.py --suite gpu --out gpu.jsonl      # SD-1 b32 bf16 eager + compiled, CelebA b48, SD-1 checkpointed
     python benchmarks/unet.py --config sd1 --batch 8 --precision tf32 --device cuda
 
 JSON lines go to stdout (and are appended to --out); a markdown table ends the output; progress
@@ -126,9 +127,10 @@ VARIANTS: dict[str, dict[str, bool]] = {
 }
 
 
-def ours_impl(kwargs: Mapping[str, Any], variant: str = "base") -> Impl:
-    """Our UNetModel with the fast paths of `variant` (named `ours` for base, else `ours-<variant>`)."""
-    full = {**kwargs, **VARIANTS[variant]}
+def ours_impl(kwargs: Mapping[str, Any], variant: str = "base", checkpoint: bool = False) -> Impl:
+    """Our UNetModel with the fast paths of `variant` (named `ours` for base, else `ours-<variant>`),
+    with gradient checkpointing per block if `checkpoint`."""
+    full = {**kwargs, **VARIANTS[variant], "use_checkpoint": checkpoint}
     return Impl("ours" if variant == "base" else f"ours-{variant}", "ldm.nets.unet.UNetModel",
                 lambda: UNetModel(**full), dict, lambda m, x, t, c: m(x, t, c))
 
@@ -195,11 +197,20 @@ def unet2d_state_dict(weights: Mapping[str, torch.Tensor], cfg: Mapping[str, Any
     return out
 
 
-def diffusers_impl(bench: BenchConfig) -> tuple[Impl | None, str]:
-    """diffusers' counterpart of `bench` (None and the reason when there is none)."""
+def diffusers_impl(bench: BenchConfig, checkpoint: bool = False) -> tuple[Impl | None, str]:
+    """diffusers' counterpart of `bench` (None and the reason when there is none), with its
+    gradient checkpointing on if `checkpoint`."""
     if importlib.util.find_spec("diffusers") is None:
         return None, "diffusers is not installed"
     import diffusers
+
+    def build(cls: type, config: dict[str, Any]) -> Callable[[], nn.Module]:
+        def make() -> nn.Module:
+            model = cls(**config)
+            if checkpoint:
+                model.enable_gradient_checkpointing()
+            return model
+        return make
 
     cfg = full_unet_kwargs(bench.unet)
     if cfg["use_spatial_transformer"]:
@@ -208,14 +219,14 @@ def diffusers_impl(bench: BenchConfig) -> tuple[Impl | None, str]:
         except ValueError as err:
             return None, str(err)
         return Impl("diffusers", "diffusers.UNet2DConditionModel",
-                    lambda: diffusers.UNet2DConditionModel(**config),
+                    build(diffusers.UNet2DConditionModel, config),
                     lambda w: unet_state_dict_to_diffusers(w, bench.unet),
                     lambda m, x, t, c: m(x, t, encoder_hidden_states=c, return_dict=False)[0]), ""
     problems = _unet2d_problems(cfg)
     if problems:
         return None, "no diffusers UNet2DModel mapping for " + "; ".join(problems)
     config = unet2d_config(cfg, bench.size)
-    return Impl("diffusers", "diffusers.UNet2DModel", lambda: diffusers.UNet2DModel(**config),
+    return Impl("diffusers", "diffusers.UNet2DModel", build(diffusers.UNet2DModel, config),
                 lambda w: unet2d_state_dict(w, cfg), lambda m, x, t, c: m(x, t, return_dict=False)[0]), ""
 
 
@@ -365,6 +376,7 @@ class Row:
     compile: bool
     ours: tuple[str, ...] = ("base",)  # our variants (VARIANTS keys)
     phases: tuple[str, ...] = ("train", "infer")
+    checkpoint: bool = False  # gradient checkpointing in both implementations (acts in training only)
 
 
 def measure_phase(impl: Impl, phase: str, row: Row, bench: BenchConfig, weights: Mapping[str, torch.Tensor],
@@ -479,8 +491,8 @@ class Benchmark:
 
     def run(self, row: Row) -> None:
         bench = bench_config(row.config)
-        impls = [ours_impl(bench.unet, v) for v in row.ours]
-        theirs, why_not = diffusers_impl(bench)
+        impls = [ours_impl(bench.unet, v, row.checkpoint) for v in row.ours]
+        theirs, why_not = diffusers_impl(bench, row.checkpoint)
         if theirs is not None:
             impls.append(theirs)
         else:
@@ -493,6 +505,7 @@ class Benchmark:
             self._checked[checked] = cross_check(impls, bench, weights, self.device)
             log(f"[{row.config}] cross-check (fp32, batch 2): {self._checked[checked]}")
         base = {"config": row.config, "batch": row.batch, "precision": row.precision, "compile": row.compile,
+                "checkpoint": row.checkpoint,
                 "ours_variants": {f"ours-{v}" if v != "base" else "ours": VARIANTS[v] for v in row.ours},
                 "latent": [bench.unet["in_channels"], bench.size, bench.size], "context_tokens": bench.tokens,
                 "params_m": sum(v.numel() for v in weights.values()) / 1e6, "steps": self.steps,
@@ -510,7 +523,8 @@ class Benchmark:
                     if time.perf_counter() > self.deadline:
                         skipped.append(f"{impl.name} {phase} round {r}")
                         continue
-                    log(f"[{row.config} b{row.batch} {row.precision}{' compiled' if row.compile else ''}] "
+                    log(f"[{row.config} b{row.batch} {row.precision}{' compiled' if row.compile else ''}"
+                        f"{' checkpointed' if row.checkpoint else ''}] "
                         f"{impl.name} {phase} round {r + 1}/{self.rounds}")
                     try:
                         runs[impl.name][phase].append(measure_phase(
@@ -567,11 +581,12 @@ def _fmt(value: Any, spec: str) -> str:
 
 def markdown_table(records: list[dict[str, Any]]) -> str:
     """One line per implementation and one 'ours / diffusers' line per row."""
-    lines = ["| config | impl | batch | precision | compile | train samples/s | MFU | evals/s (inference) | "
-             "peak GiB train | peak GiB infer | fwd GFLOP/sample |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| config | impl | batch | precision | compile | grad ckpt | train samples/s | MFU | "
+             "evals/s (inference) | peak GiB train | peak GiB infer | fwd GFLOP/sample |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
-        head = f"| {r['config']} | {{}} | {r['batch']} | {r['precision']} | {'yes' if r['compile'] else 'no'} |"
+        head = (f"| {r['config']} | {{}} | {r['batch']} | {r['precision']} | {'yes' if r['compile'] else 'no'} | "
+                f"{'yes' if r.get('checkpoint') else 'no'} |")
         if r["kind"] == "impl":
             lines.append(head.format(r["impl"]) + " | ".join([
                 f" {_fmt(r['train_samples_per_s'], '.2f')}", _fmt(r["mfu"] and 100 * r["mfu"], ".1f") +
@@ -596,12 +611,15 @@ SUITES: dict[str, dict[str, Any]] = {
     # channels_last is the only fast path that acts in float32.
     "cpu": dict(rows=[Row("small", 4, "fp32", False, ours=("base", "cl"))], steps=6, warmup=2, rounds=3,
                 time_limit=None, threads=1),
-    # The GPU targets in order of importance, so the time limit cuts the least important: SD-1
-    # eager for every fast-path variant of ours, SD-1 compiled training (compiling one model takes
-    # about 2 minutes), CelebA-HQ LDM-4 eager, SD-1 compiled inference.
-    "gpu": dict(rows=[Row("sd1", 32, "bf16", False, ours=("base", "cl", "fast")),
+    # The GPU targets. The eager rows take seconds a phase, so they go first: SD-1 with our fast
+    # paths (base and cl were measured twice on 2026-11-26, docs/benchmarks.md), CelebA-HQ LDM-4,
+    # SD-1 training with gradient checkpointing in both. Then SD-1 compiled training, whose
+    # compilation takes about 100 s per implementation (both must start before the time limit),
+    # and last SD-1 compiled inference, which the limit may cut.
+    "gpu": dict(rows=[Row("sd1", 32, "bf16", False, ours=("fast",)),
+                      Row("celebahq", 48, "bf16", False, ours=("fast",)),
+                      Row("sd1", 32, "bf16", False, ours=("fast",), phases=("train",), checkpoint=True),
                       Row("sd1", 32, "bf16", True, ours=("fast",), phases=("train",)),
-                      Row("celebahq", 48, "bf16", False, ours=("base", "fast")),
                       Row("sd1", 32, "bf16", True, ours=("fast",), phases=("infer",))],
                 steps=10, warmup=3, rounds=1, time_limit=330.0, threads=None),
 }
@@ -611,12 +629,14 @@ DEFAULTS = dict(steps=10, warmup=3, rounds=1, time_limit=None, threads=None)
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", choices=sorted(SUITES), help="a preset list of rows (excludes --config, "
-                   "--batch, --precision, --compile)")
+                   "--batch, --precision, --compile, --checkpoint)")
     p.add_argument("--config", choices=("small", "celebahq", "sd1"), help="UNet shape to measure")
     p.add_argument("--batch", type=int, help="batch size (default 8)")
     p.add_argument("--precision", choices=PRECISIONS, help="fp32 (strict), tf32 (CUDA: TF32 matmul/conv) or "
                    "bf16 (autocast, fp32 weights); default fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile both implementations")
+    p.add_argument("--checkpoint", action="store_true", help="gradient checkpointing in both implementations "
+                   "(ours: use_checkpoint per block; diffusers: enable_gradient_checkpointing)")
     p.add_argument("--ours", default="base", help="comma-separated variants of our UNet to measure: "
                    f"{', '.join(VARIANTS)} (default base)")
     p.add_argument("--phases", default="train,infer", help="comma-separated phases: train, infer (default both)")
@@ -636,7 +656,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     single = {"--config": args.config, "--batch": args.batch, "--precision": args.precision}
     if args.suite:
-        given = [k for k, v in single.items() if v is not None] + (["--compile"] if args.compile else [])
+        given = [k for k, v in single.items() if v is not None] + \
+            [flag for flag, on in (("--compile", args.compile), ("--checkpoint", args.checkpoint)) if on]
         if given:
             p.error(f"--suite sets the rows itself; drop {', '.join(given)}")
     elif args.config is None:
@@ -673,7 +694,8 @@ def main(argv: list[str] | None = None) -> None:
         rows = preset["rows"]
     else:
         preset = DEFAULTS
-        rows = [Row(args.config, args.batch or 8, args.precision or "fp32", args.compile, args.ours, args.phases)]
+        rows = [Row(args.config, args.batch or 8, args.precision or "fp32", args.compile, args.ours, args.phases,
+                    args.checkpoint)]
     opts = {k: getattr(args, k) if getattr(args, k) is not None else preset[k] for k in DEFAULTS}
     if device.type == "cpu" and any(r.precision == "tf32" for r in rows):
         raise SystemExit("--precision tf32 needs a CUDA device (TF32 is a tensor-core format)")

@@ -1,0 +1,78 @@
+"""The benchmark scripts, checked on the CPU so that a GPU lease is not spent finding a broken one."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def unet_bench():
+    spec = importlib.util.spec_from_file_location("unet_bench", ROOT / "benchmarks" / "unet.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def test_gpu_session_smoke_times_both_implementations_on_one_network_and_the_encoder(tmp_path):
+    """benchmarks/gpu_session.sh --smoke: the device session's steps on the small config."""
+    pytest.importorskip("diffusers")
+    # The script calls `python`: this interpreter's.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OUT": str(tmp_path),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(["bash", "benchmarks/gpu_session.sh", "--smoke"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "unet.py exit 0" in result.stdout and "data.py exit 0" in result.stdout
+    records = [json.loads(line) for line in (tmp_path / "gpu.jsonl").read_text().splitlines()]
+    impls = {r["impl"]: r for r in records if r["kind"] == "impl"}
+    assert set(impls) == {"ours", "ours-fast", "diffusers"}
+    for record in impls.values():
+        assert not record["errors"] and record["checkpoint"] is False
+        assert record["train_samples_per_s"] > 0 and record["infer_evals_per_s"] > 0
+        assert record["fwd_gflop_per_sample"] > 0
+    # Our weights in diffusers' layout give diffusers' outputs: both time the same network.
+    check = impls["ours"]["cross_check"]
+    assert check["max_abs_diff_diffusers"] < 1e-5 * check["output_max_abs"]
+    assert check["max_abs_diff_ours-fast"] < 1e-4 * check["output_max_abs"]  # NHWC convs sum in another order
+    ratios = {r["impl"]: r for r in records if r["kind"] == "ratio"}
+    assert set(ratios) == {"ours", "ours-fast"}
+    assert ratios["ours-fast"]["train_ratio"] == pytest.approx(
+        impls["ours-fast"]["train_samples_per_s"] / impls["diffusers"]["train_samples_per_s"], rel=1e-3)
+    encode = [r for r in records if r["kind"] == "encode"]
+    assert len(encode) == 1 and encode[0]["images_per_s"] > 0 and encode[0]["encoder_gflop_per_image"] > 200
+
+
+def test_checkpoint_flag_turns_on_gradient_checkpointing_in_both_implementations(unet_bench):
+    pytest.importorskip("diffusers")
+    bench = unet_bench.bench_config("small")
+    theirs, why_not = unet_bench.diffusers_impl(bench, checkpoint=True)
+    assert why_not == ""
+    assert theirs.make().is_gradient_checkpointing
+    assert unet_bench.ours_impl(bench.unet, "fast", checkpoint=True).make().use_checkpoint
+    assert not unet_bench.diffusers_impl(bench)[0].make().is_gradient_checkpointing
+    assert not unet_bench.ours_impl(bench.unet, "fast").make().use_checkpoint
+    row = unet_bench.parse_args(["--config", "small", "--checkpoint", "--ours", "fast"])
+    assert row.checkpoint and row.ours == ("fast",)
+
+
+def test_checkpointed_rows_are_marked_in_the_table(unet_bench):
+    record = {"config": "sd1", "batch": 32, "precision": "bf16", "compile": False, "checkpoint": True,
+              "kind": "ratio", "impl": "ours-fast", "train_ratio": 1.1, "infer_ratio": None,
+              "train_mem_ratio": 0.9, "infer_mem_ratio": None}
+    assert "| sd1 | **ours-fast / diffusers** | 32 | bf16 | no | yes |" in unet_bench.markdown_table([record])
+
+
+def test_a_suite_refuses_the_single_row_flags(unet_bench, capsys):
+    with pytest.raises(SystemExit) as err:
+        unet_bench.parse_args(["--suite", "gpu", "--checkpoint"])
+    assert err.value.code == 2 and "drop --checkpoint" in capsys.readouterr().err

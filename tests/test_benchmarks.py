@@ -6,9 +6,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,6 +51,9 @@ def test_gpu_session_smoke_times_both_implementations_on_one_network_and_the_enc
     assert set(ratios) == {"ours", "ours-fast"}
     assert ratios["ours-fast"]["train_ratio"] == pytest.approx(
         impls["ours-fast"]["train_samples_per_s"] / impls["diffusers"]["train_samples_per_s"], rel=1e-3)
+    fastest = max(r["best_samples_per_s"] for r in impls["ours"]["rounds"]["infer"])
+    assert impls["ours"]["infer_evals_best_per_s"] == fastest >= impls["ours"]["infer_evals_per_s"]
+    assert ratios["ours"]["infer_best_ratio"] == pytest.approx(fastest / impls["diffusers"]["infer_evals_best_per_s"])
     encode = [r for r in records if r["kind"] == "encode"]
     assert len(encode) == 1 and encode[0]["images_per_s"] > 0 and encode[0]["encoder_gflop_per_image"] > 200
 
@@ -65,11 +71,37 @@ def test_checkpoint_flag_turns_on_gradient_checkpointing_in_both_implementations
     assert row.checkpoint and row.ours == ("fast",)
 
 
+def test_paired_ratio_is_theirs_over_ours_step_time(unet_bench):
+    """Interleaved step pairs: a ratio above 1 means ours is faster, as for every other ratio."""
+    bench = unet_bench.BenchConfig(dict(in_channels=2, out_channels=2), size=4, tokens=None)
+    conv = nn.Conv2d(2, 2, 1)
+
+    def impl(name, delay):
+        def call(model, x, t, c):
+            time.sleep(delay)
+            return model(x)
+        return unet_bench.Impl(name, "test", lambda: nn.Conv2d(2, 2, 1), dict, call)
+
+    fast, slow = impl("ours", 0.0), impl("diffusers", 0.01)
+    weights = conv.state_dict()
+    for phase in ("train", "infer"):
+        row = unet_bench.Row("small", 2, "fp32", False, phases=(phase,))
+        ratio = unet_bench.paired_ratios([fast, slow], phase, row, bench, weights, torch.device("cpu"), 4, 1)
+        assert ratio["ours"] > 3
+        reverse = unet_bench.paired_ratios([impl("ours", 0.01), impl("diffusers", 0.0)], phase, row, bench, weights,
+                                           torch.device("cpu"), 4, 1)
+        assert reverse["ours"] < 1 / 3
+    assert "(fastest step: 0.900; paired: 1.050)" in unet_bench._with_extras(1.0, ".3f", True, fastest_step=0.9,
+                                                                              paired=1.05)
+
+
 def test_checkpointed_rows_are_marked_in_the_table(unet_bench):
     record = {"config": "sd1", "batch": 32, "precision": "bf16", "compile": False, "checkpoint": True,
               "kind": "ratio", "impl": "ours-fast", "train_ratio": 1.1, "infer_ratio": None,
               "train_mem_ratio": 0.9, "infer_mem_ratio": None}
-    assert "| sd1 | **ours-fast / diffusers** | 32 | bf16 | no | yes |" in unet_bench.markdown_table([record])
+    assert "| sd1 | **ours-fast / diffusers** | 32 | bf16 | no | yes | **1.100** |" in unet_bench.markdown_table([record])
+    record.update(train_best_ratio=1.2)  # CPU records also carry the fastest steps' ratio
+    assert "| **1.100** (fastest step: 1.200) |" in unet_bench.markdown_table([record])
 
 
 def test_a_suite_refuses_the_single_row_flags(unet_bench, capsys):

@@ -21,6 +21,7 @@ both implementations (what it costs in speed and saves in training memory).
     python benchmarks/unet.py --suite cpu                      # small config, fp32, 5 alternating rounds
     python benchmarks/unet.py --suite gpu --out gpu.jsonl      # SD-1 b32 bf16 eager + compiled, CelebA b48, SD-1 checkpointed
     python benchmarks/unet.py --config sd1 --batch 8 --precision tf32 --device cuda
+    python benchmarks/unet.py --config small --compile blocks   # regional compilation in both
 
 JSON lines go to stdout (and are appended to --out); a markdown table ends the output; progress
 goes to stderr.
@@ -109,6 +110,7 @@ class Impl:
     make: Callable[[], nn.Module]
     convert: Callable[[Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]]
     call: Call
+    compile_blocks: Callable[[nn.Module], object]  # regional compilation in place (Row.compile "blocks")
 
     def build(self, weights: Mapping[str, torch.Tensor], device: torch.device) -> nn.Module:
         with torch.device(device):
@@ -132,7 +134,7 @@ def ours_impl(kwargs: Mapping[str, Any], variant: str = "base", checkpoint: bool
     with gradient checkpointing per block if `checkpoint`."""
     full = {**kwargs, **VARIANTS[variant], "use_checkpoint": checkpoint}
     return Impl("ours" if variant == "base" else f"ours-{variant}", "ldm.nets.unet.UNetModel",
-                lambda: UNetModel(**full), dict, lambda m, x, t, c: m(x, t, c))
+                lambda: UNetModel(**full), dict, lambda m, x, t, c: m(x, t, c), lambda m: m.compile_blocks())
 
 
 def _unet2d_problems(cfg: Mapping[str, Any]) -> list[str]:
@@ -221,13 +223,15 @@ def diffusers_impl(bench: BenchConfig, checkpoint: bool = False) -> tuple[Impl |
         return Impl("diffusers", "diffusers.UNet2DConditionModel",
                     build(diffusers.UNet2DConditionModel, config),
                     lambda w: unet_state_dict_to_diffusers(w, bench.unet),
-                    lambda m, x, t, c: m(x, t, encoder_hidden_states=c, return_dict=False)[0]), ""
+                    lambda m, x, t, c: m(x, t, encoder_hidden_states=c, return_dict=False)[0],
+                    lambda m: m.compile_repeated_blocks()), ""
     problems = _unet2d_problems(cfg)
     if problems:
         return None, "no diffusers UNet2DModel mapping for " + "; ".join(problems)
     config = unet2d_config(cfg, bench.size)
     return Impl("diffusers", "diffusers.UNet2DModel", build(diffusers.UNet2DModel, config),
-                lambda w: unet2d_state_dict(w, cfg), lambda m, x, t, c: m(x, t, return_dict=False)[0]), ""
+                lambda w: unet2d_state_dict(w, cfg), lambda m, x, t, c: m(x, t, return_dict=False)[0],
+                lambda m: m.compile_repeated_blocks()), ""
 
 
 # --- inputs, weights, FLOPs, cross-check ----------------------------------------------------------------
@@ -373,7 +377,7 @@ class Row:
     config: str
     batch: int
     precision: str
-    compile: bool
+    compile: bool | str  # False, True (the whole model) or "blocks" (COMPILE_LABELS)
     ours: tuple[str, ...] = ("base",)  # our variants (VARIANTS keys)
     phases: tuple[str, ...] = ("train", "infer")
     checkpoint: bool = False  # gradient checkpointing in both implementations (acts in training only)
@@ -399,12 +403,19 @@ def measure_phase(impl: Impl, phase: str, row: Row, bench: BenchConfig, weights:
             "peak_gib": memory.peak() / GIB}
 
 
+# Row.compile -> the table's "compile" column, and the progress log's label.
+COMPILE_LABELS: dict[bool | str, str] = {False: "no", True: "yes", "blocks": "blocks"}
+COMPILE_LOG: dict[bool | str, str] = {False: "", True: " compiled", "blocks": " blocks compiled"}
+
+
 def make_step(impl: Impl, phase: str, row: Row, bench: BenchConfig, weights: Mapping[str, torch.Tensor],
               device: torch.device) -> Callable[[], None]:
     """A fresh model of `impl` and one step of `phase` on it: 'train' = forward + MSE + backward +
     AdamW (fused where training uses it), 'infer' = a no-grad forward."""
     model = impl.build(weights, device)
-    fn = torch.compile(model) if row.compile else model
+    if row.compile == "blocks":
+        impl.compile_blocks(model)
+    fn = torch.compile(model) if row.compile is True else model
     inputs = make_inputs(bench, row.batch, device, 2)
     x, t, ctx, target = inputs["x"], inputs["t"], inputs["context"], inputs["target"]
     if phase == "train":
@@ -553,7 +564,7 @@ class Benchmark:
                     if time.perf_counter() > self.deadline:
                         skipped.append(f"{impl.name} {phase} round {r}")
                         continue
-                    log(f"[{row.config} b{row.batch} {row.precision}{' compiled' if row.compile else ''}"
+                    log(f"[{row.config} b{row.batch} {row.precision}{COMPILE_LOG[row.compile]}"
                         f"{' checkpointed' if row.checkpoint else ''}] "
                         f"{impl.name} {phase} round {r + 1}/{self.rounds}")
                     try:
@@ -638,7 +649,7 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
              "evals/s (inference) | peak GiB train | peak GiB infer | fwd GFLOP/sample |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
-        head = (f"| {r['config']} | {{}} | {r['batch']} | {r['precision']} | {'yes' if r['compile'] else 'no'} | "
+        head = (f"| {r['config']} | {{}} | {r['batch']} | {r['precision']} | {COMPILE_LABELS[r['compile']]} | "
                 f"{'yes' if r.get('checkpoint') else 'no'} |")
         if r["kind"] == "impl":
             lines.append(head.format(r["impl"]) + " | ".join([
@@ -676,11 +687,13 @@ SUITES: dict[str, dict[str, Any]] = {
     # paths (base and cl were measured twice on 2026-11-26, docs/benchmarks.md), CelebA-HQ LDM-4,
     # SD-1 training with gradient checkpointing in both. Then SD-1 compiled training, whose
     # compilation takes about 100 s per implementation (both must start before the time limit),
-    # and last SD-1 compiled inference, which the limit may cut.
+    # SD-1 with only the attention blocks compiled (regional compilation: short warm-ups), and
+    # last SD-1 compiled inference; the limit may cut the last two.
     "gpu": dict(rows=[Row("sd1", 32, "bf16", False, ours=("fast",)),
                       Row("celebahq", 48, "bf16", False, ours=("fast",)),
                       Row("sd1", 32, "bf16", False, ours=("fast",), phases=("train",), checkpoint=True),
                       Row("sd1", 32, "bf16", True, ours=("fast",), phases=("train",)),
+                      Row("sd1", 32, "bf16", "blocks", ours=("fast",)),
                       Row("sd1", 32, "bf16", True, ours=("fast",), phases=("infer",))],
                 steps=10, warmup=3, rounds=1, time_limit=330.0, threads=None, paired=0),
 }
@@ -695,7 +708,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, help="batch size (default 8)")
     p.add_argument("--precision", choices=PRECISIONS, help="fp32 (strict), tf32 (CUDA: TF32 matmul/conv) or "
                    "bf16 (autocast, fp32 weights); default fp32")
-    p.add_argument("--compile", action="store_true", help="torch.compile both implementations")
+    p.add_argument("--compile", nargs="?", const="full", choices=("full", "blocks"),
+                   help="torch.compile both implementations: full (the default) the whole UNet, blocks only its "
+                   "repeated attention blocks (ours: compile_blocks; diffusers: compile_repeated_blocks)")
     p.add_argument("--checkpoint", action="store_true", help="gradient checkpointing in both implementations "
                    "(ours: use_checkpoint per block; diffusers: enable_gradient_checkpointing)")
     p.add_argument("--ours", default="base", help="comma-separated variants of our UNet to measure: "
@@ -733,6 +748,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.paired is not None and args.paired < 0:
         p.error("--paired must be >= 0")
     args.ours, args.phases = tuple(args.ours.split(",")), tuple(args.phases.split(","))
+    args.compile = {None: False, "full": True, "blocks": "blocks"}[args.compile]  # as Row.compile
     if not set(args.ours) <= set(VARIANTS) or len(set(args.ours)) != len(args.ours):
         p.error(f"--ours takes distinct names among {', '.join(VARIANTS)}")
     if not set(args.phases) <= {"train", "infer"} or not args.phases:

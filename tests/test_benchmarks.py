@@ -71,6 +71,27 @@ def test_checkpoint_flag_turns_on_gradient_checkpointing_in_both_implementations
     assert row.checkpoint and row.ours == ("fast",)
 
 
+def test_compile_blocks_flag_compiles_the_repeated_blocks_of_both_implementations(unet_bench):
+    """--compile blocks: regional compilation, ours through compile_blocks, diffusers through
+    compile_repeated_blocks (the same transformer blocks); --compile alone compiles the whole model."""
+    pytest.importorskip("diffusers")
+    from diffusers.models.attention import BasicTransformerBlock as TheirBlock
+
+    from ldm.nets.attention import BasicTransformerBlock as OurBlock
+
+    assert unet_bench.parse_args(["--config", "small", "--compile", "blocks"]).compile == "blocks"
+    assert unet_bench.parse_args(["--config", "small", "--compile"]).compile is True
+    assert unet_bench.parse_args(["--config", "small"]).compile is False
+    bench = unet_bench.bench_config("small")
+    for impl, block_type in ((unet_bench.ours_impl(bench.unet, "fast"), OurBlock),
+                             (unet_bench.diffusers_impl(bench)[0], TheirBlock)):
+        model = impl.make()
+        impl.compile_blocks(model)
+        compiled = [m for m in model.modules() if m._compiled_call_impl is not None]
+        assert compiled and all(isinstance(m, block_type) for m in compiled), impl.name
+        assert len(compiled) == sum(isinstance(m, block_type) for m in model.modules())
+
+
 def test_paired_ratio_is_theirs_over_ours_step_time(unet_bench):
     """Interleaved step pairs: a ratio above 1 means ours is faster, as for every other ratio."""
     bench = unet_bench.BenchConfig(dict(in_channels=2, out_channels=2), size=4, tokens=None)
@@ -80,7 +101,7 @@ def test_paired_ratio_is_theirs_over_ours_step_time(unet_bench):
         def call(model, x, t, c):
             time.sleep(delay)
             return model(x)
-        return unet_bench.Impl(name, "test", lambda: nn.Conv2d(2, 2, 1), dict, call)
+        return unet_bench.Impl(name, "test", lambda: nn.Conv2d(2, 2, 1), dict, call, lambda m: None)
 
     fast, slow = impl("ours", 0.0), impl("diffusers", 0.01)
     weights = conv.state_dict()
@@ -102,6 +123,8 @@ def test_checkpointed_rows_are_marked_in_the_table(unet_bench):
     assert "| sd1 | **ours-fast / diffusers** | 32 | bf16 | no | yes | **1.100** |" in unet_bench.markdown_table([record])
     record.update(train_best_ratio=1.2)  # CPU records also carry the fastest steps' ratio
     assert "| **1.100** (fastest step: 1.200) |" in unet_bench.markdown_table([record])
+    record.update(compile="blocks", checkpoint=False)
+    assert "| sd1 | **ours-fast / diffusers** | 32 | bf16 | blocks | no |" in unet_bench.markdown_table([record])
 
 
 def test_a_suite_refuses_the_single_row_flags(unet_bench, capsys):

@@ -29,6 +29,9 @@ from ldm.nets.wrapper import CONTEXT_KEYS, DiffusionWrapper
 from ldm.utils.images import log_grid
 from ldm.utils.lr import LR_SCHEDULES, lr_factor, trainer_effective_lr
 
+# model.compile: off, the whole UNet, or its attention blocks (regional compilation)
+COMPILE_CHOICES = (False, True, "blocks")
+
 
 def drop_conditions(values, drop: torch.Tensor, null):
     """Replace the entries where `drop` is True by `null` (classifier-free guidance training).
@@ -54,8 +57,10 @@ class LatentDiffusion(BuildableModule):
     scale_factor / scale_by_std: latents are scale_factor * z; with scale_by_std it becomes
         1/std of the first training batch's latents (all DDP ranks pooled) and is saved.
     compile / compile_mode: torch.compile the denoiser (training and sampling) with that mode
-        (None: torch's default; e.g. "max-autotune"). It is compiled in place (nn.Module.compile),
-        so parameter names and checkpoints are unchanged; compilation happens at the first call.
+        (None: torch's default; e.g. "max-autotune"): True compiles the whole UNet, "blocks" only
+        its attention blocks (UNetModel.compile_blocks: a short warm-up, convolutions eager). It is
+        compiled in place (nn.Module.compile), so parameter names and checkpoints are unchanged;
+        compilation happens at the first call.
     compile_first_stage: also compile the first stage's encoder (latents computed from images).
     nonfinite_loss: "stop" or "skip" on a NaN/inf training loss (ldm.modules.nonfinite).
     min_snr_gamma: None (uniform weights, as the reference) or gamma of min-SNR-gamma loss weights
@@ -78,7 +83,7 @@ class LatentDiffusion(BuildableModule):
                  scale_factor: float = 1.0, scale_by_std: bool = False, ema_decay: float | None = 0.9999,
                  base_lr: float = 1e-4, scale_lr: bool = True, weight_decay: float = 0.01, warmup_steps: int = 0,
                  lr_schedule: str = "constant", image_size: int = 256, val_sampler: dict | None = None,
-                 log_images: int = 8, compile: bool = False, compile_mode: str | None = None,
+                 log_images: int = 8, compile: bool | str = False, compile_mode: str | None = None,
                  compile_first_stage: bool = False, nonfinite_loss: str = "stop"):
         super().__init__()
         self.save_hyperparameters(ignore=["unet", "first_stage", "cond_stage", "concat_stage"])
@@ -98,7 +103,14 @@ class LatentDiffusion(BuildableModule):
         self.parameterization = check_parameterization(parameterization)
         self.model = DiffusionWrapper(unet, conditioning_key)
         self.first_stage_model = first_stage.eval().requires_grad_(False)
-        if compile:
+        if compile not in COMPILE_CHOICES:
+            raise ValueError(f"compile must be false, true (the whole UNet) or 'blocks' (its attention blocks), "
+                             f"got {compile!r}")
+        if compile == "blocks":
+            if not callable(getattr(unet, "compile_blocks", None)):
+                raise ValueError(f"compile=blocks: {type(unet).__name__} has no compile_blocks(); use compile=true")
+            unet.compile_blocks(mode=compile_mode)
+        elif compile:
             unet.compile(mode=compile_mode)
         if compile_first_stage:
             encoder = getattr(first_stage, "encoder", None)

@@ -10,10 +10,13 @@ which the first stage (kl-f8 shape) encodes images.
    start-up included) and after the first batch.
 2. Encoding: ldm.first_stage.factory.autoencoder_kl(f=8) (the kl-f8 shape of the paper's zoo,
    random weights) encodes random 256 px images, `encode(x).sample()` without grad: images/s and
-   encoder GFLOP per image (FlopCounterMode on the meta device).
+   encoder GFLOP per image (FlopCounterMode on the meta device). With --compile the encoder is
+   compiled in place as `model.compile_first_stage` does; the compilation happens in the warm-up
+   batches, whose time is recorded as warmup_s.
 
     python benchmarks/data.py                                   # CPU: 512 images, workers 0,1,2
     python benchmarks/data.py --device cuda --precision bf16 --skip-loading --out gpu.jsonl
+    python benchmarks/data.py --skip-loading --compile          # the compiled encoder
 
 JSON lines go to stdout (and are appended to --out); markdown tables end the output.
 """
@@ -151,6 +154,8 @@ def measure_encoding(args: argparse.Namespace, device: torch.device) -> dict[str
     warmup = args.encode_warmup if args.encode_warmup is not None else (3 if cuda else 1)
     with torch.device(device):
         model = autoencoder_kl(8, resolution=args.encode_resolution).eval()
+    if args.compile:
+        model.encoder.compile()  # what LatentDiffusion(compile_first_stage=True) does
     x = torch.randn(batch, 3, args.encode_resolution, args.encode_resolution, device=device).clamp(-1, 1)
     cast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
 
@@ -158,11 +163,13 @@ def measure_encoding(args: argparse.Namespace, device: torch.device) -> dict[str
         with torch.no_grad(), cast:
             model.encode(x).sample()
 
+    begin = time.perf_counter()
     for _ in range(warmup):
         step()
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+    warmup_s = time.perf_counter() - begin
     begin = time.perf_counter()
     for _ in range(steps):
         step()
@@ -171,8 +178,8 @@ def measure_encoding(args: argparse.Namespace, device: torch.device) -> dict[str
     elapsed = time.perf_counter() - begin
     flops = encoder_flops(args.encode_resolution)
     return {"kind": "encode", "first_stage": "kl-f8 (ch 128, mult 1,2,4,4, z 4)", "resolution": args.encode_resolution,
-            "batch": batch, "precision": args.precision, "steps": steps, "warmup": warmup,
-            "images_per_s": batch * steps / elapsed, "encoder_gflop_per_image": flops / 1e9,
+            "batch": batch, "precision": args.precision, "compile": args.compile, "steps": steps, "warmup": warmup,
+            "warmup_s": warmup_s, "images_per_s": batch * steps / elapsed, "encoder_gflop_per_image": flops / 1e9,
             "peak_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None}
 
 
@@ -208,10 +215,12 @@ def markdown_tables(records: list[dict[str, Any]]) -> str:
                          f"{_fmt(r['steady_images_per_s'], '.1f')} | {_fmt(ratio, '.2f')} |")
     for r in records:
         if r["kind"] == "encode":
-            lines += ["", "| first stage | resolution | batch | precision | images/s encoded | GFLOP/image |",
-                      "|---|---|---|---|---|---|",
+            lines += ["", "| first stage | resolution | batch | precision | compiled | warm-up s | images/s encoded "
+                          "| GFLOP/image |",
+                      "|---|---|---|---|---|---|---|---|",
                       f"| {r['first_stage']} | {r['resolution']} | {r['batch']} | {r['precision']} | "
-                      f"{r['images_per_s']:.2f} | {r['encoder_gflop_per_image']:.1f} |"]
+                      f"{'yes' if r['compile'] else 'no'} | {r['warmup_s']:.1f} | {r['images_per_s']:.2f} | "
+                      f"{r['encoder_gflop_per_image']:.1f} |"]
     return "\n".join(lines)
 
 
@@ -232,6 +241,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-encode", action="store_true", help="only measure loading")
     p.add_argument("--device", default="auto", help="encoding device: auto (cuda if available), cpu, cuda")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="encoding precision (bf16: autocast)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoder (as model.compile_first_stage)")
     p.add_argument("--encode-resolution", type=int, default=256)
     p.add_argument("--encode-batch", type=int, help="default 32 on CUDA, 1 on the CPU")
     p.add_argument("--encode-steps", type=int, help="timed batches (default 10 on CUDA, 2 on the CPU)")
@@ -247,6 +257,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--images must be at least --batch")
     if args.skip_loading and args.skip_encode:
         p.error("--skip-loading and --skip-encode together leave nothing to measure")
+    if args.compile and args.encode_warmup == 0:
+        p.error("--compile compiles in the warm-up batches: give --encode-warmup 1 or more")
     return args
 
 

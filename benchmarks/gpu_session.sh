@@ -2,7 +2,8 @@
 # One GPU benchmark session, sized for a short device lease (under 8 minutes):
 #   1. benchmarks/unet.py --suite gpu: SD-1 b32 bf16 eager, CelebA-HQ LDM-4 b48 eager, SD-1
 #      training with gradient checkpointing (our fast paths and diffusers in each), then SD-1
-#      compiled training and inference, cut by a time limit;
+#      compiled training, SD-1 with only the attention blocks compiled, and compiled inference,
+#      cut by a time limit;
 #   2. benchmarks/data.py: the kl-f8 encoder rate (b32, bf16).
 # JSON lines go to $OUT/gpu.jsonl, logs and the device description beside them.
 #

@@ -92,6 +92,39 @@ def test_compile_blocks_flag_compiles_the_repeated_blocks_of_both_implementation
         assert len(compiled) == sum(isinstance(m, block_type) for m in model.modules())
 
 
+@pytest.fixture(scope="module")
+def data_bench():
+    spec = importlib.util.spec_from_file_location("data_bench", ROOT / "benchmarks" / "data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compiled_encoder_rate_compiles_the_encoder_in_the_warm_up(data_bench, monkeypatch):
+    """--compile: the encoder alone is compiled in place (as compile_first_stage), the compilation
+    falls in the warm-up batches and the record says so."""
+    import torch._dynamo
+
+    compiled = []
+    original = nn.Module.compile
+
+    def compile_eagerly(module, *args, **kwargs):  # dynamo traces, no inductor: seconds, not minutes
+        compiled.append(type(module).__name__)
+        original(module, *args, backend="eager", **kwargs)
+
+    monkeypatch.setattr(nn.Module, "compile", compile_eagerly)
+    torch._dynamo.reset()
+    args = data_bench.parse_args(["--skip-loading", "--compile", "--device", "cpu", "--encode-resolution", "32",
+                                  "--encode-batch", "1", "--encode-steps", "1", "--encode-warmup", "1"])
+    record = data_bench.measure_encoding(args, torch.device("cpu"))
+    assert compiled == ["Encoder"]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    assert record["compile"] is True and record["warmup_s"] > 0 and record["images_per_s"] > 0
+    assert "| yes |" in data_bench.markdown_tables([record])
+    with pytest.raises(SystemExit):
+        data_bench.parse_args(["--skip-loading", "--compile", "--encode-warmup", "0"])
+
+
 def test_paired_ratio_is_theirs_over_ours_step_time(unet_bench):
     """Interleaved step pairs: a ratio above 1 means ours is faster, as for every other ratio."""
     bench = unet_bench.BenchConfig(dict(in_channels=2, out_channels=2), size=4, tokens=None)

@@ -59,3 +59,17 @@ def make_tiny_clip(folder: Path) -> dict[str, int]:
                             pad_token_id=1)
     CLIPTextModel(config).save_pretrained(folder)
     return vocab
+
+
+def make_random_inception(path: Path) -> Path:
+    """torch-fidelity's Inception-v3 weight file with random weights of the right layout, made
+    without a download (for InceptionV3Features(weights_path=path))."""
+    from unittest import mock
+
+    from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
+
+    with mock.patch.object(tf_inception, "load_state_dict_from_url", lambda *a, **k: None), \
+            mock.patch.object(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None):
+        state = tf_inception.FeatureExtractorInceptionV3("random", ["2048"]).state_dict()
+    torch.save(state, path)
+    return path

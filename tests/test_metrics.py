@@ -20,6 +20,7 @@ from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 
+from conftest import make_random_inception
 from ldm.metrics.collection import FID, IS, KID, build_metrics
 from ldm.metrics.features import (
     InceptionV3Features,
@@ -484,12 +485,7 @@ def test_images_to_uint8_and_toy_features_are_deterministic():
 
 
 def test_inception_extractor_loads_a_local_weight_file(tmp_path, monkeypatch):
-    # Random weights of the right layout, made without a download.
-    with monkeypatch.context() as patch:
-        patch.setattr(tf_inception, "load_state_dict_from_url", lambda *a, **k: None)
-        patch.setattr(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None)
-        state = tf_inception.FeatureExtractorInceptionV3("random", ["2048"]).state_dict()
-    torch.save(state, tmp_path / "inception.pth")
+    state = torch.load(make_random_inception(tmp_path / "inception.pth"), weights_only=True)
     monkeypatch.setattr(tf_inception, "load_state_dict_from_url", lambda *a, **k: pytest.fail("tried to download"))
 
     rng = torch.random.get_rng_state()

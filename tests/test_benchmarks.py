@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from xml.etree import ElementTree
 from pathlib import Path
 
 import pytest
@@ -26,17 +27,28 @@ def unet_bench():
     del sys.modules[spec.name]
 
 
-def test_gpu_session_smoke_times_both_implementations_on_one_network_and_the_encoder(tmp_path):
-    """benchmarks/gpu_session.sh --smoke: the device session's steps on the small config."""
+def test_gpu_check_smoke_runs_every_phase_and_times_both_implementations(tmp_path):
+    """scripts/gpu_check.sh --smoke: every phase of the GPU window on the CPU at tiny size (the CUDA
+    tests rehearsed on the CPU, the entry points, the benchmarks, the profile), so it cannot rot."""
     pytest.importorskip("diffusers")
-    # The script calls `python`: this interpreter's.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OUT": str(tmp_path),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run(["bash", "benchmarks/gpu_session.sh", "--smoke"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
+    # The script calls $PY: this interpreter.
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OUT": str(out), "PY": sys.executable, "WORK": str(tmp_path / "work")}
+    result = subprocess.run(["bash", "scripts/gpu_check.sh", "--smoke"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "unet.py exit 0" in result.stdout and "data.py exit 0" in result.stdout
-    records = [json.loads(line) for line in (tmp_path / "gpu.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["smoke"] is True
+    assert {k: v["status"] for k, v in summary["phases"].items()} == dict.fromkeys(
+        ["setup", "tests", "e2e", "bench", "profile"], "pass")
+    suite = ElementTree.parse(out / "tests.xml").getroot().find("testsuite")
+    assert int(suite.get("tests")) >= 16 and suite.get("failures") == suite.get("errors") == suite.get("skipped") == "0"
+    assert (out / "e2e" / "grid_captioned.png").is_file()
+    evaluation = json.loads((out / "e2e" / "eval_metrics.json").read_text())
+    assert evaluation["n"] == 8 and "prompt_accuracy" in evaluation["metrics"]
+    assert "| convolution |" in (out / "profile.md").read_text()
+    assert "unet.py exit 0" in (out / "bench.log").read_text() and "data.py exit 0" in (out / "bench.log").read_text()
+    records = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
     impls = {r["impl"]: r for r in records if r["kind"] == "impl"}
     assert set(impls) == {"ours", "ours-fast", "diffusers"}
     for record in impls.values():

@@ -15,7 +15,10 @@
 # The machine needs torch (+ CUDA); the packages it lacks come from the wheels in .whl
 # (git-ignored): fill it with `bash scripts/fill_wheels.sh` beforehand and carry it.
 # Environment: PY (interpreter, default python3), GPU_CHECK_BUDGET_S (default 470), WORK (scratch
-# folder for data and runs, default /tmp/gpu_check; only small results are copied to $OUT).
+# folder for data and runs, default /tmp/gpu_check; only small results are copied to $OUT),
+# BENCH_TIME_LIMIT (unet.py --time-limit, default 100) and GPU_CHECK_BENCH_S (the bench phase's
+# limit, default 200). A window for the compiled rows alone:
+#   GPU_CHECK_BENCH_S=450 BENCH_TIME_LIMIT=330 OUT=... bash scripts/gpu_check.sh --only bench
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the output folder}
@@ -126,13 +129,13 @@ e2e() {
 }
 
 bench() {
-  local unet=(--suite gpu --time-limit 100) encode=(--device cuda --precision bf16)
+  local unet=(--suite gpu --time-limit "${BENCH_TIME_LIMIT:-100}") encode=(--device cuda --precision bf16)
   if (( SMOKE )); then
     unet=(--config small --batch 2 --precision bf16 --ours base,fast --steps 1 --warmup 1 --device cpu)
     encode=(--device cpu --encode-batch 1 --encode-steps 1 --encode-warmup 0)
   fi
   # The UNet rows stop starting at the time limit; the encoder gets the rest of the phase.
-  timeout 160 "$PY" benchmarks/unet.py "${unet[@]}" --out "$OUT/bench.jsonl"
+  timeout $(( ${BENCH_TIME_LIMIT:-100} + 60 )) "$PY" benchmarks/unet.py "${unet[@]}" --out "$OUT/bench.jsonl"
   echo "unet.py exit $?"
   timeout 40 "$PY" benchmarks/data.py --skip-loading "${encode[@]}" --out "$OUT/bench.jsonl"
   echo "data.py exit $?"
@@ -162,7 +165,7 @@ rm -rf "$WORK" && mkdir -p "$WORK"
 phase setup 60
 phase tests 150
 phase e2e 170
-phase bench 200
+phase bench "${GPU_CHECK_BENCH_S:-200}"
 phase profile 120
 
 "$PY" - "$OUT/summary.txt" "$OUT/summary.json" "$SMOKE" "$(( SECONDS - START ))" <<'PYEOF'

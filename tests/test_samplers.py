@@ -107,7 +107,7 @@ def test_bad_sampler_settings():
 
 
 def test_registry_builds_every_sampler():
-    assert set(SAMPLERS) == {"ddpm", "ddim", "plms", "dpmpp_2m"}
+    assert set(SAMPLERS) == {"ddpm", "ddim", "plms", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "dpmpp_3m_sde", "heun"}
     for name, cls in SAMPLERS.items():
         sampler = get_sampler(name, schedule=_linear())
         assert isinstance(sampler, cls) and sampler.name == name
@@ -287,6 +287,10 @@ def _start(t, n, dtype=torch.float32, seed=0):
     ("ddim", {"num_steps": 50, "eta": 0.0}, 10000, 0.005, 0.03),
     ("plms", {"num_steps": 20}, 10000, 0.005, 0.015),
     ("dpmpp_2m", {"num_steps": 10}, 10000, 0.005, 0.015),
+    ("dpmpp_3m", {"num_steps": 10}, 10000, 0.005, 0.015),
+    ("dpmpp_2m_sde", {"num_steps": 50}, 10000, 0.03, 0.03),
+    ("dpmpp_3m_sde", {"num_steps": 50}, 10000, 0.03, 0.03),
+    ("heun", {"num_steps": 10}, 10000, 0.005, 0.03),  # time-uniform steps: coarse at low noise
 ])
 def test_gaussian_toy_statistics(name, kwargs, n, mean_tol, std_tol):
     sampler = get_sampler(name, schedule=_linear(), **kwargs)
@@ -297,7 +301,8 @@ def test_gaussian_toy_statistics(name, kwargs, n, mean_tol, std_tol):
 
 
 @pytest.mark.parametrize("name, kwargs", [("ddim", {"num_steps": 10, "eta": 1.0}), ("plms", {"num_steps": 6}),
-                                          ("dpmpp_2m", {"num_steps": 6}), ("ddpm", {})])
+                                          ("dpmpp_2m", {"num_steps": 6}), ("dpmpp_3m_sde", {"num_steps": 6}),
+                                          ("heun", {"num_steps": 4}), ("ddpm", {})])
 @pytest.mark.parametrize("parameterization", ["x0", "v"])
 def test_parameterisations_sample_alike(name, kwargs, parameterization):
     x_T = _start(999, 64, torch.float64)
@@ -307,32 +312,82 @@ def test_parameterisations_sample_alike(name, kwargs, parameterization):
     torch.testing.assert_close(runs[0], runs[1], rtol=1e-7, atol=1e-7)
 
 
-def test_dpm_solver_is_second_order():
-    """Against the exact probability-flow map of the Gaussian (x_t - a mu)/sqrt(a^2 s^2 + sigma^2)
-    is constant along the ODE: halving the step size cuts the error by about 4."""
+def _ode_error(sampler) -> float:
+    """Largest error against the exact probability-flow map of the Gaussian: (x_t - a mu) /
+    sqrt(a^2 s^2 + sigma^2) is constant along the ODE, so x_T maps to a known x_0."""
     x_T = _start(999, 256, torch.float64)
     abar = _linear().alphas_cumprod
     z = (x_T - abar[999].sqrt() * MU) / (abar[999] * STD**2 + 1 - abar[999]).sqrt()
     exact = abar[0].sqrt() * MU + (abar[0] * STD**2 + 1 - abar[0]).sqrt() * z
-    errors = [(DPMSolverPP2MSampler(_linear(), n).sample(_exact("eps"), x_T, progress=False) - exact).abs().max().item()
-              for n in (10, 20)]
-    assert errors[0] < 0.06 and errors[1] < 0.4 * errors[0]
+    out = sampler.sample(_exact("eps"), x_T, progress=False)
+    if sampler.name == "heun":  # it ends at sigma = 0, one step past t = 0
+        out = (out - MU) * (abar[0] * STD**2 + 1 - abar[0]).sqrt() / STD + MU
+    return (out - exact).abs().max().item()
 
 
-def test_dpm_solver_matches_diffusers():
+@pytest.mark.parametrize("name, steps, first, ratio", [("dpmpp_2m", (10, 20), 0.06, 0.4),
+                                                       ("dpmpp_3m", (10, 20), 0.03, 0.25),
+                                                       ("heun", (10, 20), 0.08, 0.4)])
+def test_ode_solvers_converge_at_their_order(name, steps, first, ratio):
+    """Halving the step size cuts the error by about 2^order (2M, Heun: 4; 3M: 8, less where its
+    lower-order first steps still count)."""
+    errors = [_ode_error(get_sampler(name, schedule=_linear(), num_steps=n)) for n in steps]
+    assert errors[0] < first and errors[1] < ratio * errors[0], errors
+
+
+# Not (3, True): diffusers' third-order SDE update has -1/2 where the ODE's coefficient taken at
+# step 2h gives +1/2 (ours), and it diverges on the Gaussian problem (std 2.4 for 0.5 at 50 steps).
+@pytest.mark.parametrize("order, sde", [(2, False), (3, False), (2, True)])
+def test_dpm_solvers_match_diffusers(order, sde):
     diffusers = pytest.importorskip("diffusers")
     scheduler = diffusers.DPMSolverMultistepScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        solver_order=2, algorithm_type="dpmsolver++", lower_order_final=False,
+        solver_order=order, algorithm_type="sde-dpmsolver++" if sde else "dpmsolver++", lower_order_final=False,
         final_sigmas_type="sigma_min", timestep_spacing="linspace")
     scheduler.set_timesteps(8)
     x_T = _start(999, 32)
     x, den = x_T.clone(), _exact("eps")
+    noise = torch.Generator().manual_seed(7)  # the same stream for both: one draw per step
     for t in scheduler.timesteps:
-        x = scheduler.step(den(x, torch.full((x.shape[0],), int(t)), None), t, x).prev_sample
-    ours = DPMSolverPP2MSampler(_linear(), 8, spacing="time")
+        extra = {"variance_noise": torch.randn(x.shape, generator=noise)} if sde else {}
+        x = scheduler.step(den(x, torch.full((x.shape[0],), int(t)), None), t, x, **extra).prev_sample
+    name = f"dpmpp_{order}m" + ("_sde" if sde else "")
+    ours = get_sampler(name, schedule=_linear(), num_steps=8, spacing="time")
     assert ours.timesteps.flip(0)[:-1].tolist() == scheduler.timesteps.tolist()
-    torch.testing.assert_close(ours.sample(den, x_T, progress=False), x, rtol=1e-5, atol=1e-5)
+    out = ours.sample(den, x_T, generator=torch.Generator().manual_seed(7), progress=False)
+    torch.testing.assert_close(out, x, rtol=1e-5, atol=1e-5)
+
+
+def _diffusers_karras_run(scheduler, den, x_T):
+    """diffusers' Euler / Heun loop on the VP-space denoiser `den`: the sample is x / sqrt(abar),
+    so it starts at x_T sqrt(sigma_max^2 + 1) (diffusers' init_noise_sigma is sigma_max with
+    linspace spacing, a start slightly off the noised data's scale)."""
+    x = x_T * (scheduler.sigmas[0] ** 2 + 1).sqrt()
+    for t in scheduler.timesteps:
+        inp = scheduler.scale_model_input(x, t)
+        x = scheduler.step(den(inp, torch.full((x.shape[0],), int(t)), None), t, x).prev_sample
+    return x
+
+
+def test_heun_and_euler_match_diffusers():
+    """Heun against diffusers' HeunDiscreteScheduler; Euler (EulerDiscreteScheduler) is DDIM with
+    eta = 0 on the same timesteps. 10 steps put linspace(0, 999) on integers."""
+    diffusers = pytest.importorskip("diffusers")
+    common = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                  timestep_spacing="linspace")
+    x_T, den = _start(999, 32, torch.float64).float(), _exact("eps")
+    heun = diffusers.HeunDiscreteScheduler(**common)
+    heun.set_timesteps(10)
+    ours = get_sampler("heun", schedule=_linear(), num_steps=10)
+    assert sorted(set(heun.timesteps.long().tolist())) == ours.timesteps.tolist()
+    torch.testing.assert_close(ours.sample(den, x_T, progress=False), _diffusers_karras_run(heun, den, x_T),
+                               rtol=1e-5, atol=1e-5)
+    euler = diffusers.EulerDiscreteScheduler(**common)
+    euler.set_timesteps(10)
+    ddim = DDIMSampler(_linear(), 10, eta=0.0)
+    assert ddim.timesteps.flip(0).tolist() == euler.timesteps.long().tolist()
+    torch.testing.assert_close(ddim.sample(den, x_T, progress=False), _diffusers_karras_run(euler, den, x_T),
+                               rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- guidance

@@ -1,5 +1,5 @@
 """Samplers of the reverse diffusion process behind one interface (`Sampler.sample`), and a
-registry to build them by name: ddpm, ddim, plms, dpmpp_2m."""
+registry to build them by name: ddpm, ddim, plms, dpmpp_2m / dpmpp_3m (and _sde), heun."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,7 +7,13 @@ from typing import Any
 from ldm.diffusion.samplers.base import Sampler, select_timesteps
 from ldm.diffusion.samplers.ddim import DDIMSampler
 from ldm.diffusion.samplers.ddpm import DDPMSampler
-from ldm.diffusion.samplers.dpm_solver import DPMSolverPP2MSampler
+from ldm.diffusion.samplers.dpm_solver import (
+    DPMSolverPP2MSampler,
+    DPMSolverPP2MSDESampler,
+    DPMSolverPP3MSampler,
+    DPMSolverPP3MSDESampler,
+)
+from ldm.diffusion.samplers.heun import HeunSampler
 from ldm.diffusion.samplers.noise import draw_noise, generators_for_seeds, noise_for_seeds
 from ldm.diffusion.samplers.plms import PLMSSampler
 
@@ -16,6 +22,10 @@ SAMPLERS: dict[str, type[Sampler]] = {
     "ddim": DDIMSampler,
     "plms": PLMSSampler,
     "dpmpp_2m": DPMSolverPP2MSampler,
+    "dpmpp_3m": DPMSolverPP3MSampler,
+    "dpmpp_2m_sde": DPMSolverPP2MSDESampler,
+    "dpmpp_3m_sde": DPMSolverPP3MSDESampler,
+    "heun": HeunSampler,
 }
 
 
@@ -27,6 +37,7 @@ def get_sampler(name: str, **kwargs: Any) -> Sampler:
 
 
 __all__ = [
-    "SAMPLERS", "DDIMSampler", "DDPMSampler", "DPMSolverPP2MSampler", "PLMSSampler", "Sampler",
+    "SAMPLERS", "DDIMSampler", "DDPMSampler", "DPMSolverPP2MSampler", "DPMSolverPP2MSDESampler",
+    "DPMSolverPP3MSampler", "DPMSolverPP3MSDESampler", "HeunSampler", "PLMSSampler", "Sampler",
     "draw_noise", "generators_for_seeds", "get_sampler", "noise_for_seeds", "select_timesteps",
 ]

@@ -14,6 +14,7 @@ null condition of classifier-free guidance.
 from __future__ import annotations
 
 import argparse
+import base64
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -69,6 +70,16 @@ class CaptionTokenizer:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(path))
+
+    def to_base64(self) -> str:
+        """The whole tokenizer (the JSON `save` writes, a few KB) as base64 text, which checkpoints
+        store in their config: unlike the JSON it holds no `${`, which OmegaConf would resolve."""
+        return base64.b64encode(self.backend.to_str().encode("utf-8")).decode("ascii")
+
+    @classmethod
+    def from_base64(cls, data: str) -> CaptionTokenizer:
+        """The tokenizer whose `to_base64` text this is."""
+        return cls(Tokenizer.from_str(base64.b64decode(data, validate=True).decode("utf-8")))
 
     @property
     def vocab_size(self) -> int:

@@ -77,7 +77,7 @@ def load_model(cfg: DictConfig) -> LatentDiffusion:
         params = OmegaConf.to_container(OmegaConf.load(cfg.reference_config), resolve=True)
         params = params.get("model", {}).get("params", params)
         return load_reference_checkpoint(cfg.ckpt, params, **dict(cfg.reference_overrides or {}))
-    model = load_module(cfg.ckpt)
+    model = load_module(cfg.ckpt, trust_config=cfg.trust_config)
     if not isinstance(model, LatentDiffusion):
         raise ValueError(f"{cfg.ckpt} is a {type(model).__name__} checkpoint; sample.py needs a latent diffusion run")
     return model

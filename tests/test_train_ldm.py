@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -105,7 +106,7 @@ def test_scale_by_std_is_pooled_and_identical_on_both_ddp_ranks(tmp_path):
     assert abs(1 / ((ss0 - s0 * s0 / n0) / (n0 - 1)) ** 0.5 - pooled) > 1e-6  # rank 0 alone would differ
 
 
-def test_sample_py_end_to_end_and_bad_input(tmp_path, first_stage_run):
+def test_sample_py_end_to_end_and_bad_input(tmp_path, first_stage_run, caplog):
     import subprocess
     import sys
 
@@ -139,6 +140,16 @@ def test_sample_py_end_to_end_and_bad_input(tmp_path, first_stage_run):
     alone, batched = (np.asarray(Image.open(d / "samples" / "00002.png")).astype(int) for d in (out, tmp_path / "again"))
     other_seed = np.asarray(Image.open(out / "samples" / "00001.png")).astype(int)
     assert np.abs(alone - batched).max() <= 1 and np.abs(alone - other_seed).max() > 1
+    # A prompt longer than the text encoder's 32 tokens: cut, with a warning, and the part used recorded.
+    long = " ".join(["a large blue star above a small red circle on a beige background"] * 4)
+    caplog.set_level(logging.WARNING, logger="ldm.cli.sample")
+    sample(cfg(f"prompt={long}", "n=1", "steps=2"))
+    used = json.loads((tmp_path / "again" / "samples.json").read_text())["images"][0]
+    assert used["prompt"] == long and long.startswith(used["prompt_used"]) and len(used["prompt_used"]) < len(long)
+    ids, mask = CaptionTokenizer.load(run / "tokenizer.json").encode_batch([used["prompt_used"]], 40)
+    assert int(mask.sum()) == 32  # exactly what fits: [CLS], 30 tokens, [SEP]
+    assert any(f"cut to {used['prompt_used']!r}" in r.getMessage() for r in caplog.records)
+    assert "prompt_used" not in record["images"][0]  # a prompt that fits is used whole
     with pytest.raises(ValueError, match="not class-conditional"):
         sample(cfg("class_label=3"))
     with pytest.raises(ValueError, match="needs prompt="):

@@ -48,12 +48,23 @@ def condition_inputs(model: LatentDiffusion, cfg: DictConfig) -> tuple[dict, lis
         raise ValueError("a class-conditional model needs class_label=<id> (or a list)")
     batch: dict = {}
     records = [{} for _ in range(n)]
-    if prompts:
-        batch["caption"] = [prompts[i % len(prompts)] for i in range(n)]
-        for r, p in zip(records, batch["caption"]):
-            r["prompt"] = p
     if cfg.negative_prompt is not None and not text_model:
         raise ValueError("negative_prompt= needs a text-conditional model")
+    if prompts:
+        batch["caption"] = [prompts[i % len(prompts)] for i in range(n)]
+        used = dict(zip(prompts, model.cond_stage_model.truncations(prompts)))
+        for prompt in dict.fromkeys(prompts):
+            if used[prompt] is not None:
+                log.warning("the prompt %r is longer than the text encoder takes: it is cut to %r "
+                            "(samples.json records this as prompt_used)", prompt, used[prompt])
+        for r, p in zip(records, batch["caption"]):
+            r["prompt"] = p
+            if used[p] is not None:
+                r["prompt_used"] = used[p]
+    if cfg.negative_prompt is not None:
+        [cut] = model.cond_stage_model.truncations([cfg.negative_prompt])
+        if cut is not None:
+            log.warning("the negative prompt is longer than the text encoder takes: it is cut to %r", cut)
     if labels:
         batch[cond_key] = torch.tensor([int(labels[i % len(labels)]) for i in range(n)])
         for r, c in zip(records, batch[cond_key].tolist()):

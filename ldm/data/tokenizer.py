@@ -104,6 +104,10 @@ class CaptionTokenizer:
             mask[row, :len(tokens)] = True
         return ids, mask
 
+    def lengths(self, captions: Sequence[str]) -> list[int]:
+        """Tokens each caption encodes to, `[CLS]` and `[SEP]` included, before any truncation."""
+        return [len(encoding.ids) + 2 for encoding in self.backend.encode_batch(list(captions))]
+
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Text of one row of ids, special tokens dropped (normalised: lowercase, single spaces)."""
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)

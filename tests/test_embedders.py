@@ -233,6 +233,15 @@ def test_text_encoder_from_file_and_pickles(tokenizer, captions, tmp_path):
         enc.encode(torch.zeros(1, 30, dtype=torch.long), torch.ones(1, 30, dtype=torch.bool))
 
 
+def test_text_encoder_names_the_captions_it_truncates(tokenizer, captions):
+    enc = _text_encoder(tokenizer, max_seq_len=12)
+    long = " ".join(captions[:4])
+    kept = enc.truncations([captions[0][:8], long])
+    ids, mask = enc.tokenize([long])
+    assert kept[0] is None and mask.all()  # the long caption fills every position
+    assert kept[1] == tokenizer.decode(ids[0]) and long.lower().startswith(kept[1]) and len(kept[1]) < len(long)
+
+
 # ---- frozen CLIP --------------------------------------------------------------------------------
 
 CLIP_WORDS = ("red", "blue", "circle", "square")
@@ -287,3 +296,10 @@ def test_frozen_clip_encoder_errors(clip_folder, tmp_path, monkeypatch):
         FrozenCLIPTextEncoder(str(tmp_path / "nothing-here"))
     # Shorter contexts are allowed (a model trained with them).
     assert FrozenCLIPTextEncoder(str(folder), max_length=16)(["a red circle"]).shape == (1, 16, 32)
+
+
+def test_frozen_clip_encoder_names_the_captions_it_truncates(clip_folder, monkeypatch):
+    folder, _ = clip_folder
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    enc = FrozenCLIPTextEncoder(str(folder), max_length=8)  # start token, 6 words, end token
+    assert enc.truncations(["red blue red", "red blue red blue red blue red"]) == [None, "red blue red blue red blue"]

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,8 +12,9 @@ import torch
 
 from conftest import TINY_RUN, compose
 from ldm.cli.train import train
+from ldm.data.tokenizer import CaptionTokenizer
 from ldm.modules.latent_diffusion import LatentDiffusion, drop_conditions
-from ldm.modules.loading import load_module
+from ldm.modules.loading import load_first_stage, load_module
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +106,7 @@ def test_scale_by_std_is_pooled_and_identical_on_both_ddp_ranks(tmp_path):
     assert abs(1 / ((ss0 - s0 * s0 / n0) / (n0 - 1)) ** 0.5 - pooled) > 1e-6  # rank 0 alone would differ
 
 
-def test_sample_py_end_to_end_and_bad_input(tmp_path, first_stage_run):
+def test_sample_py_end_to_end_and_bad_input(tmp_path, first_stage_run, caplog):
     import subprocess
     import sys
 
@@ -137,6 +140,16 @@ def test_sample_py_end_to_end_and_bad_input(tmp_path, first_stage_run):
     alone, batched = (np.asarray(Image.open(d / "samples" / "00002.png")).astype(int) for d in (out, tmp_path / "again"))
     other_seed = np.asarray(Image.open(out / "samples" / "00001.png")).astype(int)
     assert np.abs(alone - batched).max() <= 1 and np.abs(alone - other_seed).max() > 1
+    # A prompt longer than the text encoder's 32 tokens: cut, with a warning, and the part used recorded.
+    long = " ".join(["a large blue star above a small red circle on a beige background"] * 4)
+    caplog.set_level(logging.WARNING, logger="ldm.cli.sample")
+    sample(cfg(f"prompt={long}", "n=1", "steps=2"))
+    used = json.loads((tmp_path / "again" / "samples.json").read_text())["images"][0]
+    assert used["prompt"] == long and long.startswith(used["prompt_used"]) and len(used["prompt_used"]) < len(long)
+    ids, mask = CaptionTokenizer.load(run / "tokenizer.json").encode_batch([used["prompt_used"]], 40)
+    assert int(mask.sum()) == 32  # exactly what fits: [CLS], 30 tokens, [SEP]
+    assert any(f"cut to {used['prompt_used']!r}" in r.getMessage() for r in caplog.records)
+    assert "prompt_used" not in record["images"][0]  # a prompt that fits is used whole
     with pytest.raises(ValueError, match="not class-conditional"):
         sample(cfg("class_label=3"))
     with pytest.raises(ValueError, match="needs prompt="):
@@ -165,3 +178,50 @@ def test_sample_py_inpaints_with_an_inpainting_model(tmp_path, first_stage_run):
     with pytest.raises(ValueError, match="needs both"):
         sample(compose("sample", [f"ckpt={run}", f"init_image={tmp_path / 'init.png'}", "n=1", f"out_dir={out}"],
                        tmp_path / "s"))
+
+
+def test_text_ldm_run_folder_is_self_contained(tmp_path, first_stage_run):
+    """A text LDM's run folder, moved elsewhere with its data and first-stage run out of reach,
+    samples with the tokenizer stored in its checkpoint and writes nothing outside itself."""
+    from ldm.cli.sample import sample
+
+    ae_run, data = first_stage_run
+    own_data, run = tmp_path / "data", tmp_path / "ldm"
+    shutil.copytree(data / "shapes-32", own_data / "shapes-32")
+    train(compose("train", ["experiment=toy/ldm_text", *TINY_RUN, f"first_stage.path={ae_run}",
+                            "data.latent_cache.first_stage=null"], run, own_data))
+    captions = ["a small red circle on a grey background", "a large blue star on a beige background"]
+    tokens = CaptionTokenizer.load(run / "tokenizer.json").encode_batch(captions, 32)
+    moved = tmp_path / "elsewhere" / "ldm"
+    shutil.copytree(run, moved)
+    shutil.rmtree(run)
+    shutil.rmtree(own_data)
+
+    model = load_module(moved)
+    for got, want in zip(model.cond_stage_model.tokenize(captions), tokens):
+        assert torch.equal(got, want)
+    out = moved / "samples"
+    sample(compose("sample", [f"ckpt={moved}", f"out_dir={out}", f"prompt={captions[0]}", "n=1", "steps=2"],
+                   moved / "sample"))
+    assert (out / "grid.png").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["elsewhere"]  # neither the old run folder nor the data came back
+    assert [p.name for p in moved.parent.iterdir()] == ["ldm"]
+
+
+def test_ldm_on_our_autoencoder_ckpt_with_first_stage_from_checkpoint(tmp_path, first_stage_run):
+    """first_stage=from_checkpoint takes our autoencoder run's .ckpt; the LDM checkpoint then
+    holds the first stage's architecture and loads without that file."""
+    ae_run, data = first_stage_run
+    arch = {"_target_": "ldm.first_stage.factory.autoencoder_kl", "f": 4, "ch": 32, "num_res_blocks": 1,
+            "z_channels": 4, "attn_resolutions": [], "resolution": 32}  # the toy/ae_kl first stage
+    model_override = "first_stage.model={" + ",".join(
+        f"{k}:{json.dumps(v)}".replace('"', "") for k, v in arch.items()) + "}"
+    out = tmp_path / "run"
+    train(compose("train", ["experiment=toy/ldm_uncond", *TINY_RUN, "first_stage=from_checkpoint",
+                            f"first_stage.path={ae_run / 'checkpoints' / 'last.ckpt'}", model_override,
+                            "data.latent_cache.first_stage=null"], out, data))
+    model = load_module(out)
+    assert model.build_config["first_stage"] == arch
+    expected = load_first_stage(ae_run).state_dict()
+    for name, value in model.first_stage_model.state_dict().items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)

@@ -45,10 +45,17 @@ from ldm.metrics.lpips import build_lpips
 from ldm.metrics.reconstruction import psnr, ssim
 from ldm.modules.latent_diffusion import LatentDiffusion
 from ldm.modules.loading import find_checkpoint, load_module
+from ldm.utils.trusted_config import check_trusted
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# What a run folder's data.batch_transforms may build without trust_config (configs/cond).
+BATCH_TRANSFORM_TARGETS = frozenset({
+    "ldm.data.degradations.SRDegradation",
+    "ldm.data.degradations.InpaintingDegradation",
+    "ldm.data.degradations.MaskGenerator",
+})
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -111,10 +118,15 @@ def run_folder(ckpt: str | Path) -> Path | None:
 
 def batch_transforms(cfg: DictConfig, run: Path | None) -> list:
     """cfg.batch_transforms, or (null) the run's data.batch_transforms: they make the SR low-res
-    inputs and inpainting masks of concat-conditioned models from the real images."""
+    inputs and inpainting masks of concat-conditioned models from the real images. The run's are
+    built only from BATCH_TRANSFORM_TARGETS unless cfg.trust_config."""
     spec = cfg.batch_transforms
     if spec is None and run is not None:
-        spec = OmegaConf.load(run / "config.yaml").get("data", {}).get("batch_transforms")
+        config = run / "config.yaml"
+        spec = OmegaConf.load(config).get("data", {}).get("batch_transforms")
+        if not cfg.trust_config:
+            check_trusted(OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec, BATCH_TRANSFORM_TARGETS,
+                          f"{config} (data.batch_transforms)")
     return list(instantiate(spec, _convert_="all") or [])
 
 
@@ -368,7 +380,7 @@ def evaluate(cfg: DictConfig) -> Path:
         record.update(kind="images", **_evaluate_images(cfg, metrics, real, device))
     else:
         ckpt = find_checkpoint(cfg.ckpt)
-        module = load_module(ckpt)
+        module = load_module(ckpt, trust_config=cfg.trust_config)
         run = run_folder(cfg.ckpt)
         record["run"] = {"ckpt": str(ckpt.resolve()), "run_dir": None if run is None else str(run),
                          "global_step": _checkpoint_step(ckpt), **describe_model(module)}

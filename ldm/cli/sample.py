@@ -48,12 +48,23 @@ def condition_inputs(model: LatentDiffusion, cfg: DictConfig) -> tuple[dict, lis
         raise ValueError("a class-conditional model needs class_label=<id> (or a list)")
     batch: dict = {}
     records = [{} for _ in range(n)]
-    if prompts:
-        batch["caption"] = [prompts[i % len(prompts)] for i in range(n)]
-        for r, p in zip(records, batch["caption"]):
-            r["prompt"] = p
     if cfg.negative_prompt is not None and not text_model:
         raise ValueError("negative_prompt= needs a text-conditional model")
+    if prompts:
+        batch["caption"] = [prompts[i % len(prompts)] for i in range(n)]
+        used = dict(zip(prompts, model.cond_stage_model.truncations(prompts)))
+        for prompt in dict.fromkeys(prompts):
+            if used[prompt] is not None:
+                log.warning("the prompt %r is longer than the text encoder takes: it is cut to %r "
+                            "(samples.json records this as prompt_used)", prompt, used[prompt])
+        for r, p in zip(records, batch["caption"]):
+            r["prompt"] = p
+            if used[p] is not None:
+                r["prompt_used"] = used[p]
+    if cfg.negative_prompt is not None:
+        [cut] = model.cond_stage_model.truncations([cfg.negative_prompt])
+        if cut is not None:
+            log.warning("the negative prompt is longer than the text encoder takes: it is cut to %r", cut)
     if labels:
         batch[cond_key] = torch.tensor([int(labels[i % len(labels)]) for i in range(n)])
         for r, c in zip(records, batch[cond_key].tolist()):
@@ -77,7 +88,7 @@ def load_model(cfg: DictConfig) -> LatentDiffusion:
         params = OmegaConf.to_container(OmegaConf.load(cfg.reference_config), resolve=True)
         params = params.get("model", {}).get("params", params)
         return load_reference_checkpoint(cfg.ckpt, params, **dict(cfg.reference_overrides or {}))
-    model = load_module(cfg.ckpt)
+    model = load_module(cfg.ckpt, trust_config=cfg.trust_config)
     if not isinstance(model, LatentDiffusion):
         raise ValueError(f"{cfg.ckpt} is a {type(model).__name__} checkpoint; sample.py needs a latent diffusion run")
     return model

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ldm.diffusion.ema import EMA
 from ldm.first_stage.identity import IdentityFirstStage
 from ldm.first_stage.kl import AutoencoderKL
 from ldm.first_stage.vq import AutoencoderVQ
@@ -99,14 +100,32 @@ def export_reference_checkpoint(module: LatentDiffusion, path: str | Path) -> Pa
     return path
 
 
-def first_stage_from_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
-    """`model` (a first stage built from its config) with the weights of an original LDM
-    autoencoder checkpoint (e.g. the released vq-f4 / kl-f8 model.ckpt) or of a full LDM checkpoint
-    (its `first_stage_model.*`), loaded strictly and frozen. The autoencoder's training-only
-    `loss.*` entries (LPIPS, discriminator) are left out."""
+def first_stage_from_checkpoint(model: Mapping[str, Any], path: str | Path) -> nn.Module:
+    """The first stage built from the config `model` (a `_target_` node, passed unbuilt:
+    configs/first_stage/from_checkpoint.yaml sets `_recursive_: false`) with the weights at `path`:
+    - an original LDM autoencoder checkpoint (e.g. the released vq-f4 / kl-f8 model.ckpt), its
+      training-only `loss.*` entries (LPIPS, discriminator) left out;
+    - a full LDM checkpoint (its `first_stage_model.*`);
+    - our autoencoder run's .ckpt (its `first_stage.*`; the EMA weights when the run kept an EMA,
+      as ldm.modules.loading.load_first_stage takes them).
+    Loaded strictly and frozen. `build_config` is set to `model`, so a latent diffusion checkpoint
+    stores the architecture and rebuilds without `path`."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(OmegaConf.create(model), resolve=True)
+    first_stage = instantiate(config, _convert_="all")
     state = load_state_dict_file(path)
+    ema: dict[str, torch.Tensor] = {}
     if any(k.startswith("first_stage_model.") for k in state):
         state = sub_state_dict(state, "first_stage_model.")
+    elif any(k.startswith("first_stage.") for k in state):  # ldm.modules.autoencoder.AutoencoderModule
+        ema, state = sub_state_dict(state, "ema."), sub_state_dict(state, "first_stage.")
     state = {k: v for k, v in state.items() if not k.startswith("loss.")}
-    load_strict(model, state, str(path))
-    return model.eval().requires_grad_(False)
+    load_strict(first_stage, state, str(path))
+    if ema:
+        shadow = EMA(first_stage)
+        load_strict(shadow, ema, f"{path} (ema.*)")
+        shadow.copy_to(first_stage)
+    first_stage.build_config = config
+    return first_stage.eval().requires_grad_(False)

@@ -14,6 +14,7 @@ null condition of classifier-free guidance.
 from __future__ import annotations
 
 import argparse
+import base64
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -70,6 +71,16 @@ class CaptionTokenizer:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(path))
 
+    def to_base64(self) -> str:
+        """The whole tokenizer (the JSON `save` writes, a few KB) as base64 text, which checkpoints
+        store in their config: unlike the JSON it holds no `${`, which OmegaConf would resolve."""
+        return base64.b64encode(self.backend.to_str().encode("utf-8")).decode("ascii")
+
+    @classmethod
+    def from_base64(cls, data: str) -> CaptionTokenizer:
+        """The tokenizer whose `to_base64` text this is."""
+        return cls(Tokenizer.from_str(base64.b64decode(data, validate=True).decode("utf-8")))
+
     @property
     def vocab_size(self) -> int:
         """Number of token ids, special tokens included (ids are 0 .. vocab_size - 1)."""
@@ -92,6 +103,10 @@ class CaptionTokenizer:
             ids[row, :len(tokens)] = torch.tensor(tokens)
             mask[row, :len(tokens)] = True
         return ids, mask
+
+    def lengths(self, captions: Sequence[str]) -> list[int]:
+        """Tokens each caption encodes to, `[CLS]` and `[SEP]` included, before any truncation."""
+        return [len(encoding.ids) + 2 for encoding in self.backend.encode_batch(list(captions))]
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Text of one row of ids, special tokens dropped (normalised: lowercase, single spaces)."""

@@ -91,8 +91,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--t", type=int, nargs="+", default=list(range(50, 1000, 100)), help="timesteps")
     parser.add_argument("--draws", type=int, default=2, help="noise draws per timestep")
     parser.add_argument("--seed", type=int, default=0, help="seed of the posterior samples and the noise")
+    parser.add_argument("--trust-config", action="store_true",
+                        help="build whatever the checkpoint's stored config names (only for checkpoints you trust)")
     args = parser.parse_args(argv)
-    module = load_module(args.ckpt)
+    module = load_module(args.ckpt, trust_config=args.trust_config)
     if module.hparams.get("cond_stage_key") != "caption":
         raise SystemExit(f"{args.ckpt} is not a text-conditional LDM (its condition key is "
                          f"{module.hparams.get('cond_stage_key')!r}, not 'caption')")

@@ -16,6 +16,7 @@ from lightning_fabric.utilities.throughput import measure_flops
 from torch import nn
 
 from ldm.data.latents import posterior_from_moments
+from ldm.data.tokenizer import CaptionTokenizer
 from ldm.diffusion.ema import EMA
 from ldm.diffusion.objective import (check_parameterization, logvar_weighted, loss_simple, lvlb_weights,
                                      min_snr_weight, training_target, vlb_term)
@@ -338,11 +339,21 @@ class LatentDiffusion(BuildableModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
+        config = checkpoint.get("build_config")
+        if config is None:
+            return
         # Store the first stage's architecture instead of "load it from run X": the weights are
         # in this checkpoint, so it rebuilds without the first-stage run folder.
         arch = getattr(self.first_stage_model, "build_config", None)
-        if arch is not None and "build_config" in checkpoint:
-            checkpoint["build_config"] = {**checkpoint["build_config"], "first_stage": arch}
+        if arch is not None:
+            config = {**config, "first_stage": arch}
+        # And the caption tokenizer itself instead of the file (or shards) it was read from, so
+        # a copied or moved run folder, or the checkpoint alone, rebuilds the same text encoder.
+        tokenizer = getattr(self.cond_stage_model, "tokenizer", None)
+        if isinstance(tokenizer, CaptionTokenizer) and isinstance(config.get("cond_stage"), dict):
+            stored = {"_target_": "ldm.data.tokenizer.CaptionTokenizer.from_base64", "data": tokenizer.to_base64()}
+            config = {**config, "cond_stage": {**config["cond_stage"], "tokenizer": stored}}
+        checkpoint["build_config"] = config
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)

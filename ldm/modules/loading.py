@@ -1,4 +1,9 @@
-"""Rebuild a trained module from its checkpoint alone (the config travels inside it)."""
+"""Rebuild a trained module from its checkpoint alone (the config travels inside it).
+
+The stored config is built only from the allow-list MODEL_TARGETS unless the caller trusts the
+checkpoint: a checkpoint from a stranger then cannot read data, run commands or import code by
+naming them in its config (the weights themselves are read with torch's weights_only loader).
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,6 +14,36 @@ from hydra.utils import instantiate
 from ldm.first_stage.base import FirstStage
 from ldm.modules.base import BuildableModule
 from ldm.utils.checkpoint import load_strict
+from ldm.utils.trusted_config import check_trusted
+
+# What a stored model config may build without trust_config: this project's modules, networks,
+# first stages, condition encoders, losses and metric networks. Not in it: anything that loads
+# another file by path or reads data (load_first_stage, first_stage_from_checkpoint,
+# ensure_tokenizer): the checkpoints of this project store what those loaded instead.
+MODEL_TARGETS = frozenset({
+    "ldm.modules.latent_diffusion.LatentDiffusion",
+    "ldm.modules.autoencoder.AutoencoderModule",
+    "ldm.nets.unet.UNetModel",
+    "ldm.nets.concat.LowResConcat",
+    "ldm.nets.concat.InpaintConcat",
+    "ldm.nets.concat.SemanticConcat",
+    "ldm.nets.embedders.ClassEmbedder",
+    "ldm.nets.embedders.TransformerTextEncoder",
+    "ldm.nets.embedders.FrozenCLIPTextEncoder",
+    "ldm.data.tokenizer.CaptionTokenizer.from_base64",
+    "ldm.first_stage.kl.AutoencoderKL",
+    "ldm.first_stage.vq.AutoencoderVQ",
+    "ldm.first_stage.identity.IdentityFirstStage",
+    "ldm.first_stage.factory.autoencoder_kl",
+    "ldm.first_stage.factory.autoencoder_vq",
+    "ldm.first_stage.factory.identity",
+    "ldm.first_stage.losses.KLAutoencoderLoss",
+    "ldm.first_stage.losses.VQAutoencoderLoss",
+    "ldm.metrics.lpips.build_lpips",
+    "ldm.metrics.features.ToyFeatures",
+    "ldm.metrics.features.InceptionV3Features",
+    "ldm.metrics.features.VGG16Features",
+})
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -21,14 +56,21 @@ def find_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> BuildableModule:
+def load_module(path: str | Path, map_location: str | torch.device = "cpu",
+                trust_config: bool = False) -> BuildableModule:
     """The LightningModule saved at `path` (file or run folder), rebuilt from the model config
-    stored in the checkpoint and loaded with strict key checking, in eval mode."""
+    stored in the checkpoint and loaded with strict key checking, in eval mode.
+
+    Unless `trust_config`, a stored config naming anything outside MODEL_TARGETS (or using
+    `_args_`, `_partial_`, interpolations) is refused with UntrustedConfigError before anything is
+    built; with it, the config is built as it is, as train.py would."""
     ckpt_path = find_checkpoint(path)
     ckpt = torch.load(ckpt_path, map_location=map_location, weights_only=True)
     if "build_config" not in ckpt:
         raise ValueError(f"{ckpt_path} holds no build_config: it was not written by this project's train.py. "
                          "Original LDM checkpoints load with ldm.convert.reference")
+    if not trust_config:
+        check_trusted(ckpt["build_config"], MODEL_TARGETS, str(ckpt_path))
     module = instantiate(ckpt["build_config"], _convert_="all")
     load_strict(module, ckpt["state_dict"], str(ckpt_path))
     module.on_load_checkpoint(ckpt)
@@ -37,7 +79,8 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> B
 
 def load_first_stage(path: str | Path) -> FirstStage:
     """The trained first stage of a first-stage run (folder or .ckpt), frozen, for the
-    latent diffusion stage. Its EMA weights are used when the run kept an EMA."""
+    latent diffusion stage. Its EMA weights are used when the run kept an EMA. Its stored config
+    is checked as load_module checks it."""
     module = load_module(path)
     first_stage = getattr(module, "first_stage", None)
     if not isinstance(first_stage, FirstStage):

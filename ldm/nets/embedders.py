@@ -107,6 +107,14 @@ class TransformerTextEncoder(nn.Module):
         device = self.token_embedding.weight.device
         return ids.to(device), mask.to(device)
 
+    def truncations(self, captions: Sequence[str]) -> list[str | None]:
+        """Per caption: None when it fits max_seq_len tokens, else the (normalised) text of the
+        tokens kept, which is all the model sees of it."""
+        captions = _check_captions(captions)
+        ids, _ = self.tokenizer.encode_batch(captions, self.max_seq_len)
+        return [self.tokenizer.decode(row) if n > self.max_seq_len else None
+                for row, n in zip(ids, self.tokenizer.lengths(captions))]
+
     def encode(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Ids and attention mask (B, L) with L <= max_seq_len -> hidden states (B, L, n_embed)."""
         if ids.shape[1] > self.max_seq_len:
@@ -178,6 +186,15 @@ class FrozenCLIPTextEncoder(nn.Module):
         batch = self.tokenizer(_check_captions(captions), padding="max_length", max_length=self.max_length,
                                truncation=True, return_tensors="pt")
         return batch["input_ids"].to(self.transformer.device)
+
+    def truncations(self, captions: Sequence[str]) -> list[str | None]:
+        """Per caption: None when it fits max_length tokens, else the text of the tokens kept,
+        which is all the model sees of it."""
+        captions = _check_captions(captions)
+        full = self.tokenizer(captions, truncation=False)["input_ids"]
+        kept = self.tokenizer(captions, truncation=True, max_length=self.max_length)["input_ids"]
+        return [self.tokenizer.decode(k, skip_special_tokens=True).strip() if len(f) > self.max_length else None
+                for f, k in zip(full, kept)]
 
     @torch.no_grad()
     def forward(self, captions: Sequence[str]) -> torch.Tensor:

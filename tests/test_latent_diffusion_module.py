@@ -155,3 +155,29 @@ def test_timestep_focus_sets_the_training_timesteps():
     assert seen[0].numel() == 64 and int(seen[0].min()) >= 990
     with pytest.raises(ValueError, match="high <= 1000"):
         LatentDiffusion(unet, IdentityFirstStage(), timestep_focus={"low": 500, "high": 2000})
+
+
+def test_img2img_strength_zero_is_the_input_and_one_is_sampling_from_noise():
+    unet = UNetModel(in_channels=3, out_channels=3, num_classes=5, **UNET)
+    for p in unet.parameters():  # a non-trivial denoiser: the output convs start at zero
+        torch.nn.init.normal_(p, std=0.05)
+    model = LatentDiffusion(unet, IdentityFirstStage(), conditioning_key="adm", cond_stage_key="class_label",
+                            uncond_value=4, image_size=16, ema_decay=None, scale_factor=0.5, scale_by_std=False)
+    init = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    labels = {"class_label": torch.tensor([1, 2])}
+    kw = dict(num_steps=10, guidance_scale=2.0, seeds=[3, 8], progress=False)
+    torch.testing.assert_close(model.sample(labels, init=init, strength=0.0, **kw),
+                               model.decode_latents(model.encode_images(init, sample=False)))
+    assert torch.equal(model.sample(labels, init=init, strength=1.0, **kw), model.sample(labels, **kw))
+    half = model.sample(labels, init=init, strength=0.5, **kw)
+    assert torch.isfinite(half).all() and not torch.allclose(half, model.sample(labels, **kw))
+    # the noise of an image comes from its seed: one image alone comes out the same
+    one = model.sample({"class_label": torch.tensor([2])}, init=init[1:], strength=0.5,
+                       **{**kw, "seeds": [8]})
+    torch.testing.assert_close(one, half[1:], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="strength must lie in"):
+        model.sample(labels, init=init, strength=1.5, **kw)
+    with pytest.raises(ValueError, match="px, expected 32"):
+        model.sample(labels, init=init, image_size=32, **kw)
+    with pytest.raises(ValueError, match="either init"):
+        model.sample(labels, init=init, x_T=torch.zeros(2, 3, 16, 16), **kw)

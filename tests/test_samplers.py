@@ -513,3 +513,37 @@ def test_compat_masked_sampling_does_not_paste_at_the_end():
     # The last step leaves x0 noised to level 1 and rescaled to abar[0]: close, not equal.
     assert not torch.equal(out, x0)
     torch.testing.assert_close(out, x0, rtol=0, atol=0.25)
+
+
+# ---------------------------------------------------------------- partial runs (img2img)
+
+@pytest.mark.parametrize("name, kwargs, calls", [
+    ("ddim", {"num_steps": 10}, lambda k: k), ("plms", {"num_steps": 10}, lambda k: k + 1),
+    ("dpmpp_3m", {"num_steps": 10}, lambda k: k), ("dpmpp_2m_sde", {"num_steps": 10}, lambda k: k),
+    ("heun", {"num_steps": 10}, lambda k: 2 * k - 1), ("ddpm", {}, lambda k: k)])
+def test_a_partial_run_takes_the_last_steps_of_the_grid(name, kwargs, calls):
+    sampler = get_sampler(name, schedule=_linear(), **kwargs)
+    k = 4
+    den = Recorder(_smooth)
+    sampler.sample(den, torch.randn(2, 3), generator=torch.Generator().manual_seed(0), progress=False, steps=k)
+    assert len(den.calls) == calls(k)
+    assert int(den.calls[0][1][0]) == sampler.start_timestep(k)
+    # down to the grid's last network call (DPM-Solver's grid ends at t = 0, which it never calls)
+    assert int(den.calls[-1][1][0]) == int(sampler.timesteps[1 if name.startswith("dpmpp") else 0])
+    for bad in (0, sampler.num_steps + 1):
+        with pytest.raises(ValueError, match="steps must lie in"):
+            sampler.sample(den, torch.randn(2, 3), progress=False, steps=bad)
+
+
+@pytest.mark.parametrize("name", ["ddim", "heun"])
+def test_a_partial_run_from_the_full_runs_state_ends_where_the_full_run_ends(name):
+    """Samplers without history: starting the last k steps from the full run's state there gives
+    the full run's result."""
+    sampler = get_sampler(name, schedule=_linear(), num_steps=10)
+    den = Recorder(_smooth)
+    x_T = torch.randn(3, 2, generator=torch.Generator().manual_seed(4))
+    full = sampler.sample(den, x_T, progress=False)
+    k = 4
+    start = sampler.start_timestep(k)
+    state = [x for x, t, _ in den.calls if int(t[0]) == start][-1]  # Heun: after the corrector call there
+    torch.testing.assert_close(sampler.sample(den, state, progress=False, steps=k), full, rtol=1e-6, atol=1e-6)

@@ -373,7 +373,7 @@ class LatentDiffusion(BuildableModule):
                seeds: Sequence[int] | None = None, use_ema: bool = True, progress: bool = True,
                mask: torch.Tensor | None = None, known: torch.Tensor | None = None,
                x_T: torch.Tensor | None = None, negative=None, return_latents: bool = False,
-               **sampler_kwargs) -> torch.Tensor:
+               init: torch.Tensor | None = None, strength: float = 1.0, **sampler_kwargs) -> torch.Tensor:
         """Generate images.
 
         batch: condition inputs (e.g. {'caption': [...]}, {'class_label': tensor},
@@ -383,11 +383,28 @@ class LatentDiffusion(BuildableModule):
         seeds: one per image; image i depends only on its seed, not on the batch size.
         mask, known: inpainting by masked sampling: pixels where mask == 1 are kept from `known`.
         x_T: start from this latent noise instead of the seeds' (later noise still comes from the seeds).
+        init, strength: img2img / SDEdit: encode the images `init` (N, 3, H, W) in [-1, 1] (posterior
+            mean), noise them with the seeds' noise to the start of the last round(strength x S)
+            steps of the sampler's S-step grid and denoise from there. strength 0 returns the
+            encoded-decoded images; strength 1 starts from the seeds' pure noise, i.e. equals
+            sampling without `init`.
         negative: condition inputs for the unconditional branch of guidance (negative prompts,
             one per image) instead of the null condition.
         sampler_kwargs: passed to the sampler (eta, compat, discretize, ...).
         """
         batch = dict(batch or {})
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must lie in [0, 1] (0: the input image, 1: pure noise), got {strength}")
+        if init is not None and x_T is not None:
+            raise ValueError("give either init (img2img) or x_T (the starting noise), not both")
+        if init is not None:
+            n = len(init) if n is None else n
+            if len(init) != n:
+                raise ValueError(f"{len(init)} init images for {n} samples")
+            image_size = image_size or init.shape[-1]
+            if tuple(init.shape[-2:]) != (image_size, image_size):
+                raise ValueError(f"init images are {tuple(init.shape[-2:])} px, expected {image_size} x {image_size}: "
+                                 "resize or crop them to the sampled size (image_size)")
         if n is None:
             n = len(next(iter(batch.values()))) if batch else None
         if n is None:
@@ -412,13 +429,22 @@ class LatentDiffusion(BuildableModule):
         if name != "ddpm":  # DDPM always walks all T steps
             sampler_kwargs["num_steps"] = num_steps
         sampler = get_sampler(name, schedule=self.schedule, parameterization=self.parameterization, **sampler_kwargs)
+        steps = sampler.num_steps
+        if init is not None:
+            z_init = self.encode_images(init.to(self.device), sample=False)
+            steps = round(strength * sampler.num_steps)
+            if steps == 0:
+                return z_init if return_latents else self.decode_latents(z_init)
+            if strength < 1.0:
+                t0 = torch.full((n,), sampler.start_timestep(steps), device=self.device, dtype=torch.long)
+                x_T = q_sample(self.schedule, z_init, t0, x_T)
         swap = use_ema and self.model_ema is not None
         if swap:
             self.model_ema.store(self.model)
             self.model_ema.copy_to(self.model)
         try:
             z = sampler.sample(self.model, x_T, cond, uncond=uncond, guidance_scale=guidance_scale,
-                               mask=mask, x0=z0, generator=generators, progress=progress)
+                               mask=mask, x0=z0, generator=generators, progress=progress, steps=steps)
         finally:
             if swap:
                 self.model_ema.restore(self.model)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -71,8 +71,8 @@ class SamplingRun:
 
     def __init__(self, sampler: Sampler, denoiser: Denoiser, cond: Condition, uncond: Condition,
                  guidance_scale: float, mask: torch.Tensor | None, x0: torch.Tensor | None,
-                 generator: NoiseGenerator, progress: bool):
-        self.sampler, self.denoiser = sampler, denoiser
+                 generator: NoiseGenerator, progress: bool, steps: int):
+        self.sampler, self.denoiser, self.steps = sampler, denoiser, steps
         self.cond, self.uncond, self.guidance_scale = cond, uncond, guidance_scale
         self.mask, self.x0, self.generator, self.progress_enabled = mask, x0, generator, progress
 
@@ -105,10 +105,11 @@ class SamplingRun:
         known = a * self.x0 + s * self.noise_like(x)
         return known * self.mask + (1.0 - self.mask) * x
 
-    def progress(self, steps: Iterable[int], total: int) -> Iterator[int]:
-        """`steps` with a tqdm bar unless progress is disabled."""
-        return iter(tqdm(steps, total=total, desc=f"{self.sampler.name} sampling", leave=False,
-                         disable=not self.progress_enabled))
+    def step_indices(self) -> Iterator[int]:
+        """The grid indices this run walks, from the highest down to 0: the last `steps` steps of
+        the sampler's grid, with a tqdm bar unless progress is disabled."""
+        return iter(tqdm(reversed(range(self.steps)), total=self.steps, desc=f"{self.sampler.name} sampling",
+                         leave=False, disable=not self.progress_enabled))
 
 
 class Sampler(ABC):
@@ -139,15 +140,26 @@ class Sampler(ABC):
     def num_steps(self) -> int:
         """How many denoising steps one `sample` call takes."""
 
+    def start_timestep(self, steps: int) -> int:
+        """The timestep whose noise level a run of only the last `steps` steps starts from
+        (img2img / SDEdit: the image is noised to it)."""
+        self._check_steps(steps)
+        return int(self.timesteps[steps - 1])
+
+    def _check_steps(self, steps: int) -> None:
+        if not 1 <= steps <= self.num_steps:
+            raise ValueError(f"steps must lie in 1..{self.num_steps} (this sampler's grid), got {steps}")
+
     @abstractmethod
     def _sample(self, run: SamplingRun, x: torch.Tensor) -> torch.Tensor:
-        """Run the reverse process from x_T with `run`'s predictions and noise."""
+        """Run the reverse process from x_T with `run`'s predictions and noise, over the grid
+        indices `run.step_indices()`."""
 
     @torch.no_grad()
     def sample(self, denoiser: Denoiser, x_T: torch.Tensor, cond: Condition = None, *,
                uncond: Condition = None, guidance_scale: float = 1.0,
                mask: torch.Tensor | None = None, x0: torch.Tensor | None = None,
-               generator: NoiseGenerator = None, progress: bool = True) -> torch.Tensor:
+               generator: NoiseGenerator = None, progress: bool = True, steps: int | None = None) -> torch.Tensor:
         """Denoise x_T into a sample.
 
         cond/uncond: conditions passed to the denoiser (tensor, dict or list of tensors, or None);
@@ -156,7 +168,12 @@ class Sampler(ABC):
         step those positions are reset to x0 noised to the step's level, and (outside compat
         mode) to x0 itself at the end.
         generator: None, one torch.Generator, or one per image (see `noise_for_seeds`).
+        steps: run only the last `steps` steps of the grid (default: all); x_T is then the sample
+        at `start_timestep(steps)`.
         """
+        if steps is None:
+            steps = self.num_steps
+        self._check_steps(steps)
         if (mask is None) != (x0 is None):
             raise ValueError("masked sampling needs both mask and x0 (the known content)")
         if mask is not None:
@@ -165,7 +182,7 @@ class Sampler(ABC):
             if torch.broadcast_shapes(mask.shape, x0.shape, x_T.shape) != x_T.shape:
                 raise ValueError(f"mask {tuple(mask.shape)} and x0 {tuple(x0.shape)} must broadcast "
                                  f"to x_T's shape {tuple(x_T.shape)}")
-        run = SamplingRun(self, denoiser, cond, uncond, guidance_scale, mask, x0, generator, progress)
+        run = SamplingRun(self, denoiser, cond, uncond, guidance_scale, mask, x0, generator, progress, steps)
         x = self._sample(run, x_T)
         if mask is not None and not self.compat:
             x = x0 * mask + (1.0 - mask) * x

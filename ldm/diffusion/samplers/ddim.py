@@ -63,7 +63,7 @@ class DDIMSampler(Sampler):
                 "alphas_prev": self.alphas_prev, "sigmas": self.sigmas}
 
     def _sample(self, run: SamplingRun, x: torch.Tensor) -> torch.Tensor:
-        for i in run.progress(reversed(range(self.num_steps)), self.num_steps):
+        for i in run.step_indices():
             t = int(self.timesteps[i])
             x = run.impose_known(x, t)
             eps, x0 = run.predict(x, t)

@@ -26,7 +26,7 @@ class DDPMSampler(Sampler):
         return self.schedule.num_timesteps
 
     def _sample(self, run: SamplingRun, x: torch.Tensor) -> torch.Tensor:
-        for t in run.progress(reversed(range(self.num_steps)), self.num_steps):
+        for t in run.step_indices():
             x = run.impose_known(x, t)
             _, x0 = run.predict(x, t)
             x = self.coef1[t] * x0 + self.coef2[t] * x

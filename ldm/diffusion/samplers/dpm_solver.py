@@ -72,9 +72,14 @@ class DPMSolverPPSampler(Sampler):
     def num_steps(self) -> int:
         return self.timesteps.numel() - 1
 
+    def start_timestep(self, steps: int) -> int:
+        """Step i goes from timesteps[i + 1] to timesteps[i] (the grid includes its end, t = 0)."""
+        self._check_steps(steps)
+        return int(self.timesteps[steps])
+
     def _sample(self, run: SamplingRun, x: torch.Tensor) -> torch.Tensor:
         history: list[tuple[torch.Tensor, float]] = []  # (data prediction, its lambda), newest last
-        for i in run.progress(reversed(range(self.num_steps)), self.num_steps):
+        for i in run.step_indices():
             t, t_next = int(self.timesteps[i + 1]), int(self.timesteps[i])
             x = run.impose_known(x, t)
             _, m0 = run.predict(x, t)

@@ -41,16 +41,15 @@ class HeunSampler(Sampler):
         return eps
 
     def _sample(self, run: SamplingRun, x: torch.Tensor) -> torch.Tensor:
-        steps = self.timesteps.flip(0).tolist()
-        y = x / self.scale[steps[0]]
-        for i in run.progress(range(len(steps)), len(steps)):
-            t = steps[i]
+        y = x / self.scale[int(self.timesteps[run.steps - 1])]
+        for i in run.step_indices():
+            t = int(self.timesteps[i])
             y = run.impose_known(y * self.scale[t], t) / self.scale[t]
             d = self._slope(run, y, t)
-            if i + 1 == len(steps):
+            if i == 0:
                 y = y - self.sigmas[t] * d  # Euler to sigma = 0: the data prediction
             else:
-                t_next = steps[i + 1]
+                t_next = int(self.timesteps[i - 1])
                 dt = self.sigmas[t_next] - self.sigmas[t]
                 y = y + dt * 0.5 * (d + self._slope(run, y + dt * d, t_next))
         return y

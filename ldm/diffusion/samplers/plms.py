@@ -44,7 +44,7 @@ class PLMSSampler(Sampler):
 
     def _sample(self, run: SamplingRun, x: torch.Tensor) -> torch.Tensor:
         history: list[torch.Tensor] = []
-        for i in run.progress(reversed(range(self.num_steps)), self.num_steps):
+        for i in run.step_indices():
             t = int(self.timesteps[i])
             t_next = int(self.timesteps[max(i - 1, 0)])
             alpha_prev = float(self.alphas_prev[i])

@@ -35,7 +35,7 @@ def test_gpu_check_smoke_runs_every_phase_and_times_both_implementations(tmp_pat
     out = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OUT": str(out), "PY": sys.executable, "WORK": str(tmp_path / "work")}
     result = subprocess.run(["bash", "scripts/gpu_check.sh", "--smoke"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=900)
+                            capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["smoke"] is True

@@ -295,6 +295,25 @@ def test_ema_scope_swaps_and_restores():
         ema.update(nn.Linear(3, 2))
 
 
+def test_state_dict_taken_with_the_ema_swapped_in_gets_the_live_weights():
+    holder = nn.Module()
+    holder.net = _Tiny()
+    ema = EMA(holder.net)
+    with torch.no_grad():
+        ema.linweight.fill_(3.0)
+    live = holder.state_dict()
+    with ema.ema_scope(holder.net):
+        state = holder.state_dict()
+        assert (state["net.lin.weight"] == 3.0).all()
+        ema.put_live_weights(state, "net.")
+        with pytest.raises(KeyError, match="prefix"):
+            ema.put_live_weights(state, "other.")
+    assert state.keys() == live.keys() and all(torch.equal(state[k], live[k]) for k in live)
+    untouched = holder.state_dict()
+    ema.put_live_weights(untouched, "net.")  # not swapped in: nothing to replace
+    assert all(torch.equal(untouched[k], live[k]) for k in live)
+
+
 def _module_with_params(named: dict) -> nn.Module:
     """An nn.Module tree holding a trainable parameter under each dotted name."""
     root = nn.Module()

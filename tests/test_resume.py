@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from conftest import TINY_RUN, compose
 from ldm.cli.train import train
@@ -42,6 +43,26 @@ class KeyRecorder(pl.Callback):
         torch.save({"global_step": trainer.global_step, "state_dict": pl_module.state_dict()}, f"{self.path}.final.pt")
 
 
+class SignalDuringValidation(pl.Callback):
+    """Sends this process SIGTERM during the validation at the end of epoch `epoch`, after its first
+    batch, having saved the module's state dict as that validation began (`path`.live.pt)."""
+
+    def __init__(self, path: str, epoch: int):
+        self.path, self.epoch = path, epoch
+
+    def _due(self, trainer) -> bool:
+        return not trainer.sanity_checking and trainer.current_epoch == self.epoch
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        # Callback hooks run before the module's, which swaps the EMA weights in: these are the live ones.
+        if self._due(trainer):
+            torch.save({k: v.clone() for k, v in pl_module.state_dict().items()}, f"{self.path}.live.pt")
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if self._due(trainer) and batch_idx == 0:
+            signal.raise_signal(signal.SIGTERM)  # Lightning's handler: stop at the next batch boundary
+
+
 def _run(base: list[str], out: Path, data: Path, *extra: str) -> None:
     record = [f"+callbacks.keys._target_=test_resume.KeyRecorder", f"+callbacks.keys.path={out}"]
     train(compose("train", [*base, *record, *extra], out, data))
@@ -60,6 +81,16 @@ def _assert_same_weights(a: Path, b: Path) -> None:
     assert sa.keys() == sb.keys()
     different = [k for k in sa if not torch.equal(sa[k], sb[k])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def _steps_logged(run: Path, key: str) -> list[int]:
+    with (run / "csv" / "metrics.csv").open() as fh:
+        return [int(r["step"]) for r in csv.DictReader(fh) if r.get(key)]
+
+
+def _values_logged(run: Path, key: str) -> dict[int, str]:
+    with (run / "csv" / "metrics.csv").open() as fh:
+        return {int(r["step"]): r[key] for r in csv.DictReader(fh) if r.get(key)}
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -111,6 +142,42 @@ def test_finished_run_is_extended_from_its_last_checkpoint(tmp_path):
     _run([*base, "trainer.max_epochs=3"], tmp_path / "run", data, "ckpt_path=last")
     _assert_same_weights(tmp_path / "full.final.pt", tmp_path / "run.final.pt")
     assert _keys(tmp_path / "run") == _keys(tmp_path / "full")
+
+
+@pytest.mark.parametrize("kind", ["ldm", "autoencoder"])
+def test_signal_during_validation_saves_the_live_weights_and_the_run_resumes_exactly(tmp_path, kind):
+    # Validation runs on the EMA weights (swapped in); a SIGTERM then stops the run inside it, and
+    # the checkpoint must hold the live weights, the EMA only in its shadow entries.
+    base, weights, shadows = {"ldm": (LDM, "model.", "model_ema."),
+                              "autoencoder": ([*AE, "model.ema_decay=0.9"], "first_stage.", "ema.")}[kind]
+    base = [*base, "trainer.max_epochs=3"]
+    data, run = tmp_path / "data", tmp_path / "run"
+    _run(base, tmp_path / "full", data)
+    stop = ["+callbacks.signal._target_=test_resume.SignalDuringValidation", f"+callbacks.signal.path={run}",
+            "+callbacks.signal.epoch=1"]
+    with pytest.raises(SIGTERMException):
+        _run(base, run, data, *stop)
+    saved = _state(run / "checkpoints" / "last.ckpt")
+    live = torch.load(f"{run}.live.pt", weights_only=True)
+    assert saved["global_step"] == {"ldm": 6, "autoencoder": 10}[kind]  # after 6 of 9 batches
+    assert saved["state_dict"].keys() == live.keys()
+    different = [k for k in live if not torch.equal(saved["state_dict"][k], live[k])]
+    assert not different, f"{len(different)} tensors are not the live ones, e.g. {different[:3]}"
+    # the EMA differs from the live weights, so saving it in their place would show
+    params = [k for k in live if k.startswith(weights) and shadows + k[len(weights):].replace(".", "") in live]
+    swapped = [k for k in params if not torch.equal(live[k], live[shadows + k[len(weights):].replace(".", "")])]
+    assert params and len(swapped) > len(params) // 2
+
+    _run(base, run, data, "ckpt_path=last")
+    _assert_same_weights(tmp_path / "full.final.pt", tmp_path / "run.final.pt")
+    assert _keys(run) == _keys(tmp_path / "full")
+    train_key = "train/loss" if kind == "ldm" else "train/rec_loss"
+    assert _steps_logged(run, train_key) == _steps_logged(tmp_path / "full", train_key)
+    assert _values_logged(run, train_key) == _values_logged(tmp_path / "full", train_key)
+    # Lightning does not repeat the interrupted validation (logged at step 5, after batch 5)
+    full_val = _values_logged(tmp_path / "full", "val/loss")
+    assert _values_logged(run, "val/loss") == {s: v for s, v in full_val.items() if s != 5} and 5 in full_val
+
 
 def test_atomic_save_survives_a_kill_during_the_write(tmp_path):
     ckpt = tmp_path / "last.ckpt"

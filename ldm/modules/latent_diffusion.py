@@ -338,6 +338,8 @@ class LatentDiffusion(BuildableModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
+        if self.model_ema is not None:  # saved while validation or sampling runs on the EMA weights
+            self.model_ema.put_live_weights(checkpoint["state_dict"], "model.")
         # Store the first stage's architecture instead of "load it from run X": the weights are
         # in this checkpoint, so it rebuilds without the first-stage run folder.
         arch = getattr(self.first_stage_model, "build_config", None)

@@ -17,6 +17,8 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from conftest import TINY_RUN, compose
 from ldm.cli.train import train
+from ldm.diffusion.schedule import BUFFER_NAMES
+from ldm.modules.latent_diffusion import LatentDiffusion
 
 ROOT = Path(__file__).resolve().parents[1]
 # A small, fast autoencoder run: no LPIPS or rFID networks, the discriminator on from its 2nd step
@@ -40,7 +42,10 @@ class KeyRecorder(pl.Callback):
             fh.write(json.dumps(list(batch["__key__"])) + "\n")
 
     def on_train_end(self, trainer, pl_module):
-        torch.save({"global_step": trainer.global_step, "state_dict": pl_module.state_dict()}, f"{self.path}.final.pt")
+        final = {"global_step": trainer.global_step, "state_dict": pl_module.state_dict()}
+        if isinstance(pl_module, LatentDiffusion):  # the float64 tables training uses, not the float32 buffers
+            final["schedule"] = {name: getattr(pl_module.schedule, name) for name in BUFFER_NAMES}
+        torch.save(final, f"{self.path}.final.pt")
 
 
 class SignalDuringValidation(pl.Callback):
@@ -81,6 +86,13 @@ def _assert_same_weights(a: Path, b: Path) -> None:
     assert sa.keys() == sb.keys()
     different = [k for k in sa if not torch.equal(sa[k], sb[k])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def _assert_same_schedule(a: Path, b: Path) -> None:
+    """All T entries of every schedule table, bit for bit."""
+    sa, sb = _state(a)["schedule"], _state(b)["schedule"]
+    different = {k: int((sa[k] != sb[k]).sum()) for k in BUFFER_NAMES if not torch.equal(sa[k], sb[k])}
+    assert not different, f"schedule entries differ: {different}"
 
 
 def _steps_logged(run: Path, key: str) -> list[int]:
@@ -125,6 +137,7 @@ def test_text_ldm_with_ema_resumes_mid_epoch_and_at_an_epoch_end_exactly(tmp_pat
         out = tmp_path / f"from{step}"
         _run(base, out, data, f"ckpt_path={tmp_path / 'full' / 'checkpoints' / f'step{step:07d}.ckpt'}")
         _assert_same_weights(full, tmp_path / f"from{step}.final.pt")
+        _assert_same_schedule(full, tmp_path / f"from{step}.final.pt")
         assert _keys(out) == _keys(tmp_path / "full")[seen:]
     ema = _state(full)["state_dict"]
     assert any(k.startswith("model_ema.") for k in ema) and int(ema["model_ema.num_updates"]) == 9
@@ -140,6 +153,7 @@ def test_finished_run_is_extended_from_its_last_checkpoint(tmp_path):
     _run([*base, "trainer.max_epochs=2"], tmp_path / "run", data)
     assert _state(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 6
     _run([*base, "trainer.max_epochs=3"], tmp_path / "run", data, "ckpt_path=last")
+    _assert_same_schedule(tmp_path / "full.final.pt", tmp_path / "run.final.pt")
     _assert_same_weights(tmp_path / "full.final.pt", tmp_path / "run.final.pt")
     assert _keys(tmp_path / "run") == _keys(tmp_path / "full")
 

@@ -149,9 +149,10 @@ class LatentDiffusion(BuildableModule):
                 self.register_buffer(name, value)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A checkpoint's schedule buffers override the config, as in the reference.
+        # A checkpoint's schedule buffers override the config, as in the reference (the configured
+        # float64 schedule stays when they are its own: a resumed run computes the same tables).
         if prefix + "betas" in state_dict:
-            self.schedule = DiffusionSchedule.from_state_dict(state_dict, prefix)
+            self.schedule = DiffusionSchedule.from_state_dict(state_dict, prefix, configured=self.schedule)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def train(self, mode: bool = True):

@@ -68,6 +68,17 @@ class SignalDuringValidation(pl.Callback):
             signal.raise_signal(signal.SIGTERM)  # Lightning's handler: stop at the next batch boundary
 
 
+class CrashAtStep(pl.Callback):
+    """Raises (a lost node, a kill without warning) as the batch of global step `step` begins."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"crash at step {self.step}")
+
+
 def _run(base: list[str], out: Path, data: Path, *extra: str) -> None:
     record = [f"+callbacks.keys._target_=test_resume.KeyRecorder", f"+callbacks.keys.path={out}"]
     train(compose("train", [*base, *record, *extra], out, data))
@@ -144,18 +155,41 @@ def test_text_ldm_with_ema_resumes_mid_epoch_and_at_an_epoch_end_exactly(tmp_pat
 
 
 
-def test_finished_run_is_extended_from_its_last_checkpoint(tmp_path):
-    # last.ckpt holds the final step (no periodic save falls on it), so a finished 2-epoch run
-    # continued to 3 epochs in its own folder equals a 3-epoch run.
-    base = [*LDM, "callbacks.checkpoint.every_n_train_steps=100"]
-    data = tmp_path / "data"
-    _run([*base, "trainer.max_epochs=3"], tmp_path / "full", data)
-    _run([*base, "trainer.max_epochs=2"], tmp_path / "run", data)
-    assert _state(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 6
-    _run([*base, "trainer.max_epochs=3"], tmp_path / "run", data, "ckpt_path=last")
+def test_finished_run_extended_crashed_and_resumed_equals_a_straight_run(tmp_path, caplog):
+    # A finished 20-step run without periodic saves, extended to 40 steps with a save every 4,
+    # crashes as step 31 begins (no signal, no save), and `ckpt_path=last` continues from its
+    # newest checkpoint (step 28). Weights, all 1000 entries of every schedule table, the batches
+    # and the logged losses equal those of 40 steps straight; last.ckpt is one file, always the
+    # newest. (No best-k files: one written after step 30's validation would be the newest.)
+    base = [*LDM, "trainer.max_epochs=-1", "callbacks.best=null"]
+    periodic = "callbacks.checkpoint.every_n_train_steps=4"
+    data, run = tmp_path / "data", tmp_path / "run"
+    checkpoints = run / "checkpoints"
+    _run([*base, "trainer.max_steps=40", periodic], tmp_path / "full", data)
+    _run([*base, "trainer.max_steps=20", "callbacks.checkpoint.every_n_train_steps=100"], run, data)
+    assert [p.name for p in checkpoints.iterdir()] == ["last.ckpt"]
+    assert _state(checkpoints / "last.ckpt")["global_step"] == 20
+
+    crash = ["+callbacks.crash._target_=test_resume.CrashAtStep", "+callbacks.crash.step=31"]
+    with pytest.raises(RuntimeError, match="crash at step 31"):
+        _run([*base, "trainer.max_steps=40", periodic, *crash], run, data, "ckpt_path=last")
+    assert not list(checkpoints.glob("last-*")) and _state(checkpoints / "last.ckpt")["global_step"] == 28
+
+    with caplog.at_level("INFO", logger="ldm.cli.train"):
+        _run([*base, "trainer.max_steps=40", periodic], run, data, "ckpt_path=last")
+    assert "resuming from last.ckpt (global step 28)" in caplog.text
+    assert _state(tmp_path / "run.final.pt")["global_step"] == 40
     _assert_same_schedule(tmp_path / "full.final.pt", tmp_path / "run.final.pt")
     _assert_same_weights(tmp_path / "full.final.pt", tmp_path / "run.final.pt")
-    assert _keys(tmp_path / "run") == _keys(tmp_path / "full")
+    keys, straight = _keys(run), _keys(tmp_path / "full")  # three attempts: steps 0-19, 20-30, 28-39
+    assert keys[:28] + keys[31:] == straight and keys[28:31] == straight[28:31]
+    # one row per step (the crashed attempt's steps 28-30 replaced), the same losses as straight
+    assert _steps_logged(run, "train/loss") == list(range(40))
+    assert _values_logged(run, "train/loss") == _values_logged(tmp_path / "full", "train/loss")
+    assert _steps_logged(run, "val/loss") == _steps_logged(tmp_path / "full", "val/loss")
+    periodic_files = [f"step{s:07d}.ckpt" for s in range(24, 41, 4)]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", *periodic_files]
+    assert _state(checkpoints / "last.ckpt")["global_step"] == 40
 
 
 @pytest.mark.parametrize("kind", ["ldm", "autoencoder"])
@@ -191,6 +225,30 @@ def test_signal_during_validation_saves_the_live_weights_and_the_run_resumes_exa
     # Lightning does not repeat the interrupted validation (logged at step 5, after batch 5)
     full_val = _values_logged(tmp_path / "full", "val/loss")
     assert _values_logged(run, "val/loss") == {s: v for s, v in full_val.items() if s != 5} and 5 in full_val
+
+
+def test_ckpt_path_last_takes_the_newest_checkpoint_of_the_folder(tmp_path, caplog):
+    from ldm.cli.train import resolve_ckpt_path
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for name, step, saved_at in (("last.ckpt", 20, 100.0), ("step0000040.ckpt", 40, 200.0),
+                                 ("best-step0000044-0.5000.ckpt", 44, 300.0)):
+        torch.save({"global_step": step, "saved_at": saved_at}, folder / name)
+    (folder / "broken.ckpt").write_bytes(b"half a checkpoint")  # skipped with a warning
+    with caplog.at_level("INFO"):
+        assert resolve_ckpt_path("last", tmp_path) == str(folder / "best-step0000044-0.5000.ckpt")
+    assert "resuming from best-step0000044-0.5000.ckpt (global step 44)" in caplog.text and "broken.ckpt" in caplog.text
+    assert resolve_ckpt_path(str(tmp_path), tmp_path / "elsewhere") == str(folder / "best-step0000044-0.5000.ckpt")
+    # resumed in its folder from step 20 (a rewind), the new branch's last.ckpt is newer than step 40/44
+    torch.save({"global_step": 24, "saved_at": 400.0}, folder / "last.ckpt")
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert resolve_ckpt_path("last", tmp_path) == str(folder / "last.ckpt")
+    assert "holds a later step (44)" in caplog.text
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+        resolve_ckpt_path("last", tmp_path / "empty")
 
 
 def test_atomic_save_survives_a_kill_during_the_write(tmp_path):

@@ -1,0 +1,72 @@
+"""The checkpoints of a run folder: when each was written and which step it holds, and the newest
+one (what `ckpt_path=last` resumes)."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SAVED_AT = "saved_at"  # checkpoint key: when the file was written (time.time() on rank 0)
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """Where a checkpoint file is, when it was written and the global step it holds."""
+
+    path: Path
+    saved_at: float
+    global_step: int
+
+
+def _load(path: Path) -> dict[str, Any]:
+    # memory-mapped: reading the step does not read the tensors
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def checkpoint_info(path: Path) -> CheckpointInfo:
+    """A checkpoint's write time (`saved_at`; for files without it, the file's modification time)
+    and global step, read without reading its tensors."""
+    checkpoint = _load(path)
+    saved_at = checkpoint.get(SAVED_AT)
+    return CheckpointInfo(path, float(saved_at) if saved_at is not None else os.path.getmtime(path),
+                          int(checkpoint.get("global_step", 0)))
+
+
+def checkpoints_in(folder: Path) -> list[CheckpointInfo]:
+    """Every readable *.ckpt in `folder` (last, periodic, best); files that cannot be read
+    (truncated, foreign) are skipped with a warning."""
+    found = []
+    for path in sorted(folder.glob("*.ckpt")):
+        try:
+            found.append(checkpoint_info(path))
+        except Exception as err:  # noqa: BLE001 - an unreadable file is skipped, never fatal
+            log.warning("skipping %s, which cannot be read as a checkpoint: %s", path, err)
+    return found
+
+
+def newest_checkpoint(folder: Path) -> CheckpointInfo | None:
+    """The checkpoint in `folder` written last, or None.
+
+    By write time rather than global step: a run resumed in its folder from an older checkpoint
+    (after a divergence) continues its new branch, not the abandoned one's later steps. A later
+    step written earlier is named in a warning.
+    """
+    found = checkpoints_in(folder)
+    if not found:
+        return None
+    # last.ckpt first among files written at the same moment
+    newest = max(found, key=lambda c: (c.saved_at, c.path.name == "last.ckpt"))
+    later = [c for c in found if c.global_step > newest.global_step]
+    if later:
+        top = max(later, key=lambda c: c.global_step)
+        log.warning("%s holds a later step (%d) than the newest checkpoint %s (step %d) but was written "
+                    "before it (a branch abandoned by resuming from an older checkpoint?); pass ckpt_path=%s "
+                    "to continue from it instead", top.path, top.global_step, newest.path, newest.global_step,
+                    top.path)
+    return newest

@@ -1,9 +1,10 @@
-"""The checkpoints of a run folder: when each was written and which step it holds, and the newest
-one (what `ckpt_path=last` resumes)."""
+"""The checkpoints of a run folder: when each was written and which step it holds, the newest one
+(what `ckpt_path=last` resumes), and the newest one that is safe to resume after a divergence."""
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,3 +71,32 @@ def newest_checkpoint(folder: Path) -> CheckpointInfo | None:
                     "to continue from it instead", top.path, top.global_step, newest.path, newest.global_step,
                     top.path)
     return newest
+
+
+def _all_finite(obj: Any) -> bool:
+    """True when every floating-point tensor in a (nested) checkpoint object is finite."""
+    if isinstance(obj, torch.Tensor):
+        return not obj.is_floating_point() or bool(torch.isfinite(obj).all())
+    if isinstance(obj, dict):
+        return all(_all_finite(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return all(_all_finite(v) for v in obj)
+    return True
+
+
+def is_finite_checkpoint(path: Path) -> bool:
+    """True when the weights and optimiser states in checkpoint `path` are all finite."""
+    checkpoint = _load(path)
+    return _all_finite(checkpoint.get("state_dict", {})) and _all_finite(checkpoint.get("optimizer_states", []))
+
+
+def last_good_checkpoint(candidates: Iterable[CheckpointInfo], before_step: int) -> CheckpointInfo | None:
+    """The checkpoint to resume after a divergence whose first bad update was at `before_step`:
+    the latest-step one of `candidates` saved before that step whose weights and optimiser states
+    are all finite (each file is loaded and checked), or None."""
+    for info in sorted((c for c in candidates if c.global_step < before_step),
+                       key=lambda c: (c.global_step, c.saved_at), reverse=True):
+        if is_finite_checkpoint(info.path):
+            return info
+        log.warning("%s (step %d) holds non-finite weights or optimiser states", info.path, info.global_step)
+    return None

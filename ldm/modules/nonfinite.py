@@ -83,8 +83,8 @@ class NonFiniteGuard:
         if checkpoint is not None and checkpoint.dirpath is not None and Path(checkpoint.dirpath).is_dir():
             candidates = [c for c in checkpoints_in(Path(checkpoint.dirpath)) if c.saved_at >= self._started]
         resumed = Path(trainer.ckpt_path) if trainer.ckpt_path is not None else None
-        if resumed is not None and resumed.is_file():
-            candidates.append(checkpoint_info(resumed))
+        if resumed is not None and (info := checkpoint_info(resumed)) is not None:
+            candidates.append(info)
         good = last_good_checkpoint(candidates, before_step=self._batch_step)
         if good is not None:
             return (f"the last good checkpoint is {good.path} (step {good.global_step}, from before the weights that "

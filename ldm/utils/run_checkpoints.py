@@ -30,25 +30,23 @@ def _load(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
-def checkpoint_info(path: Path) -> CheckpointInfo:
+def checkpoint_info(path: Path) -> CheckpointInfo | None:
     """A checkpoint's write time (`saved_at`; for files without it, the file's modification time)
-    and global step, read without reading its tensors."""
-    checkpoint = _load(path)
-    saved_at = checkpoint.get(SAVED_AT)
-    return CheckpointInfo(path, float(saved_at) if saved_at is not None else os.path.getmtime(path),
-                          int(checkpoint.get("global_step", 0)))
+    and global step, read without reading its tensors; None (with a warning) for a file that
+    cannot be read as a checkpoint (truncated, foreign, gone)."""
+    try:
+        checkpoint = _load(path)
+        saved_at = checkpoint.get(SAVED_AT)
+        return CheckpointInfo(path, float(saved_at) if saved_at is not None else os.path.getmtime(path),
+                              int(checkpoint.get("global_step", 0)))
+    except Exception as err:  # noqa: BLE001 - an unreadable file is skipped, never fatal
+        log.warning("skipping %s, which cannot be read as a checkpoint: %s", path, err)
+        return None
 
 
 def checkpoints_in(folder: Path) -> list[CheckpointInfo]:
-    """Every readable *.ckpt in `folder` (last, periodic, best); files that cannot be read
-    (truncated, foreign) are skipped with a warning."""
-    found = []
-    for path in sorted(folder.glob("*.ckpt")):
-        try:
-            found.append(checkpoint_info(path))
-        except Exception as err:  # noqa: BLE001 - an unreadable file is skipped, never fatal
-            log.warning("skipping %s, which cannot be read as a checkpoint: %s", path, err)
-    return found
+    """Every readable *.ckpt in `folder` (last, periodic, best)."""
+    return [info for path in sorted(folder.glob("*.ckpt")) if (info := checkpoint_info(path)) is not None]
 
 
 def newest_checkpoint(folder: Path) -> CheckpointInfo | None:
@@ -91,12 +89,15 @@ def is_finite_checkpoint(path: Path) -> bool:
 
 
 def last_good_checkpoint(candidates: Iterable[CheckpointInfo], before_step: int) -> CheckpointInfo | None:
-    """The checkpoint to resume after a divergence whose first bad update was at `before_step`:
-    the latest-step one of `candidates` saved before that step whose weights and optimiser states
-    are all finite (each file is loaded and checked), or None."""
+    """The checkpoint to resume from after a non-finite loss computed with the weights of step
+    `before_step`: the latest-step one of `candidates` saved before that step whose weights and
+    optimiser states are all finite (each file is loaded and checked), or None."""
     for info in sorted((c for c in candidates if c.global_step < before_step),
                        key=lambda c: (c.global_step, c.saved_at), reverse=True):
-        if is_finite_checkpoint(info.path):
-            return info
-        log.warning("%s (step %d) holds non-finite weights or optimiser states", info.path, info.global_step)
+        try:
+            if is_finite_checkpoint(info.path):
+                return info
+            log.warning("%s (step %d) holds non-finite weights or optimiser states", info.path, info.global_step)
+        except Exception as err:  # noqa: BLE001 - gone or unreadable: not a checkpoint to name
+            log.warning("skipping %s, which cannot be read as a checkpoint: %s", info.path, err)
     return None

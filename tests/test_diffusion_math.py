@@ -141,6 +141,23 @@ def test_schedule_buffers_match_reference_checkpoint(reference_dir, name):
                                rtol=1e-5, atol=0)
 
 
+def test_from_state_dict_keeps_the_configured_float64_schedule_for_its_own_float32_buffers():
+    # Rebuilt from the float32 betas a checkpoint stores, a dozen of the 1000 sqrt_alphas_cumprod
+    # (and hundreds of posterior entries) move by a float32 rounding step: a resumed run would
+    # noise its latents differently. The configured schedule is kept when the betas are its own.
+    configured = DiffusionSchedule.from_name("linear", 1000, 0.0015, 0.0195)
+    state = configured.buffers()
+    rebuilt = DiffusionSchedule.from_state_dict(state)
+    assert not torch.equal(rebuilt.buffers()["sqrt_alphas_cumprod"], state["sqrt_alphas_cumprod"])
+    kept = DiffusionSchedule.from_state_dict(state, configured=configured)
+    for name in BUFFER_NAMES:
+        assert torch.equal(getattr(kept, name), getattr(configured, name)), name
+    # other betas (a reference checkpoint's own schedule) still win over the config
+    other = DiffusionSchedule.from_name("linear", 1000, 0.00085, 0.012)
+    assert torch.equal(DiffusionSchedule.from_state_dict(other.buffers(), configured=configured).betas,
+                       other.buffers()["betas"].double())
+
+
 def test_from_state_dict_refuses_inconsistent_buffers():
     state = DiffusionSchedule.from_name("linear", 100).buffers()
     state["posterior_variance"] = state["posterior_variance"] * 1.1
@@ -293,6 +310,25 @@ def test_ema_scope_swaps_and_restores():
         ema.restore(model)
     with pytest.raises(KeyError, match="differ"):
         ema.update(nn.Linear(3, 2))
+
+
+def test_state_dict_taken_with_the_ema_swapped_in_gets_the_live_weights():
+    holder = nn.Module()
+    holder.net = _Tiny()
+    ema = EMA(holder.net)
+    with torch.no_grad():
+        ema.linweight.fill_(3.0)
+    live = holder.state_dict()
+    with ema.ema_scope(holder.net):
+        state = holder.state_dict()
+        assert (state["net.lin.weight"] == 3.0).all()
+        ema.put_live_weights(state, "net.")
+        with pytest.raises(KeyError, match="prefix"):
+            ema.put_live_weights(state, "other.")
+    assert state.keys() == live.keys() and all(torch.equal(state[k], live[k]) for k in live)
+    untouched = holder.state_dict()
+    ema.put_live_weights(untouched, "net.")  # not swapped in: nothing to replace
+    assert all(torch.equal(untouched[k], live[k]) for k in live)
 
 
 def _module_with_params(named: dict) -> nn.Module:

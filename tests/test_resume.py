@@ -13,9 +13,12 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from conftest import TINY_RUN, compose
 from ldm.cli.train import train
+from ldm.diffusion.schedule import BUFFER_NAMES
+from ldm.modules.latent_diffusion import LatentDiffusion
 
 ROOT = Path(__file__).resolve().parents[1]
 # A small, fast autoencoder run: no LPIPS or rFID networks, the discriminator on from its 2nd step
@@ -39,7 +42,41 @@ class KeyRecorder(pl.Callback):
             fh.write(json.dumps(list(batch["__key__"])) + "\n")
 
     def on_train_end(self, trainer, pl_module):
-        torch.save({"global_step": trainer.global_step, "state_dict": pl_module.state_dict()}, f"{self.path}.final.pt")
+        final = {"global_step": trainer.global_step, "state_dict": pl_module.state_dict()}
+        if isinstance(pl_module, LatentDiffusion):  # the float64 tables training uses, not the float32 buffers
+            final["schedule"] = {name: getattr(pl_module.schedule, name) for name in BUFFER_NAMES}
+        torch.save(final, f"{self.path}.final.pt")
+
+
+class SignalDuringValidation(pl.Callback):
+    """Sends this process SIGTERM during the validation at the end of epoch `epoch`, after its first
+    batch, having saved the module's state dict as that validation began (`path`.live.pt)."""
+
+    def __init__(self, path: str, epoch: int):
+        self.path, self.epoch = path, epoch
+
+    def _due(self, trainer) -> bool:
+        return not trainer.sanity_checking and trainer.current_epoch == self.epoch
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        # Callback hooks run before the module's, which swaps the EMA weights in: these are the live ones.
+        if self._due(trainer):
+            torch.save({k: v.clone() for k, v in pl_module.state_dict().items()}, f"{self.path}.live.pt")
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if self._due(trainer) and batch_idx == 0:
+            signal.raise_signal(signal.SIGTERM)  # Lightning's handler: stop at the next batch boundary
+
+
+class CrashAtStep(pl.Callback):
+    """Raises (a lost node, a kill without warning) as the batch of global step `step` begins."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"crash at step {self.step}")
 
 
 def _run(base: list[str], out: Path, data: Path, *extra: str) -> None:
@@ -60,6 +97,23 @@ def _assert_same_weights(a: Path, b: Path) -> None:
     assert sa.keys() == sb.keys()
     different = [k for k in sa if not torch.equal(sa[k], sb[k])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def _assert_same_schedule(a: Path, b: Path) -> None:
+    """All T entries of every schedule table, bit for bit."""
+    sa, sb = _state(a)["schedule"], _state(b)["schedule"]
+    different = {k: int((sa[k] != sb[k]).sum()) for k in BUFFER_NAMES if not torch.equal(sa[k], sb[k])}
+    assert not different, f"schedule entries differ: {different}"
+
+
+def _steps_logged(run: Path, key: str) -> list[int]:
+    with (run / "csv" / "metrics.csv").open() as fh:
+        return [int(r["step"]) for r in csv.DictReader(fh) if r.get(key)]
+
+
+def _values_logged(run: Path, key: str) -> dict[int, str]:
+    with (run / "csv" / "metrics.csv").open() as fh:
+        return {int(r["step"]): r[key] for r in csv.DictReader(fh) if r.get(key)}
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -94,23 +148,108 @@ def test_text_ldm_with_ema_resumes_mid_epoch_and_at_an_epoch_end_exactly(tmp_pat
         out = tmp_path / f"from{step}"
         _run(base, out, data, f"ckpt_path={tmp_path / 'full' / 'checkpoints' / f'step{step:07d}.ckpt'}")
         _assert_same_weights(full, tmp_path / f"from{step}.final.pt")
+        _assert_same_schedule(full, tmp_path / f"from{step}.final.pt")
         assert _keys(out) == _keys(tmp_path / "full")[seen:]
     ema = _state(full)["state_dict"]
     assert any(k.startswith("model_ema.") for k in ema) and int(ema["model_ema.num_updates"]) == 9
 
 
 
-def test_finished_run_is_extended_from_its_last_checkpoint(tmp_path):
-    # last.ckpt holds the final step (no periodic save falls on it), so a finished 2-epoch run
-    # continued to 3 epochs in its own folder equals a 3-epoch run.
-    base = [*LDM, "callbacks.checkpoint.every_n_train_steps=100"]
-    data = tmp_path / "data"
-    _run([*base, "trainer.max_epochs=3"], tmp_path / "full", data)
-    _run([*base, "trainer.max_epochs=2"], tmp_path / "run", data)
-    assert _state(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 6
-    _run([*base, "trainer.max_epochs=3"], tmp_path / "run", data, "ckpt_path=last")
+def test_finished_run_extended_crashed_and_resumed_equals_a_straight_run(tmp_path, caplog):
+    # A finished 20-step run without periodic saves, extended to 40 steps with a save every 4,
+    # crashes as step 31 begins (no signal, no save), and `ckpt_path=last` continues from its
+    # newest checkpoint (step 28). Weights, all 1000 entries of every schedule table, the batches
+    # and the logged losses equal those of 40 steps straight; last.ckpt is one file, always the
+    # newest. (No best-k files: one written after step 30's validation would be the newest.)
+    base = [*LDM, "trainer.max_epochs=-1", "callbacks.best=null"]
+    periodic = "callbacks.checkpoint.every_n_train_steps=4"
+    data, run = tmp_path / "data", tmp_path / "run"
+    checkpoints = run / "checkpoints"
+    _run([*base, "trainer.max_steps=40", periodic], tmp_path / "full", data)
+    _run([*base, "trainer.max_steps=20", "callbacks.checkpoint.every_n_train_steps=100"], run, data)
+    assert [p.name for p in checkpoints.iterdir()] == ["last.ckpt"]
+    assert _state(checkpoints / "last.ckpt")["global_step"] == 20
+
+    crash = ["+callbacks.crash._target_=test_resume.CrashAtStep", "+callbacks.crash.step=31"]
+    with pytest.raises(RuntimeError, match="crash at step 31"):
+        _run([*base, "trainer.max_steps=40", periodic, *crash], run, data, "ckpt_path=last")
+    assert not list(checkpoints.glob("last-*")) and _state(checkpoints / "last.ckpt")["global_step"] == 28
+
+    with caplog.at_level("INFO", logger="ldm.cli.train"):
+        _run([*base, "trainer.max_steps=40", periodic], run, data, "ckpt_path=last")
+    assert "resuming from last.ckpt (global step 28)" in caplog.text
+    assert _state(tmp_path / "run.final.pt")["global_step"] == 40
+    _assert_same_schedule(tmp_path / "full.final.pt", tmp_path / "run.final.pt")
     _assert_same_weights(tmp_path / "full.final.pt", tmp_path / "run.final.pt")
-    assert _keys(tmp_path / "run") == _keys(tmp_path / "full")
+    keys, straight = _keys(run), _keys(tmp_path / "full")  # three attempts: steps 0-19, 20-30, 28-39
+    assert keys[:28] + keys[31:] == straight and keys[28:31] == straight[28:31]
+    # one row per step (the crashed attempt's steps 28-30 replaced), the same losses as straight
+    assert _steps_logged(run, "train/loss") == list(range(40))
+    assert _values_logged(run, "train/loss") == _values_logged(tmp_path / "full", "train/loss")
+    assert _steps_logged(run, "val/loss") == _steps_logged(tmp_path / "full", "val/loss")
+    periodic_files = [f"step{s:07d}.ckpt" for s in range(24, 41, 4)]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", *periodic_files]
+    assert _state(checkpoints / "last.ckpt")["global_step"] == 40
+
+
+@pytest.mark.parametrize("kind", ["ldm", "autoencoder"])
+def test_signal_during_validation_saves_the_live_weights_and_the_run_resumes_exactly(tmp_path, kind):
+    # Validation runs on the EMA weights (swapped in); a SIGTERM then stops the run inside it, and
+    # the checkpoint must hold the live weights, the EMA only in its shadow entries.
+    base, weights, shadows = {"ldm": (LDM, "model.", "model_ema."),
+                              "autoencoder": ([*AE, "model.ema_decay=0.9"], "first_stage.", "ema.")}[kind]
+    base = [*base, "trainer.max_epochs=3"]
+    data, run = tmp_path / "data", tmp_path / "run"
+    _run(base, tmp_path / "full", data)
+    stop = ["+callbacks.signal._target_=test_resume.SignalDuringValidation", f"+callbacks.signal.path={run}",
+            "+callbacks.signal.epoch=1"]
+    with pytest.raises(SIGTERMException):
+        _run(base, run, data, *stop)
+    saved = _state(run / "checkpoints" / "last.ckpt")
+    live = torch.load(f"{run}.live.pt", weights_only=True)
+    assert saved["global_step"] == {"ldm": 6, "autoencoder": 10}[kind]  # after 6 of 9 batches
+    assert saved["state_dict"].keys() == live.keys()
+    different = [k for k in live if not torch.equal(saved["state_dict"][k], live[k])]
+    assert not different, f"{len(different)} tensors are not the live ones, e.g. {different[:3]}"
+    # the EMA differs from the live weights, so saving it in their place would show
+    params = [k for k in live if k.startswith(weights) and shadows + k[len(weights):].replace(".", "") in live]
+    swapped = [k for k in params if not torch.equal(live[k], live[shadows + k[len(weights):].replace(".", "")])]
+    assert params and len(swapped) > len(params) // 2
+
+    _run(base, run, data, "ckpt_path=last")
+    _assert_same_weights(tmp_path / "full.final.pt", tmp_path / "run.final.pt")
+    assert _keys(run) == _keys(tmp_path / "full")
+    train_key = "train/loss" if kind == "ldm" else "train/rec_loss"
+    assert _steps_logged(run, train_key) == _steps_logged(tmp_path / "full", train_key)
+    assert _values_logged(run, train_key) == _values_logged(tmp_path / "full", train_key)
+    # Lightning does not repeat the interrupted validation (logged at step 5, after batch 5)
+    full_val = _values_logged(tmp_path / "full", "val/loss")
+    assert _values_logged(run, "val/loss") == {s: v for s, v in full_val.items() if s != 5} and 5 in full_val
+
+
+def test_ckpt_path_last_takes_the_newest_checkpoint_of_the_folder(tmp_path, caplog):
+    from ldm.cli.train import resolve_ckpt_path
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for name, step, saved_at in (("last.ckpt", 20, 100.0), ("step0000040.ckpt", 40, 200.0),
+                                 ("best-step0000044-0.5000.ckpt", 44, 300.0)):
+        torch.save({"global_step": step, "saved_at": saved_at}, folder / name)
+    (folder / "broken.ckpt").write_bytes(b"half a checkpoint")  # skipped with a warning
+    with caplog.at_level("INFO"):
+        assert resolve_ckpt_path("last", tmp_path) == str(folder / "best-step0000044-0.5000.ckpt")
+    assert "resuming from best-step0000044-0.5000.ckpt (global step 44)" in caplog.text and "broken.ckpt" in caplog.text
+    assert resolve_ckpt_path(str(tmp_path), tmp_path / "elsewhere") == str(folder / "best-step0000044-0.5000.ckpt")
+    # resumed in its folder from step 20 (a rewind), the new branch's last.ckpt is newer than step 40/44
+    torch.save({"global_step": 24, "saved_at": 400.0}, folder / "last.ckpt")
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert resolve_ckpt_path("last", tmp_path) == str(folder / "last.ckpt")
+    assert "holds a later step (44)" in caplog.text
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+        resolve_ckpt_path("last", tmp_path / "empty")
+
 
 def test_atomic_save_survives_a_kill_during_the_write(tmp_path):
     ckpt = tmp_path / "last.ckpt"

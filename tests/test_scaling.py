@@ -237,13 +237,56 @@ def nan_from_step(monkeypatch, cls, method: str, step: int) -> None:
     monkeypatch.setattr(cls, method, poisoned)
 
 
-def test_nan_loss_stops_with_the_step_and_last_checkpoint(tmp_path, monkeypatch):
+def test_nan_loss_stops_naming_the_checkpoint_before_the_weights_that_gave_it(tmp_path, monkeypatch):
+    # A checkpoint every step: last.ckpt and step0000002.ckpt hold the weights the NaN came from;
+    # the one named is step 1's, and the run resumes from it.
     nan_from_step(monkeypatch, LatentDiffusion, "_step", step=2)
     out = tmp_path / "run"
+    args = [*LDM, "callbacks.checkpoint.every_n_train_steps=1"]
     with pytest.raises(NonFiniteLossError, match="at step 2") as err:
-        train(compose("train", [*LDM, "callbacks.checkpoint.every_n_train_steps=1"], out, tmp_path / "data"))
-    last = out / "checkpoints" / "last.ckpt"
-    assert f"ckpt_path={last}" in str(err.value) and last.is_file()
+        train(compose("train", args, out, tmp_path / "data"))
+    good = out / "checkpoints" / "step0000001.ckpt"
+    assert f"resume with ckpt_path={good}" in str(err.value) and "trainer.gradient_clip_val" in str(err.value)
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    monkeypatch.undo()
+    train(compose("train", [*args, f"ckpt_path={good}"], out, tmp_path / "data"))
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+@pytest.mark.parametrize("kind", ["ldm", "autoencoder"])
+def test_diverging_learning_rate_names_no_poisoned_checkpoint(tmp_path, kind):
+    # base_lr=1e6: the first update makes the weights ~1e5-1e6 (finite), the next loss is NaN.
+    # The step-1 checkpoint holds those weights: it must not be named; start again instead.
+    base = {"ldm": LDM, "autoencoder": [*AE, "model.rfid_extractor=null", "model.loss.perceptual=null",
+                                        "model.loss.perceptual_weight=0"]}[kind]
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match="at step 1") as err:
+        train(compose("train", [*base, "model.base_lr=1e6", "callbacks.checkpoint.every_n_train_steps=1"], out,
+                      tmp_path / "data"))
+    message = str(err.value)
+    poisoned = torch.load(out / "checkpoints" / "step0000001.ckpt", weights_only=True)["state_dict"]
+    assert max(float(v.abs().max()) for v in poisoned.values() if v.is_floating_point()) > 1e4
+    assert "ckpt_path=" not in message and "start the run again" in message
+    assert "lower model.base_lr (now 1000000.0)" in message
+    # the autoencoders step their optimisers themselves: Lightning refuses trainer.gradient_clip_val
+    assert ("trainer.gradient_clip_val" in message) == (kind == "ldm")
+
+
+def test_last_good_checkpoint_is_loaded_and_checked(tmp_path):
+    from ldm.utils.run_checkpoints import checkpoints_in, last_good_checkpoint
+
+    def save(name: str, step: int, weight: float, exp_avg_sq: float = 1.0) -> None:
+        torch.save({"global_step": step, "state_dict": {"w": torch.full((3,), weight)},
+                    "optimizer_states": [{"state": {0: {"exp_avg_sq": torch.tensor([exp_avg_sq])}}}]},
+                   tmp_path / name)
+
+    save("step1.ckpt", 1, 1.0)
+    save("step2.ckpt", 2, 1.0, exp_avg_sq=float("inf"))  # finite weights, but not the optimiser state
+    save("step3.ckpt", 3, float("nan"))
+    save("step4.ckpt", 4, 1.0)  # saved at the step whose weights gave the NaN: too late
+    found = checkpoints_in(tmp_path)
+    assert last_good_checkpoint(found, before_step=4).path.name == "step1.ckpt"
+    assert last_good_checkpoint(found, before_step=1) is None
 
 
 def test_nan_loss_skip_leaves_the_ldm_weights_and_counts(tmp_path, monkeypatch):

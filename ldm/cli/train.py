@@ -11,21 +11,31 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.callbacks.run_metrics import RunMetrics, scalar_metrics
+from ldm.utils.run_checkpoints import newest_checkpoint
 
 log = logging.getLogger(__name__)
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
-    """A checkpoint to resume from: a .ckpt file, a run folder (its checkpoints/last.ckpt), or
-    "last" (this run folder's). None starts fresh."""
+    """A checkpoint to resume from: a .ckpt file, or the newest checkpoint (the one written last,
+    see ldm.utils.run_checkpoints.newest_checkpoint) of a run folder or of this run folder
+    ("last"), logged with its step. None starts fresh."""
     if ckpt_path is None:
         return None
     path = output_dir if ckpt_path == "last" else Path(ckpt_path)
     if path.is_dir():
-        path = path / "checkpoints" / "last.ckpt"
+        folder = path / "checkpoints"
+        newest = newest_checkpoint(folder) if folder.is_dir() else None
+        if newest is None:
+            raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: no checkpoint in {folder}. Pass a .ckpt file or a run "
+                                    "folder holding checkpoints/*.ckpt (and set hydra.run.dir to it to continue "
+                                    "in the same folder)")
+        log.info("ckpt_path=%s: resuming from %s (global step %d), the newest checkpoint in %s", ckpt_path,
+                 newest.path.name, newest.global_step, folder)
+        path = newest.path
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: no checkpoint at {path}. Pass a .ckpt file or a run "
-                                "folder holding checkpoints/last.ckpt (and set hydra.run.dir to it to continue "
+                                "folder holding checkpoints/*.ckpt (and set hydra.run.dir to it to continue "
                                 "in the same folder)")
     return str(path)
 

@@ -298,11 +298,16 @@ class EpochLoader(DataLoader):
         super().__init__(dataset, batch_size=None, **kwargs)
         self._next_epoch = start_epoch
         self._epoch, self._served, self._resume_at = start_epoch, 0, 0
+        self._used = True  # the last pass handed out a batch (none yet: the first pass starts an epoch)
 
     def __iter__(self) -> Iterator:
-        self._epoch, self._next_epoch = self._next_epoch, self._next_epoch + 1
+        # A pass that handed out no batch does not use up its epoch: Lightning opens one when it
+        # restarts a run stopped during validation, and iterates again for the next epoch.
+        if self._used:
+            self._epoch, self._next_epoch = self._next_epoch, self._next_epoch + 1
+            self.dataset.resume_batches, self._resume_at = self._resume_at, 0
+        self._used = False
         self.dataset.epoch = self._epoch
-        self.dataset.resume_batches, self._resume_at = self._resume_at, 0
         # salt (0, 3): apart from the workers' (worker, 0..2)
         self.generator = torch.Generator().manual_seed(self.dataset.seed_for(0, 3) % 2**63)
         return self._count(super().__iter__(), self.dataset.resume_batches)
@@ -311,6 +316,7 @@ class EpochLoader(DataLoader):
         self._served = start
         for batch in batches:
             self._served += 1
+            self._used = True
             yield batch
 
     def state_dict(self) -> dict[str, int]:
@@ -323,6 +329,7 @@ class EpochLoader(DataLoader):
             self._next_epoch, self._resume_at = state["epoch"] + 1, 0
         else:
             self._next_epoch, self._resume_at = state["epoch"], state["batches"]
+        self._used = True
 
 
 def _batch_as_built(batch: dict) -> dict:

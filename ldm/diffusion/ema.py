@@ -90,6 +90,18 @@ class EMA(nn.Module):
             params[name].copy_(saved)
         self._stored = {}
 
+    def put_live_weights(self, state_dict: dict[str, torch.Tensor], prefix: str) -> None:
+        """While the EMA weights are swapped in (between `store` and `restore`), overwrite the
+        model's entries of `state_dict` (keys `prefix` + parameter name) with the stored live
+        weights; otherwise leave it as it is. A checkpoint written at any moment, e.g. on a
+        pre-emption signal during validation, then holds the training weights, and the EMA only
+        in its own shadow entries."""
+        for name, saved in self._stored.items():
+            key = prefix + name
+            if key not in state_dict:
+                raise KeyError(f"{key!r} is not in the state dict: the model is not under the prefix {prefix!r}")
+            state_dict[key] = saved
+
     @contextmanager
     def ema_scope(self, model: nn.Module) -> Iterator[nn.Module]:
         """Within the block `model` carries the EMA weights; its live weights come back after."""

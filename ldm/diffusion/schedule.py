@@ -104,16 +104,24 @@ class DiffusionSchedule:
 
     @classmethod
     def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], prefix: str = "",
-                        rtol: float = 1e-4) -> DiffusionSchedule:
-        """Rebuild the schedule saved in a (reference) checkpoint from its `{prefix}betas`.
+                        rtol: float = 1e-4, configured: DiffusionSchedule | None = None) -> DiffusionSchedule:
+        """The schedule saved in a (reference) checkpoint: `configured` when the saved
+        `{prefix}betas` are its betas in the saved dtype, else one rebuilt from them.
 
-        Every other schedule buffer present under `prefix` must agree with the rebuilt one to
-        `rtol`; a mismatch (e.g. a reference model trained with v_posterior != 0) raises.
+        Checkpoints store float32 betas; the tables derived from those in float64 differ from the
+        configured float64 schedule's in the last float32 bit (a dozen of 1000 entries of
+        sqrt_alphas_cumprod for the linear schedule), so rebuilding would change a resumed run.
+        Every other schedule buffer present under `prefix` must agree with the returned schedule
+        to `rtol`; a mismatch (e.g. a reference model trained with v_posterior != 0) raises.
         """
         key = prefix + "betas"
         if key not in state_dict:
             raise KeyError(f"no {key!r} in the state dict: it holds no diffusion schedule")
-        schedule = cls(state_dict[key])
+        saved = state_dict[key].detach().cpu()
+        if configured is not None and torch.equal(saved, configured.betas.to(saved.dtype)):
+            schedule = configured
+        else:
+            schedule = cls(saved)
         ours = schedule.buffers()
         for name in BUFFER_NAMES:
             saved = state_dict.get(prefix + name)

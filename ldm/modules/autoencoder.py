@@ -162,6 +162,8 @@ class AutoencoderModule(BuildableModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
+        if self.ema is not None:  # saved while validation runs on the EMA weights
+            self.ema.put_live_weights(checkpoint["state_dict"], "first_stage.")
         checkpoint["ae_steps"] = self.ae_steps
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -150,9 +150,10 @@ class LatentDiffusion(BuildableModule):
                 self.register_buffer(name, value)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A checkpoint's schedule buffers override the config, as in the reference.
+        # A checkpoint's schedule buffers override the config, as in the reference (the configured
+        # float64 schedule stays when they are its own: a resumed run computes the same tables).
         if prefix + "betas" in state_dict:
-            self.schedule = DiffusionSchedule.from_state_dict(state_dict, prefix)
+            self.schedule = DiffusionSchedule.from_state_dict(state_dict, prefix, configured=self.schedule)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def train(self, mode: bool = True):
@@ -339,6 +340,8 @@ class LatentDiffusion(BuildableModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
+        if self.model_ema is not None:  # saved while validation or sampling runs on the EMA weights
+            self.model_ema.put_live_weights(checkpoint["state_dict"], "model.")
         config = checkpoint.get("build_config")
         if config is None:
             return

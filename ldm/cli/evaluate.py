@@ -45,6 +45,7 @@ from ldm.metrics.lpips import build_lpips
 from ldm.metrics.reconstruction import psnr, ssim
 from ldm.modules.latent_diffusion import LatentDiffusion
 from ldm.modules.loading import find_checkpoint, load_module
+from ldm.nets.concat import paste_known
 
 log = logging.getLogger(__name__)
 
@@ -210,12 +211,6 @@ class PairedScores:
     def compute(self) -> dict[str, float]:
         """{'psnr', 'ssim'[, 'lpips']}: means over all images."""
         return {k: float(torch.cat(v).mean()) for k, v in self.scores.items()}
-
-
-def paste_known(truth: torch.Tensor, output: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Inpainting results as delivered: the known pixels (mask 1) from `truth`, the holes from `output`."""
-    mask = mask.to(output.dtype)
-    return mask * truth + (1 - mask) * output
 
 
 def _add_reals(cfg: DictConfig, stream: ShardStream, real: RealSide, metrics: MetricCollection,

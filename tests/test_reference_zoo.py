@@ -197,6 +197,38 @@ def test_spatial_rescaler_takes_ids_or_one_hot_maps():
         rescaler(torch.zeros(1, 4, 4))  # a float map without its class channels
 
 
+def test_released_inpainting_first_stage_without_attention():
+    """inpainting_big's first stage (vq-f4-noattn) has ddconfig attn_type: none: no self-attention
+    anywhere, so no attention keys; the reference's 'linear' attention is refused."""
+    node = _io("inpaint_vq4")["config"]["first_stage_config"]
+    ddconfig = {**node["params"]["ddconfig"], "attn_type": "none"}
+    from ldm.convert.reference import build_first_stage
+
+    plain = build_first_stage(node)
+    no_attn = build_first_stage({**node, "params": {**node["params"], "ddconfig": ddconfig}})
+    dropped = set(plain.state_dict()) - set(no_attn.state_dict())
+    assert dropped and all(".attn_1." in k for k in dropped) and set(no_attn.state_dict()) < set(plain.state_dict())
+    assert no_attn.decode(no_attn.encode(torch.zeros(1, 3, 32, 32)).mode()).shape == (1, 3, 32, 32)
+    with pytest.raises(ValueError, match="attn_type must be one of"):
+        build_first_stage({**node, "params": {**node["params"], "ddconfig": {**ddconfig, "attn_type": "linear"}}})
+
+
+def test_concat_model_needs_exactly_one_source_of_its_channels():
+    module, io = _loaded("semantic_rescaler_kl4")
+    parts = dict(unet=module.model.diffusion_model, first_stage=module.first_stage_model, conditioning_key="concat",
+                 cond_stage_key="segmentation")
+    from ldm.modules.latent_diffusion import LatentDiffusion
+    from ldm.nets.concat import LowResConcat
+
+    with pytest.raises(ValueError, match="give one of them"):
+        LatentDiffusion(**parts)
+    with pytest.raises(ValueError, match="give one of them"):
+        LatentDiffusion(**parts, cond_stage=module.cond_stage_model, concat_stage=LowResConcat())
+    # a label map at the wrong size for the latent grid is refused by name, not by a cat() error
+    with pytest.raises(ValueError, match=r"the concat condition is \(4, 4\), the latent grid \(8, 8\)"):
+        module.condition({"segmentation": torch.zeros(1, 16, 16, dtype=torch.long)}, (8, 8))
+
+
 # ---------------------------------------------------------------------------- sample.py
 
 
@@ -272,3 +304,36 @@ def test_sample_py_inpaints_as_the_reference_script(tmp_path):
         _sample_py(tmp_path, "inpaint_vq4", *args[:1], f"mask={tmp_path / 'small.png'}", "n=1")
     with pytest.raises(ValueError, match="needs both init_image= and mask="):
         _sample_py(tmp_path, "inpaint_vq4", "n=1")
+
+
+# ---------------------------------------------------------------------------- evaluate.py
+
+
+def test_evaluate_py_takes_a_released_ldm_and_a_released_first_stage(tmp_path):
+    from ldm.cli.evaluate import evaluate
+    from ldm.data.sources import SyntheticSource
+    from ldm.data.write import write_shards
+    from ldm.utils.checkpoint import sub_state_dict
+
+    real = tmp_path / "val"
+    write_shards(SyntheticSource(4, 32, seed=0), real, per_shard=4, progress=False)
+
+    def run(*args: str) -> dict:
+        out = tmp_path / f"e{len(list(tmp_path.glob('e*')))}"
+        cfg = compose("evaluate", ["features=toy", "num_workers=0", "batch_size=2", "kid_subset_size=2",
+                                   f"real={real}", "metrics=[fid]", f"out_dir={out}", *args], out)
+        return json.loads(evaluate(cfg).read_text())
+
+    record = run(f"ckpt={ZOO / 'sr_identity_vq4.ckpt'}", f"reference_config={_yaml(tmp_path, 'sr_identity_vq4')}",
+                 "n=2", "steps=2", "batch_transforms=[{_target_: ldm.data.degradations.SRDegradation, factor: 4}]")
+    assert record["kind"] == "ldm" and record["run"]["conditioning"] == "concat" and record["n"] == 2
+    assert {"fid", "psnr", "ssim"} <= set(record["metrics"]) and record["run"]["reference_config"]
+
+    # a released first stage: its own model.ckpt and config.yaml (models/first_stage_models/<name>/)
+    node = _io("sr_identity_vq4")["config"]["first_stage_config"]
+    OmegaConf.save({"model": node}, tmp_path / "vq.yaml")
+    weights = sub_state_dict(load_state_dict_file(ZOO / "sr_identity_vq4.ckpt"), "first_stage_model.")
+    torch.save({"state_dict": {**weights, "loss.logvar": torch.zeros(())}}, tmp_path / "vq.ckpt")
+    record = run(f"ckpt={tmp_path / 'vq.ckpt'}", f"reference_config={tmp_path / 'vq.yaml'}", "n=null")
+    assert record["kind"] == "autoencoder" and record["n"] == 4 and record["run"]["first_stage"] == "vq"
+    assert record["image_size"] == 32 and {"rfid", "psnr", "ssim"} <= set(record["metrics"])

@@ -137,12 +137,11 @@ def _inpainting_inputs(cfg: DictConfig, image_size: int) -> tuple[torch.Tensor, 
 def load_model(cfg: DictConfig) -> LatentDiffusion:
     """Our run folder / checkpoint, or an original LDM checkpoint with its YAML (reference_config)."""
     if cfg.reference_config:
-        from ldm.convert.reference import load_reference_checkpoint
+        from ldm.convert.reference import load_reference
 
-        params = OmegaConf.to_container(OmegaConf.load(cfg.reference_config), resolve=True)
-        params = params.get("model", {}).get("params", params)
-        return load_reference_checkpoint(cfg.ckpt, params, **dict(cfg.reference_overrides or {}))
-    model = load_module(cfg.ckpt)
+        model = load_reference(cfg.ckpt, cfg.reference_config, **dict(cfg.reference_overrides or {}))
+    else:
+        model = load_module(cfg.ckpt)
     if not isinstance(model, LatentDiffusion):
         raise ValueError(f"{cfg.ckpt} is a {type(model).__name__} checkpoint; sample.py needs a latent diffusion run")
     return model

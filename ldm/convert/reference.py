@@ -210,6 +210,27 @@ def load_reference_checkpoint(path: str | Path, config: Mapping[str, Any], text_
     return module.eval()
 
 
+def load_reference(ckpt: str | Path, config_path: str | Path, **overrides: Any) -> LatentDiffusion | FirstStage:
+    """A released checkpoint with its YAML, as the zoo ships them (models/ldm/<name>/config.yaml,
+    models/first_stage_models/<name>/config.yaml, SD's v1-inference.yaml): a latent diffusion
+    model (load_reference_checkpoint, `overrides` passed on) or a first-stage autoencoder
+    (first_stage_from_checkpoint, frozen)."""
+    from omegaconf import OmegaConf
+
+    yaml = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
+    node = yaml.get("model", yaml)
+    params = node.get("params", node)
+    if "unet_config" in params:
+        return load_reference_checkpoint(ckpt, params, **overrides)
+    if "ddconfig" in params:
+        if overrides:
+            raise ValueError(f"{config_path} describes an autoencoder; {sorted(overrides)} are latent diffusion "
+                             "options: drop them")
+        return first_stage_from_checkpoint(build_first_stage(node), ckpt)
+    raise ValueError(f"{config_path} has neither a unet_config (a latent diffusion model) nor a ddconfig (an "
+                     "autoencoder) under model.params: pass the YAML that came with the checkpoint")
+
+
 def export_reference_checkpoint(module: LatentDiffusion, path: str | Path) -> Path:
     """Write `module` as a reference-style Lightning checkpoint ({'state_dict': ...})."""
     path = Path(path)

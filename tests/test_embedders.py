@@ -162,8 +162,9 @@ def _text_encoder(tokenizer, **kwargs) -> TransformerTextEncoder:
 
 def test_text_encoder_shapes_and_gradients(tokenizer, captions):
     enc = _text_encoder(tokenizer)
-    assert enc.token_embedding.num_embeddings == tokenizer.vocab_size
-    assert not torch.equal(enc.layers[0].linear1.weight, enc.layers[1].linear1.weight)  # independent init
+    layers = enc.transformer.attn_layers.layers  # [norm, attention], [norm, feed-forward] per layer
+    assert enc.transformer.token_emb.num_embeddings == tokenizer.vocab_size and len(layers) == 4
+    assert not torch.equal(layers[1][1].net[0][0].weight, layers[3][1].net[0][0].weight)  # independent init
     out = enc(captions[:3] + [""])
     assert out.shape == (4, 24, 32) and torch.isfinite(out).all()
     out.pow(2).mean().backward()
@@ -184,8 +185,8 @@ def test_text_encoder_ignores_padding(tokenizer, captions):
     pad_change, position_change = torch.randn(32), torch.randn(24 - n, 32)
     with torch.no_grad():
         before = enc.encode(ids, mask)
-        enc.token_embedding.weight[tokenizer.pad_id] += pad_change  # what padding tokens read changes...
-        enc.position_embedding[n:] += position_change
+        enc.transformer.token_emb.weight[tokenizer.pad_id] += pad_change  # what padding tokens read changes...
+        enc.transformer.pos_emb.emb.weight[n:] += position_change
         after = enc.encode(ids, mask)
         train_mode = enc.train().encode(ids, mask)  # dropout is 0: same numbers on the slow path
     torch.testing.assert_close(after[:, :n], before[:, :n], rtol=1e-5, atol=1e-5)  # ...real tokens don't see it
@@ -194,8 +195,8 @@ def test_text_encoder_ignores_padding(tokenizer, captions):
     # Without the key padding mask the same change would reach the caption's tokens.
     with torch.no_grad():
         unmasked = enc.encode(ids, torch.ones_like(mask))
-        enc.token_embedding.weight[tokenizer.pad_id] -= pad_change
-        enc.position_embedding[n:] -= position_change
+        enc.transformer.token_emb.weight[tokenizer.pad_id] -= pad_change
+        enc.transformer.pos_emb.emb.weight[n:] -= position_change
         assert (enc.encode(ids, torch.ones_like(mask))[:, :n] - unmasked[:, :n]).abs().max() > 1e-3
 
 
@@ -204,22 +205,23 @@ def test_text_encoder_without_layers_is_a_normalised_embedding(tokenizer, captio
     position embeddings, so a word at a position reads the same in every caption, and both
     tables train."""
     enc = _text_encoder(tokenizer, n_layer=0, max_seq_len=16)
-    assert len(enc.layers) == 0
+    net = enc.transformer
+    assert len(net.attn_layers.layers) == 0
     ids, mask = enc.tokenize(captions[:3])
     out = enc.encode(ids, mask)
-    expected = torch.nn.functional.layer_norm(enc.token_embedding(ids) + enc.position_embedding, (32,),
-                                              enc.final_norm.weight, enc.final_norm.bias)
+    expected = torch.nn.functional.layer_norm(net.token_emb(ids) + net.pos_emb.emb.weight, (32,),
+                                              net.norm.weight, net.norm.bias)
     torch.testing.assert_close(out, expected)
     assert out.shape == (3, 16, 32)
     (out * torch.randn_like(out)).sum().backward()  # not out.pow(2): a LayerNorm's output has a fixed norm
-    assert enc.token_embedding.weight.grad.abs().sum() > 0 and enc.position_embedding.grad.abs().sum() > 0
+    assert net.token_emb.weight.grad.abs().sum() > 0 and net.pos_emb.emb.weight.grad.abs().sum() > 0
 
 
 def test_text_encoder_from_file_and_pickles(tokenizer, captions, tmp_path):
     path = tmp_path / "tokenizer.json"
     tokenizer.save(path)
     enc = _text_encoder(str(path), vocab_size=tokenizer.vocab_size + 8)
-    assert enc.token_embedding.num_embeddings == tokenizer.vocab_size + 8
+    assert enc.transformer.token_emb.num_embeddings == tokenizer.vocab_size + 8
     copy = pickle.loads(pickle.dumps(enc))  # spawned DDP workers receive the module pickled
     with torch.no_grad():
         torch.testing.assert_close(copy(captions[:2]), enc(captions[:2]))

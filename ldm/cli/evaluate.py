@@ -7,6 +7,7 @@ metrics of an autoencoder run, or the scores of given images, written to metrics
   samples with the known pixels pasted back;
 - autoencoder run (`ckpt=`): the first n real images reconstructed (posterior mode, EMA weights
   when the run kept them); rFID (and the other metrics asked for), PSNR, SSIM, LPIPS;
+- a released checkpoint (`ckpt=` the file, `reference_config=` its YAML): either of the above;
 - `images=`: a folder of PNG/JPEG files or an .npz (N, H, W, 3) uint8 array, scored as they are.
 
 Text-alignment metrics (prompt_accuracy, clip_score) score text models' samples against the
@@ -36,16 +37,19 @@ from torchmetrics import MetricCollection
 from tqdm import tqdm
 
 from ldm.callbacks.evaluation import (SamplingProtocol, build_extractors, check_caption_metrics, condition_chunks,
-                                      describe_model, generate, sample_captions)
+                                      describe_model, first_stage_kind, generate, sample_captions)
 from ldm.data.pipeline import SampleDecoder, ShardStream, make_loader
 from ldm.data.transforms import ImageTransform
 from ldm.metrics.collection import CAPTION_METRICS, NO_REAL_SIDE, build_metrics
 from ldm.metrics.fid import ExtractorMismatchError, load_statistics, save_statistics
 from ldm.metrics.lpips import build_lpips
 from ldm.metrics.reconstruction import psnr, ssim
+from ldm.convert.reference import load_reference
+from ldm.first_stage.base import FirstStage
 from ldm.modules.latent_diffusion import LatentDiffusion
 from ldm.modules.loading import find_checkpoint, load_module
 from ldm.utils.trusted_config import check_trusted
+from ldm.nets.concat import paste_known
 
 log = logging.getLogger(__name__)
 
@@ -224,12 +228,6 @@ class PairedScores:
         return {k: float(torch.cat(v).mean()) for k, v in self.scores.items()}
 
 
-def paste_known(truth: torch.Tensor, output: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Inpainting results as delivered: the known pixels (mask 1) from `truth`, the holes from `output`."""
-    mask = mask.to(output.dtype)
-    return mask * truth + (1 - mask) * output
-
-
 def _add_reals(cfg: DictConfig, stream: ShardStream, real: RealSide, metrics: MetricCollection,
                device: torch.device) -> None:
     for batch in tqdm(make_loader(stream, cfg.num_workers), total=len(stream), desc="real images", unit="batch"):
@@ -304,11 +302,15 @@ def _evaluate_ldm(cfg: DictConfig, model: LatentDiffusion, metrics: MetricCollec
 
 def _evaluate_autoencoder(cfg: DictConfig, module, metrics: MetricCollection, real: RealSide,
                           device: torch.device, notes: list[str]) -> dict[str, Any]:
-    first_stage = module.first_stage
-    if getattr(module, "ema", None) is not None:
-        module.ema.copy_to(first_stage)  # the weights validation and the LDM stage use
+    if isinstance(module, FirstStage):  # a released autoencoder (reference_config=)
+        first_stage, trained_size = module, module.ddconfig["resolution"]
+    else:
+        first_stage = module.first_stage
+        if getattr(module, "ema", None) is not None:
+            module.ema.copy_to(first_stage)  # the weights validation and the LDM stage use
+        trained_size = (module.build_config or {}).get("first_stage", {}).get("resolution")
     first_stage.to(device).eval()
-    image_size = cfg.image_size or (module.build_config or {}).get("first_stage", {}).get("resolution")
+    image_size = cfg.image_size or trained_size
     if not image_size:
         raise ValueError("the run does not record its training resolution: pass image_size=<px>")
     stream = real_stream(cfg, image_size, [])
@@ -379,14 +381,22 @@ def evaluate(cfg: DictConfig) -> Path:
     if cfg.images:
         record.update(kind="images", **_evaluate_images(cfg, metrics, real, device))
     else:
-        ckpt = find_checkpoint(cfg.ckpt)
-        module = load_module(ckpt, trust_config=cfg.trust_config)
-        run = run_folder(cfg.ckpt)
+        if cfg.reference_config:  # a released checkpoint with its YAML (docs/checkpoints.md)
+            ckpt, run = Path(cfg.ckpt), None
+            module = load_reference(ckpt, cfg.reference_config, **dict(cfg.reference_overrides or {}))
+            described = describe_model(module) if isinstance(module, LatentDiffusion) else \
+                {"f": module.downsampling_factor, "first_stage": first_stage_kind(module)}
+            described["reference_config"] = str(Path(cfg.reference_config).resolve())
+        else:
+            ckpt = find_checkpoint(cfg.ckpt)
+            module = load_module(ckpt, trust_config=cfg.trust_config)
+            run = run_folder(cfg.ckpt)
+            described = describe_model(module)
         record["run"] = {"ckpt": str(ckpt.resolve()), "run_dir": None if run is None else str(run),
-                         "global_step": _checkpoint_step(ckpt), **describe_model(module)}
+                         "global_step": _checkpoint_step(ckpt), **described}
         if isinstance(module, LatentDiffusion):
             record.update(kind="ldm", **_evaluate_ldm(cfg, module, metrics, real, device, run, notes))
-        elif hasattr(module, "first_stage"):
+        elif isinstance(module, FirstStage) or hasattr(module, "first_stage"):
             record.update(kind="autoencoder", **_evaluate_autoencoder(cfg, module, metrics, real, device, notes))
         else:
             raise ValueError(f"{ckpt} holds a {type(module).__name__}; evaluate.py takes latent diffusion and "

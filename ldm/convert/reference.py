@@ -1,9 +1,20 @@
-"""Original LDM checkpoints (CompVis/latent-diffusion) in and out.
+"""Original LDM checkpoints (CompVis/latent-diffusion, Stable Diffusion 1.x) in and out.
 
 Our LatentDiffusion keeps the reference's parameter names, so a reference checkpoint loads with
 strict key checking once the module is built from the reference's model config (the
 `model.params` block of its YAML: unet_config, first_stage_config, cond_stage_config, ...), and
-our state dict is already a reference state dict.
+our state dict is already a reference state dict. The one mapping is explicit: SD-1 files were
+written with transformers 4, whose CLIP text model has a `text_model.` level and a
+`position_ids` buffer that transformers 5 no longer has (map_text_model_keys).
+
+The condition encoders of the released models (REFERENCE.md section 12) become ours:
+  ClassEmbedder -> ClassEmbedder; BERTEmbedder -> TransformerTextEncoder with the BERT tokenizer;
+  FrozenCLIPEmbedder -> FrozenCLIPTextEncoder; torch.nn.Identity (super-resolution) -> LowResConcat;
+  SpatialRescaler -> SpatialRescaler (semantic synthesis); __is_first_stage__ (inpainting) -> the
+  first stage itself as cond stage, with an InpaintConcat in the reference's mask convention.
+The batch keys are ours whatever the YAML names them (the YAML's cond_stage_key is the key of the
+reference's data pipeline): captions under `caption`, the low-res image under `lowres`, so
+prompts, sample.py and our data feed a released model as they feed ours.
 """
 from __future__ import annotations
 
@@ -15,26 +26,35 @@ import torch
 from torch import nn
 
 from ldm.diffusion.ema import EMA
+from ldm.first_stage.base import FirstStage
 from ldm.first_stage.identity import IdentityFirstStage
 from ldm.first_stage.kl import AutoencoderKL
 from ldm.first_stage.vq import AutoencoderVQ
 from ldm.modules.latent_diffusion import LatentDiffusion
+from ldm.nets.concat import InpaintConcat, LowResConcat
+from ldm.nets.embedders import (BertCaptionTokenizer, ClassEmbedder, FrozenCLIPTextEncoder, SpatialRescaler,
+                                TransformerTextEncoder)
 from ldm.nets.unet import UNetModel
 from ldm.utils.checkpoint import load_state_dict_file, load_strict, sub_state_dict
 
 # Reference UNet arguments that only concern its own code paths.
 _UNET_IGNORED = ("image_size", "dims", "use_fp16", "n_embed")
-# Reference LatentDiffusion arguments we take over as they are.
-_DIRECT = ("conditioning_key", "cond_stage_key", "cond_stage_trainable", "timesteps", "beta_schedule",
-           "linear_start", "linear_end", "cosine_s", "parameterization", "loss_type", "learn_logvar",
-           "logvar_init", "scale_factor", "scale_by_std")
+# Reference LatentDiffusion arguments we take over as they are, with the reference's defaults
+# where ours differ (a YAML that leaves them out means the reference's value).
+_DIRECT = ("timesteps", "beta_schedule", "linear_start", "linear_end", "cosine_s", "parameterization", "loss_type",
+           "learn_logvar", "logvar_init", "scale_factor", "scale_by_std", "cond_stage_trainable")
+_REFERENCE_DEFAULTS = {"linear_start": 1e-4, "linear_end": 2e-2, "cond_stage_trainable": False}
+_CLIP_HUB = "openai/clip-vit-large-patch14"  # FrozenCLIPEmbedder's default version
+_BERT_HUB = "bert-base-uncased"  # the reference BERTTokenizer's hard-coded tokenizer
+_SUPPORTED = ("__is_unconditional__", "__is_first_stage__", "ClassEmbedder", "BERTEmbedder", "FrozenCLIPEmbedder",
+              "torch.nn.Identity", "SpatialRescaler")
 
 
 def _target(node: Mapping[str, Any] | str | None) -> str | None:
     return node.get("target") if isinstance(node, Mapping) else node
 
 
-def build_first_stage(config: Mapping[str, Any]):
+def build_first_stage(config: Mapping[str, Any]) -> FirstStage:
     """Our first stage for a reference first_stage_config."""
     target, params = _target(config), dict(config.get("params", {}))
     params.pop("lossconfig", None)
@@ -43,39 +63,97 @@ def build_first_stage(config: Mapping[str, Any]):
     if target.endswith("AutoencoderKL"):
         return AutoencoderKL(params["ddconfig"], embed_dim=params["embed_dim"])
     if target.endswith(("VQModelInterface", "VQModel")):
+        # taming's VectorQuantizer2 with legacy=True, what the released VQ models were trained with
         return AutoencoderVQ(params["ddconfig"], n_embed=params["n_embed"], embed_dim=params["embed_dim"], legacy=True)
     if target.endswith("IdentityFirstStage"):
         return IdentityFirstStage()
     raise ValueError(f"unsupported reference first stage {target!r}")
 
 
-def build_cond_stage(config: Mapping[str, Any] | str | None):
-    """Our condition encoder for a reference cond_stage_config (None when unconditional)."""
-    target = _target(config)
-    if target in (None, "__is_unconditional__", "__is_first_stage__"):
+def reference_conditioning_key(config: Mapping[str, Any]) -> str | None:
+    """The conditioning key the reference derives from a model config: None for
+    `__is_unconditional__`, else `conditioning_key`, else 'concat' when `concat_mode` (its default,
+    what the released SR / inpainting / semantic YAMLs rely on), else 'crossattn'."""
+    if _target(config.get("cond_stage_config")) in (None, "__is_unconditional__"):
         return None
-    params = dict(config.get("params", {}))
-    if target.endswith("ClassEmbedder"):
-        from ldm.nets.embedders import ClassEmbedder
-
-        return ClassEmbedder(embed_dim=params["embed_dim"], n_classes=params.get("n_classes", 1000),
-                             key=params.get("key", "class"))
-    raise ValueError(f"unsupported reference condition encoder {target!r}: build the module from our configs "
-                     "and load the weights with ldm.utils.checkpoint.load_strict")
+    if config.get("conditioning_key") is not None:
+        return config["conditioning_key"]
+    return "concat" if config.get("concat_mode", True) else "crossattn"
 
 
-def module_from_reference_config(config: Mapping[str, Any], **overrides: Any) -> LatentDiffusion:
+def build_condition(config: Mapping[str, Any], first_stage: FirstStage,
+                    text_encoder: str | None = None) -> dict[str, Any]:
+    """Our condition modules for a reference model config: the LatentDiffusion arguments
+    conditioning_key, cond_stage, concat_stage, cond_stage_key (and uncond_value "" for text).
+
+    text_encoder: a local folder (or hub name) standing in for the hub model the YAML's text
+    encoder names: the BERT tokenizer of a BERTEmbedder (default bert-base-uncased), the CLIP
+    tokenizer and text model of a FrozenCLIPEmbedder (default its `version`, openai/clip-vit-large-patch14).
+    """
+    node = config.get("cond_stage_config")
+    target, key = _target(node), reference_conditioning_key(config)
+    params = dict(node.get("params", {})) if isinstance(node, Mapping) else {}
+    yaml_key = config.get("cond_stage_key", "image")  # the reference's default
+    out: dict[str, Any] = {"conditioning_key": key, "cond_stage": None, "concat_stage": None, "cond_stage_key": None}
+    is_text = target is not None and target.endswith(("BERTEmbedder", "FrozenCLIPEmbedder"))
+    if text_encoder is not None and not is_text:
+        raise ValueError(f"text_encoder={text_encoder!r} given, but this model's condition ({target}) has no text "
+                         "encoder: drop it")
+    if key is None:
+        return out
+    wants = {"ClassEmbedder": "crossattn", "BERTEmbedder": "crossattn", "FrozenCLIPEmbedder": "crossattn",
+             "torch.nn.Identity": "concat", "SpatialRescaler": "concat", "__is_first_stage__": "concat"}
+    kind = next((name for name in wants if target == name or target.endswith("." + name)), None)
+    if kind is None:
+        hint = " (SD 2.x's OpenCLIP text encoder is not supported yet)" if "OpenCLIP" in str(target) else ""
+        raise ValueError(f"unsupported reference condition encoder {target!r}{hint}; supported: {list(_SUPPORTED)}")
+    if key != wants[kind]:
+        raise ValueError(f"the reference's {kind} is used with conditioning_key {wants[kind]!r}, this config "
+                         f"gives {key!r}: check the YAML's conditioning_key / concat_mode")
+    if kind == "ClassEmbedder":
+        out.update(cond_stage_key=yaml_key, cond_stage=ClassEmbedder(
+            embed_dim=params["embed_dim"], n_classes=params.get("n_classes", 1000), key=params.get("key", "class")))
+    elif kind == "BERTEmbedder":
+        if not params.get("use_tokenizer", True):
+            raise ValueError("a BERTEmbedder without its tokenizer (use_tokenizer: false, the layout-to-image model "
+                             "on coordinate tokens) is not supported yet")
+        tokenizer = BertCaptionTokenizer(text_encoder or _BERT_HUB)
+        # x-transformers' defaults in the reference: 8 heads of 64, no padding mask, a logits head
+        out.update(cond_stage_key="caption", uncond_value="", cond_stage=TransformerTextEncoder(
+            tokenizer, n_embed=params["n_embed"], n_layer=params["n_layer"], n_head=8, dim_head=64,
+            max_seq_len=params.get("max_seq_len", 77), vocab_size=params.get("vocab_size", 30522),
+            mask_padding=False, to_logits=True))
+    elif kind == "FrozenCLIPEmbedder":
+        if params.get("layer", "last") != "last":
+            raise ValueError(f"FrozenCLIPEmbedder layer {params['layer']!r} is not supported (only 'last', SD 1.x's)")
+        out.update(cond_stage_key="caption", uncond_value="", cond_stage=FrozenCLIPTextEncoder(
+            text_encoder or params.get("version", _CLIP_HUB), max_length=params.get("max_length", 77)))
+    elif kind == "torch.nn.Identity":
+        out.update(cond_stage_key="lowres", concat_stage=LowResConcat(key="lowres"))
+    elif kind == "SpatialRescaler":
+        out.update(cond_stage_key=yaml_key, cond_stage=SpatialRescaler(**params, key=yaml_key))
+    else:  # __is_first_stage__: the condition is the first stage's encoding of the masked image
+        out.update(cond_stage_key=yaml_key, cond_stage=first_stage, concat_stage=InpaintConcat(
+            image_key=yaml_key, mask_key="mask", latent_channels=first_stage.latent_channels,
+            hole_value=-1.0, mask_keep=-1.0, mask_fill=1.0))  # scripts/inpaint.py's convention
+    return out
+
+
+def module_from_reference_config(config: Mapping[str, Any], text_encoder: str | None = None,
+                                 **overrides: Any) -> LatentDiffusion:
     """A LatentDiffusion equivalent to the reference model described by `config` (the
-    `model.params` of a reference YAML). `overrides` set our extra options (uncond_value, ...)."""
+    `model.params` of a reference YAML). `text_encoder`: see build_condition. `overrides` set our
+    extra options (uncond_value, ...)."""
     unet_params = {k: v for k, v in config["unet_config"]["params"].items() if k not in _UNET_IGNORED}
-    kwargs = {k: config[k] for k in _DIRECT if k in config}
-    if kwargs.get("conditioning_key") == "crossattn" and _target(config.get("cond_stage_config")) is None:
-        raise ValueError("a crossattn reference model needs its cond_stage_config")
+    kwargs = {k: config.get(k, _REFERENCE_DEFAULTS.get(k)) for k in _DIRECT if k in config or k in _REFERENCE_DEFAULTS}
     first_stage = build_first_stage(config["first_stage_config"])
+    condition = build_condition(config, first_stage, text_encoder)
+    if condition["conditioning_key"] == "crossattn" and condition["cond_stage"] is None:
+        raise ValueError("a crossattn reference model needs its cond_stage_config")
     kwargs.update(
+        condition,
         unet=UNetModel(**unet_params),
         first_stage=first_stage,
-        cond_stage=build_cond_stage(config.get("cond_stage_config")),
         ema_decay=0.9999 if config.get("use_ema", True) else None,
         # the reference's image_size is the latent side; ours is in pixels
         image_size=int(config.get("image_size", 64)) * first_stage.downsampling_factor,
@@ -84,12 +162,74 @@ def module_from_reference_config(config: Mapping[str, Any], **overrides: Any) ->
     return LatentDiffusion(**kwargs)
 
 
-def load_reference_checkpoint(path: str | Path, config: Mapping[str, Any], **overrides: Any) -> LatentDiffusion:
+def map_text_model_keys(state: Mapping[str, torch.Tensor], module: nn.Module, source: str) -> dict[str, torch.Tensor]:
+    """An SD-1 file's CLIP text encoder keys in the installed transformers' names: files written
+    with transformers 4 have `...transformer.text_model.<name>` where transformers 5 has
+    `...transformer.<name>`, and a `position_ids` buffer (0 .. n-1, checked) that transformers 5
+    computes instead of storing. Every other key is left as it is (load_strict judges it)."""
+    own = module.state_dict()
+    prefix = "cond_stage_model.transformer."
+    out: dict[str, torch.Tensor] = {}
+    for name, value in state.items():
+        if name.startswith(prefix + "text_model.") and name not in own:
+            mapped = prefix + name[len(prefix + "text_model."):]
+            if mapped.endswith("embeddings.position_ids") and mapped not in own:
+                ids = value.flatten().double()
+                if not torch.equal(ids, torch.arange(len(ids), dtype=torch.float64)):
+                    raise ValueError(f"{source}: {name} is not 0 .. {len(ids) - 1} (some merged SD-1 files carry "
+                                     "damaged position ids); this text encoder cannot be reproduced, refusing")
+                continue
+            name = mapped
+        out[name] = value
+    return out
+
+
+def _check_first_stage_copy(state: Mapping[str, torch.Tensor], source: str) -> None:
+    # `__is_first_stage__` saves one autoencoder twice; both copies load into the same module,
+    # so they must be equal or one would silently win.
+    differ = [k for k, v in state.items() if k.startswith("first_stage_model.")
+              and (("cond_stage_model." + k[len("first_stage_model."):]) in state)
+              and not torch.equal(v, state["cond_stage_model." + k[len("first_stage_model."):]])]
+    if differ:
+        raise ValueError(f"{source}: the config says __is_first_stage__ (one autoencoder saved as first_stage_model.* "
+                         f"and cond_stage_model.*), but {len(differ)} tensors differ between the copies, e.g. "
+                         f"{differ[:3]}: this file does not match its config")
+
+
+def load_reference_checkpoint(path: str | Path, config: Mapping[str, Any], text_encoder: str | None = None,
+                              **overrides: Any) -> LatentDiffusion:
     """Build from `config` and load the reference checkpoint at `path` strictly (schedule buffers
-    and scale_factor included); a mismatch is refused with the list of keys."""
-    module = module_from_reference_config(config, **overrides)
-    load_strict(module, load_state_dict_file(path), str(path))
+    and scale_factor included); a mismatch is refused with the list of keys. `text_encoder` and
+    `overrides` as in module_from_reference_config."""
+    module = module_from_reference_config(config, text_encoder=text_encoder, **overrides)
+    state = load_state_dict_file(path)
+    if isinstance(module.cond_stage_model, FrozenCLIPTextEncoder):
+        state = map_text_model_keys(state, module, str(path))
+    if module.cond_stage_model is module.first_stage_model:
+        _check_first_stage_copy(state, str(path))
+    load_strict(module, state, str(path))
     return module.eval()
+
+
+def load_reference(ckpt: str | Path, config_path: str | Path, **overrides: Any) -> LatentDiffusion | FirstStage:
+    """A released checkpoint with its YAML, as the zoo ships them (models/ldm/<name>/config.yaml,
+    models/first_stage_models/<name>/config.yaml, SD's v1-inference.yaml): a latent diffusion
+    model (load_reference_checkpoint, `overrides` passed on) or a first-stage autoencoder
+    (first_stage_from_checkpoint, frozen)."""
+    from omegaconf import OmegaConf
+
+    yaml = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
+    node = yaml.get("model", yaml)
+    params = node.get("params", node)
+    if "unet_config" in params:
+        return load_reference_checkpoint(ckpt, params, **overrides)
+    if "ddconfig" in params:
+        if overrides:
+            raise ValueError(f"{config_path} describes an autoencoder; {sorted(overrides)} are latent diffusion "
+                             "options: drop them")
+        return first_stage_from_checkpoint(build_first_stage(node), ckpt)
+    raise ValueError(f"{config_path} has neither a unet_config (a latent diffusion model) nor a ddconfig (an "
+                     "autoencoder) under model.params: pass the YAML that came with the checkpoint")
 
 
 def export_reference_checkpoint(module: LatentDiffusion, path: str | Path) -> Path:

@@ -1,7 +1,8 @@
 """First-stage configuration: checks at build time and the paper's ddconfig for a given f.
 
 A ddconfig is the reference's encoder/decoder description: ch, ch_mult, num_res_blocks,
-attn_resolutions, in_channels, out_ch, resolution, z_channels, double_z, dropout.
+attn_resolutions, in_channels, out_ch, resolution, z_channels, double_z, dropout, attn_type
+("vanilla" or "none": no self-attention at all, as the released vq-f4-noattn).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from ldm.nets.autoencoder import GROUPS, downsampling_factor
 ALLOWED_F = (1, 2, 4, 8, 16, 32)
 REQUIRED_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "in_channels", "out_ch",
                  "resolution", "z_channels")
-OPTIONAL_KEYS = ("double_z", "dropout")
+OPTIONAL_KEYS = ("double_z", "dropout", "attn_type")
 
 # Channel multipliers of the released autoencoders (REFERENCE.md section 7); f = 1 and 2 extend the
 # f = 4 pattern (one level per halving).

@@ -49,7 +49,10 @@ class LatentDiffusion(BuildableModule):
     unet: the denoiser (ldm.nets.unet.UNetModel).
     first_stage: a trained FirstStage (frozen here); ldm.modules.loading.load_first_stage reads
         one from a first-stage run.
-    cond_stage: condition encoder fed batch[cond_stage_key] (text encoder, class embedder), or None.
+    cond_stage: condition encoder fed batch[cond_stage_key] (text encoder, class embedder; for a
+        concat model without concat_stage the encoder of its concat channels, e.g. the semantic
+        models' SpatialRescaler), or None. The first stage itself is the reference's
+        `__is_first_stage__` (its weights are then saved under both names, as in that layout).
     conditioning_key: None, 'crossattn', 'concat', 'hybrid' or 'adm' (see ldm.nets.wrapper).
     concat_stage: builds the concat condition from the batch (ldm.nets.concat), for concat/hybrid.
     uncond_value: the null input of the condition ("" for text, the null class id): used for
@@ -99,8 +102,11 @@ class LatentDiffusion(BuildableModule):
             raise ValueError("p_uncond > 0 needs uncond_value: the null condition (\"\" for text, the null class id)")
         if conditioning_key in CONTEXT_KEYS and cond_stage is None:
             raise ValueError(f"conditioning_key={conditioning_key!r} needs a cond_stage (text or class encoder)")
-        if conditioning_key in ("concat", "hybrid") and concat_stage is None:
-            raise ValueError(f"conditioning_key={conditioning_key!r} needs a concat_stage (ldm.nets.concat)")
+        if conditioning_key == "hybrid" and concat_stage is None:
+            raise ValueError("conditioning_key='hybrid' needs a concat_stage (ldm.nets.concat)")
+        if conditioning_key == "concat" and (concat_stage is None) == (cond_stage is None or cond_stage is first_stage):
+            raise ValueError("conditioning_key='concat' takes its channels from a concat_stage (ldm.nets.concat) or "
+                             "from a cond_stage encoder of batch[cond_stage_key] (e.g. SpatialRescaler): give one of them")
         self.parameterization = check_parameterization(parameterization)
         self.model = DiffusionWrapper(unet, conditioning_key)
         self.first_stage_model = first_stage.eval().requires_grad_(False)
@@ -203,9 +209,7 @@ class LatentDiffusion(BuildableModule):
             return None
         cond: dict = {}
         if key in CONTEXT_KEYS or key == "adm":
-            if self.hparams.cond_stage_key not in batch:
-                raise KeyError(f"the model is conditioned on batch[{self.hparams.cond_stage_key!r}], which is missing")
-            values = batch[self.hparams.cond_stage_key]
+            values = self._condition_input(batch)
             if drop is not None and bool(drop.any()):
                 values = drop_conditions(values, drop, self.hparams.uncond_value)
             encoded = self.encode_condition(values)
@@ -213,8 +217,36 @@ class LatentDiffusion(BuildableModule):
             if key == "crossattn_pooled":
                 cond["y"] = encoded.mean(dim=1)  # (B, L, D) -> (B, D) for the UNet's vector embedding
         if key in ("concat", "hybrid"):
-            cond["concat"] = self.concat_stage(batch, lambda im: self.encode_images(im, sample=False), latent_hw)
+            if self.concat_stage is not None:
+                concat = self.concat_stage(batch, lambda im: self.encode_images(im, sample=False), latent_hw)
+            else:  # the reference's way: the cond stage encodes batch[cond_stage_key] into the channels
+                concat = self.encode_condition(self._condition_input(batch))
+            if tuple(concat.shape[-2:]) != tuple(latent_hw):
+                raise ValueError(f"the concat condition is {tuple(concat.shape[-2:])}, the latent grid {tuple(latent_hw)}: "
+                                 "give the condition (low-res image, label map, mask) at the size that matches the "
+                                 "image size")
+            cond["concat"] = concat
         return cond
+
+    def _condition_input(self, batch: dict):
+        if self.hparams.cond_stage_key not in batch:
+            raise KeyError(f"the model is conditioned on batch[{self.hparams.cond_stage_key!r}], which is missing")
+        return batch[self.hparams.cond_stage_key]
+
+    @property
+    def guidable(self) -> bool:
+        """Whether classifier-free guidance can change the samples: the model has a condition to
+        drop (text or class, by cross-attention or adm) and its null input (uncond_value)."""
+        return self.model.conditioning_key not in (None, "concat") and self.hparams.uncond_value is not None
+
+    def check_guidance(self, guidance_scale: float) -> None:
+        """Refuse a guidance scale that cannot mean what it says for this model."""
+        key = self.model.conditioning_key
+        if guidance_scale != 1.0 and key in (None, "concat"):
+            kind = "unconditional" if key is None else "conditioned only on concat channels (low-res image, " \
+                                                       "masked image, label map)"
+            raise ValueError(f"guidance {guidance_scale} changes nothing for a model {kind}: there is no condition "
+                             "to drop, so it would only double the cost; use guidance 1")
 
     def null_condition(self, batch: dict, latent_hw: tuple[int, int]) -> dict | None:
         """The unconditional branch for guidance: the null input in place of the condition;
@@ -419,6 +451,7 @@ class LatentDiffusion(BuildableModule):
         if len(seeds) != n:
             raise ValueError(f"{len(seeds)} seeds for {n} images")
         batch = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        self.check_guidance(guidance_scale)
         cond = self.condition(batch, shape[1:])
         uncond = None
         if guidance_scale != 1.0:

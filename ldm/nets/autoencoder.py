@@ -121,19 +121,25 @@ class _Level(nn.Module):
 
 
 class _Mid(nn.Module):
-    """ResNet block, self-attention, ResNet block at the lowest resolution."""
+    """ResNet block, self-attention (an identity without attention), ResNet block at the lowest resolution."""
 
-    def __init__(self, channels: int, dropout: float):
+    def __init__(self, channels: int, dropout: float, attention: bool = True):
         super().__init__()
         self.block_1 = ResnetBlock(channels, channels, dropout)
-        self.attn_1 = AttnBlock(channels)
+        self.attn_1 = AttnBlock(channels) if attention else nn.Identity()
         self.block_2 = ResnetBlock(channels, channels, dropout)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(h)))
 
 
-def _check_common(ch: int, ch_mult: Sequence[int], num_res_blocks: int, resolution: int) -> None:
+ATTN_TYPES = ("vanilla", "none")
+
+
+def _check_common(ch: int, ch_mult: Sequence[int], num_res_blocks: int, resolution: int, attn_type: str) -> None:
+    if attn_type not in ATTN_TYPES:
+        raise ValueError(f"attn_type must be one of {ATTN_TYPES} (the reference's 'linear' is not supported), "
+                         f"got {attn_type!r}")
     if not len(ch_mult):
         raise ValueError("ch_mult is empty: give one multiplier per resolution level, e.g. [1, 2, 4, 4] for f = 8")
     if ch <= 0 or num_res_blocks < 1 or min(ch_mult) < 1:
@@ -150,25 +156,28 @@ class Encoder(nn.Module):
 
     `resolution` is the nominal image size; it only decides at which levels attention sits
     (a level of side `resolution / 2**i` gets attention when that side is in attn_resolutions).
+    `attn_type="none"` leaves out every self-attention, the middle one included (the reference's
+    option, used by the first stage of the released inpainting model, vq-f4-noattn).
     """
 
     def __init__(self, *, ch: int, ch_mult: Sequence[int], num_res_blocks: int,
                  attn_resolutions: Sequence[int], in_channels: int, resolution: int, z_channels: int,
-                 double_z: bool = True, dropout: float = 0.0, out_ch: int | None = None):
+                 double_z: bool = True, dropout: float = 0.0, out_ch: int | None = None, attn_type: str = "vanilla"):
         # out_ch belongs to the decoder; accepted so that one ddconfig builds both halves.
         super().__init__()
-        _check_common(ch, ch_mult, num_res_blocks, resolution)
+        _check_common(ch, ch_mult, num_res_blocks, resolution, attn_type)
+        attention = attn_type != "none"
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         self.down = nn.ModuleList()
         channels, side = ch, resolution
         for i, mult in enumerate(ch_mult):
-            level = _Level(channels, ch * mult, num_res_blocks, side in attn_resolutions, dropout)
+            level = _Level(channels, ch * mult, num_res_blocks, attention and side in attn_resolutions, dropout)
             channels = ch * mult
             if i != len(ch_mult) - 1:
                 level.downsample = Downsample(channels)
                 side //= 2
             self.down.append(level)
-        self.mid = _Mid(channels, dropout)
+        self.mid = _Mid(channels, dropout, attention)
         self.norm_out = group_norm(channels)
         self.conv_out = nn.Conv2d(channels, 2 * z_channels if double_z else z_channels, 3, padding=1)
 
@@ -187,21 +196,25 @@ class Decoder(nn.Module):
 
     `up[i]` is the level at resolution `resolution / 2**i` (so it mirrors `encoder.down[i]`) and
     holds num_res_blocks + 1 ResNet blocks; levels run from the last to the first.
+    `attn_type` as in the Encoder.
     """
 
     def __init__(self, *, ch: int, out_ch: int, ch_mult: Sequence[int], num_res_blocks: int,
                  attn_resolutions: Sequence[int], resolution: int, z_channels: int,
-                 dropout: float = 0.0, in_channels: int | None = None, double_z: bool | None = None):
+                 dropout: float = 0.0, in_channels: int | None = None, double_z: bool | None = None,
+                 attn_type: str = "vanilla"):
         # in_channels and double_z belong to the encoder; accepted so one ddconfig builds both.
         super().__init__()
-        _check_common(ch, ch_mult, num_res_blocks, resolution)
+        _check_common(ch, ch_mult, num_res_blocks, resolution, attn_type)
+        attention = attn_type != "none"
         channels = ch * ch_mult[-1]
         side = resolution // downsampling_factor(ch_mult)
         self.conv_in = nn.Conv2d(z_channels, channels, 3, padding=1)
-        self.mid = _Mid(channels, dropout)
+        self.mid = _Mid(channels, dropout, attention)
         levels: list[_Level] = []
         for i in reversed(range(len(ch_mult))):
-            level = _Level(channels, ch * ch_mult[i], num_res_blocks + 1, side in attn_resolutions, dropout)
+            level = _Level(channels, ch * ch_mult[i], num_res_blocks + 1, attention and side in attn_resolutions,
+                           dropout)
             channels = ch * ch_mult[i]
             if i != 0:
                 level.upsample = Upsample(channels)

@@ -1,7 +1,8 @@
 """Spatial conditions appended to the noisy latent (the `concat` entry of a condition dict).
 
 Each is called as stage(batch, encode, latent_hw) -> (B, C, h, w), where `encode` maps [-1, 1]
-images to scaled latents with the model's frozen first stage.
+images to scaled latents with the model's frozen first stage. (Semantic maps go through a
+trainable encoder instead, ldm.nets.embedders.SpatialRescaler, as the model's cond stage.)
 """
 from __future__ import annotations
 
@@ -40,31 +41,38 @@ class LowResConcat(nn.Module):
 
 class InpaintConcat(nn.Module):
     """Inpainting: the first-stage latent of the masked image and the mask at latent size
-    (the paper's inpainting model: 3 + 3 + 1 input channels). mask: 1 = known pixel."""
+    (the paper's inpainting model: 3 + 3 + 1 input channels).
 
-    def __init__(self, image_key: str = "masked_image", mask_key: str = "mask", latent_channels: int = 3):
+    The batch's `mask` is 1 at known pixels, 0 in the holes, whatever the model; what the model
+    sees is set by its training convention:
+    hole_value: the holes' pixel value in the masked image it encodes (ours: 0, i.e. image * mask;
+        the reference's inpainting_big: -1, black), so any fill of the batch's holes works;
+    mask_keep, mask_fill: the mask channel's value at known pixels and in the holes (ours: 1 / 0;
+        the reference's: -1 / +1, its scripts/inpaint.py mask "1 = fill" mapped by x * 2 - 1).
+    """
+
+    def __init__(self, image_key: str = "masked_image", mask_key: str = "mask", latent_channels: int = 3,
+                 hole_value: float = 0.0, mask_keep: float = 1.0, mask_fill: float = 0.0):
         super().__init__()
         self.image_key, self.mask_key = image_key, mask_key
         self.channels = latent_channels + 1
+        self.hole_value, self.mask_keep, self.mask_fill = hole_value, mask_keep, mask_fill
 
     def forward(self, batch: dict, encode: Encode, latent_hw: tuple[int, int]) -> torch.Tensor:
-        masked = encode(_batch_tensor(batch, self.image_key))
-        mask = F.interpolate(_batch_tensor(batch, self.mask_key).float(), size=latent_hw, mode="nearest")
-        return torch.cat([masked, mask.to(masked.dtype)], dim=1)
+        keep = _batch_tensor(batch, self.mask_key).float()
+        image = _batch_tensor(batch, self.image_key)
+        if keep.shape[-2:] != image.shape[-2:] or keep.shape[1] != 1:
+            raise ValueError(f"the mask must be (B, 1, H, W) at the image's size {tuple(image.shape[-2:])}, "
+                             f"got {tuple(keep.shape)}")
+        masked = encode(torch.where(keep.bool(), image, torch.full_like(image, self.hole_value)))
+        # nearest picks mask pixels, so mapping the values before or after resizing is the same
+        keep = F.interpolate(keep, size=latent_hw, mode="nearest")
+        channel = keep * self.mask_keep + (1 - keep) * self.mask_fill
+        return torch.cat([masked, channel.to(masked.dtype)], dim=1)
 
 
-class SemanticConcat(nn.Module):
-    """Semantic synthesis: a label map (B, H, W) of `n_classes` ids, one-hot and resized to the
-    latent grid (nearest), as the paper's rescaled 182-class maps."""
-
-    def __init__(self, n_classes: int, key: str = "segmentation"):
-        super().__init__()
-        self.n_classes, self.key = n_classes, key
-        self.channels = n_classes
-
-    def forward(self, batch: dict, encode: Encode, latent_hw: tuple[int, int]) -> torch.Tensor:
-        seg = _batch_tensor(batch, self.key).long()
-        if int(seg.max()) >= self.n_classes or int(seg.min()) < 0:
-            raise ValueError(f"segmentation ids must lie in [0, {self.n_classes}), got {int(seg.min())}..{int(seg.max())}")
-        onehot = F.one_hot(seg, self.n_classes).permute(0, 3, 1, 2).float()
-        return F.interpolate(onehot, size=latent_hw, mode="nearest")
+def paste_known(known: torch.Tensor, output: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Inpainting results as delivered: the known pixels (mask 1) from `known`, the holes from
+    `output` (the reference's scripts/inpaint.py composite, in [-1, 1])."""
+    mask = mask.to(output.dtype)
+    return mask * known + (1 - mask) * output

@@ -4,6 +4,7 @@ Each encoder maps the batch values under its `key` to what the UNet consumes:
 - ClassEmbedder: integer labels (B,) -> (B, 1, D), one cross-attention token per sample.
 - TransformerTextEncoder: captions -> (B, L, D), the paper's trainable BERT-like text model.
 - FrozenCLIPTextEncoder: captions -> (B, L, D) from a frozen Hugging Face CLIP text model.
+- SpatialRescaler: semantic label maps (B, H, W) -> (B, C, h, w) channels for the concat condition.
 `null_condition(batch_size, device)` gives the batch values of the unconditional input for
 classifier-free guidance: the null class, or the empty caption "".
 """
@@ -14,9 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ldm.data.tokenizer import CaptionTokenizer
+from ldm.nets.text_transformer import TextTransformer
 
 
 class ClassEmbedder(nn.Module):
@@ -64,47 +67,97 @@ def _check_captions(captions: Sequence[str]) -> list[str]:
     return list(captions)
 
 
-class TransformerTextEncoder(nn.Module):
-    """Trainable text encoder: token + learned position embeddings, pre-norm transformer
-    encoder layers (GELU) and a final LayerNorm, as the paper's BERT-like text model.
+def _from_pretrained(loader, name: str, what: str, probe: str):
+    """`loader.from_pretrained(name)` for a local folder or a hub name, refused with what to do when
+    `name` is neither a folder nor a hub model available here (checked through its file `probe`
+    first: transformers 5 builds an empty tokenizer from a name it cannot find instead of failing)."""
+    from transformers.utils import cached_file
 
-    Captions are padded to `max_seq_len`; padding tokens are masked as attention keys, so a
-    caption's encoding does not depend on its padding. The output keeps all `max_seq_len`
-    positions (the UNet's cross-attention takes a fixed-length context).
+    try:
+        cached_file(str(name), probe)
+        return loader.from_pretrained(str(name))
+    except OSError as exc:
+        offline = " (HF_HUB_OFFLINE is set, so hub names cannot be downloaded)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise OSError(f"cannot load {what} from {str(name)!r}{offline}: pass a folder written by save_pretrained, "
+                      f"or a hub name with network access. ({exc})") from exc
+
+
+class BertCaptionTokenizer:
+    """BERT's WordPiece tokenizer (transformers' BertTokenizerFast) with CaptionTokenizer's interface:
+    the tokenizer of the paper's text-to-image model (the reference BERTEmbedder hard-codes the
+    hub's bert-base-uncased). Captions read `[CLS] tokens... [SEP] [PAD]...`, truncated to max_len.
+
+    `name_or_path`: a folder written by save_pretrained or a hub name (needs network access once).
     """
 
-    def __init__(self, tokenizer: CaptionTokenizer | str | Path, n_embed: int, n_layer: int,
-                 n_head: int | None = None, max_seq_len: int = 77, vocab_size: int | None = None,
-                 dropout: float = 0.0, key: str = "caption"):
-        """`tokenizer`: a CaptionTokenizer or the path of its tokenizer.json.
-        `vocab_size`: rows of the token table, default the tokenizer's size (never fewer).
-        `n_head`: default n_embed // 64 (at least 1)."""
+    def __init__(self, name_or_path: str | Path = "bert-base-uncased"):
+        from transformers import BertTokenizerFast
+
+        self.name_or_path = str(name_or_path)
+        self.backend = _from_pretrained(BertTokenizerFast, self.name_or_path, "a BERT tokenizer", "tokenizer_config.json")
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, special tokens included."""
+        return len(self.backend)
+
+    def encode_batch(self, captions: Sequence[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (B, max_len) int64 and attention mask (B, max_len) bool (True = real token)."""
+        batch = self.backend(_check_captions(captions), truncation=True, max_length=max_len, padding="max_length",
+                             return_tensors="pt")
+        return batch["input_ids"], batch["attention_mask"].bool()
+
+    def lengths(self, captions: Sequence[str]) -> list[int]:
+        """Tokens each caption encodes to, `[CLS]` and `[SEP]` included, before any truncation."""
+        return [len(ids) for ids in self.backend(_check_captions(captions), truncation=False)["input_ids"]]
+
+    def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
+        """Text of one row of ids, special tokens dropped."""
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        return self.backend.decode(ids, skip_special_tokens=True).strip()
+
+
+class TransformerTextEncoder(nn.Module):
+    """Trainable text encoder, the paper's BERT-like text model: token + learned position
+    embeddings, pre-norm transformer layers (GELU) and a final LayerNorm (ldm.nets.text_transformer,
+    under `transformer.*` with the reference BERTEmbedder's key layout).
+
+    Captions are padded to `max_seq_len`. With `mask_padding` padding tokens are masked as
+    attention keys, so a caption's encoding does not depend on its padding; the reference attends
+    to them (mask_padding=False reproduces it). The output keeps all `max_seq_len` positions (the
+    UNet's cross-attention takes a fixed-length context).
+    """
+
+    def __init__(self, tokenizer: CaptionTokenizer | BertCaptionTokenizer | str | Path, n_embed: int, n_layer: int,
+                 n_head: int | None = None, dim_head: int | None = None, max_seq_len: int = 77,
+                 vocab_size: int | None = None, dropout: float = 0.0, mask_padding: bool = True,
+                 to_logits: bool = False, key: str = "caption"):
+        """`tokenizer`: a CaptionTokenizer or BertCaptionTokenizer, or the path of a tokenizer.json
+        (CaptionTokenizer.save). `vocab_size`: rows of the token table, default the tokenizer's
+        size (never fewer). `n_head`: default n_embed // 64 (at least 1); `dim_head`: default
+        n_embed // n_head (the reference: 8 heads of 64 whatever n_embed). `to_logits`: keep the
+        reference's unused language-model head so its weights load (TextTransformer)."""
         super().__init__()
-        self.tokenizer = tokenizer if isinstance(tokenizer, CaptionTokenizer) else CaptionTokenizer.load(tokenizer)
+        self.tokenizer = tokenizer if isinstance(tokenizer, (CaptionTokenizer, BertCaptionTokenizer)) \
+            else CaptionTokenizer.load(tokenizer)
         vocab_size = self.tokenizer.vocab_size if vocab_size is None else vocab_size
         if vocab_size < self.tokenizer.vocab_size:
             raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer's {self.tokenizer.vocab_size} "
                              "tokens; leave vocab_size unset to take the tokenizer's")
         n_head = max(1, n_embed // 64) if n_head is None else n_head
-        if n_embed % n_head:
-            raise ValueError(f"n_embed {n_embed} is not divisible by n_head {n_head}")
-        self.key, self.max_seq_len = key, max_seq_len
-        self.token_embedding = nn.Embedding(vocab_size, n_embed)
-        self.position_embedding = nn.Parameter(torch.empty(max_seq_len, n_embed))
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
-        nn.init.normal_(self.position_embedding, std=0.02)
-        # Separate layers rather than nn.TransformerEncoder, which deep-copies one layer and so
-        # starts every layer from the same weights.
-        self.layers = nn.ModuleList(
-            nn.TransformerEncoderLayer(n_embed, n_head, dim_feedforward=4 * n_embed, dropout=dropout,
-                                       activation="gelu", batch_first=True, norm_first=True)
-            for _ in range(n_layer))
-        self.final_norm = nn.LayerNorm(n_embed)
+        if dim_head is None:
+            if n_embed % n_head:
+                raise ValueError(f"n_embed {n_embed} is not divisible by n_head {n_head}; set dim_head for "
+                                 "attention wider or narrower than n_embed")
+            dim_head = n_embed // n_head
+        self.key, self.max_seq_len, self.mask_padding = key, max_seq_len, mask_padding
+        self.transformer = TextTransformer(vocab_size, max_seq_len, n_embed, n_layer, heads=n_head, dim_head=dim_head,
+                                           dropout=dropout, to_logits=to_logits)
 
     def tokenize(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask (True = real token), (B, max_seq_len), on this module's device."""
         ids, mask = self.tokenizer.encode_batch(_check_captions(captions), self.max_seq_len)
-        device = self.token_embedding.weight.device
+        device = self.transformer.token_emb.weight.device
         return ids.to(device), mask.to(device)
 
     def truncations(self, captions: Sequence[str]) -> list[str | None]:
@@ -117,14 +170,7 @@ class TransformerTextEncoder(nn.Module):
 
     def encode(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Ids and attention mask (B, L) with L <= max_seq_len -> hidden states (B, L, n_embed)."""
-        if ids.shape[1] > self.max_seq_len:
-            raise ValueError(f"{ids.shape[1]} tokens exceed max_seq_len {self.max_seq_len}; "
-                             "tokenize with tokenize(), which truncates")
-        x = self.token_embedding(ids) + self.position_embedding[:ids.shape[1]]
-        padding = ~mask  # PyTorch's key_padding_mask: True = ignore this key
-        for layer in self.layers:
-            x = layer(x, src_key_padding_mask=padding)
-        return self.final_norm(x)
+        return self.transformer(ids, mask if self.mask_padding else None)
 
     def forward(self, captions: Sequence[str]) -> torch.Tensor:
         """Captions -> cross-attention context (B, max_seq_len, n_embed)."""
@@ -149,7 +195,8 @@ class FrozenCLIPTextEncoder(nn.Module):
     (the SDXL convention, as in diffusers).
     The weights live under `transformer.` as in Stable Diffusion 1.x checkpoints; transformers
     5 names them `transformer.{embeddings,encoder,final_layer_norm}.*`, where SD 1.x files (saved
-    with transformers 4) have `transformer.text_model.*`: drop `text_model.` to load those.
+    with transformers 4) have `transformer.text_model.*` and a `position_ids` buffer:
+    ldm.convert.reference.map_text_model_keys maps those.
     """
 
     LAYERS = ("last", "penultimate")
@@ -161,13 +208,8 @@ class FrozenCLIPTextEncoder(nn.Module):
 
         if layer not in self.LAYERS:
             raise ValueError(f"layer must be one of {self.LAYERS}, got {layer!r}")
-        try:
-            self.tokenizer = CLIPTokenizer.from_pretrained(tokenizer or version)
-            self.transformer = CLIPTextModel.from_pretrained(version)
-        except OSError as exc:
-            offline = " (HF_HUB_OFFLINE is set, so hub names cannot be downloaded)" if os.environ.get("HF_HUB_OFFLINE") else ""
-            raise OSError(f"cannot load a CLIP tokenizer and text model from {version!r}{offline}: pass a "
-                          f"folder written by save_pretrained, or a hub name with network access. ({exc})") from exc
+        self.tokenizer = _from_pretrained(CLIPTokenizer, tokenizer or version, "a CLIP tokenizer", "tokenizer_config.json")
+        self.transformer = _from_pretrained(CLIPTextModel, version, "a CLIP text model", "config.json")
         positions = self.transformer.config.max_position_embeddings
         if max_length > positions:
             raise ValueError(f"max_length {max_length} exceeds the model's {positions} positions")
@@ -206,3 +248,56 @@ class FrozenCLIPTextEncoder(nn.Module):
         """The empty caption for every sample (`device` is unused: captions are host strings;
         it is accepted so every encoder's null_condition is called the same way)."""
         return [""] * batch_size
+
+
+# The encoders that take captions (sample.py routes prompts to them, whatever the batch key).
+TEXT_ENCODERS = (TransformerTextEncoder, FrozenCLIPTextEncoder)
+
+
+class SpatialRescaler(nn.Module):
+    """Spatial condition encoder (the reference's SpatialRescaler, used by the semantic synthesis
+    models): resize `n_stages` times by `multiplier` (`method`, bilinear by default), then, with
+    `out_channels`, a learned 1x1 conv `channel_mapper` from in_channels to out_channels.
+
+    Takes a label map of class ids (B, H, W), one-hot encoded to `in_channels` classes here (so data
+    loaders carry ids, not 182 float channels), or a float map (B, in_channels, H, W) as it is.
+    The semantic LDM-4 maps 182 COCO-Stuff classes at 256 px to 3 channels at 64 px (n_stages 2).
+    """
+
+    METHODS = ("nearest", "bilinear", "bicubic", "area")
+
+    def __init__(self, n_stages: int = 1, method: str = "bilinear", multiplier: float = 0.5, in_channels: int = 3,
+                 out_channels: int | None = None, bias: bool = False, key: str = "segmentation"):
+        super().__init__()
+        if n_stages < 0 or in_channels < 1 or (out_channels is not None and out_channels < 1):
+            raise ValueError(f"n_stages ({n_stages}) must be >= 0, in_channels ({in_channels}) and out_channels "
+                             f"({out_channels}) positive")
+        if method not in self.METHODS:
+            raise ValueError(f"method must be one of {self.METHODS}, got {method!r}")
+        self.n_stages, self.method, self.multiplier = n_stages, method, multiplier
+        self.in_channels, self.key = in_channels, key
+        self.out_channels = in_channels if out_channels is None else out_channels
+        if out_channels is not None:
+            self.channel_mapper = nn.Conv2d(in_channels, out_channels, 1, bias=bias)
+
+    def one_hot(self, labels: torch.Tensor) -> torch.Tensor:
+        """Class ids (B, H, W) -> one-hot float (B, in_channels, H, W); ids out of range are refused."""
+        if labels.dim() != 3 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise ValueError(f"a label map must be integer class ids of shape (B, H, W), got {labels.dtype} "
+                             f"{tuple(labels.shape)}")
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= self.in_channels:
+            raise ValueError(f"label ids must lie in [0, {self.in_channels}), got {low}..{high}: check the label "
+                             "map against the model's classes")
+        dtype = self.channel_mapper.weight.dtype if hasattr(self, "channel_mapper") else torch.float32
+        return F.one_hot(labels.long(), self.in_channels).permute(0, 3, 1, 2).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Label map (B, H, W) or float map (B, in_channels, H, W) -> (B, out_channels, h, w)."""
+        if x.dim() == 3:
+            x = self.one_hot(x)
+        elif x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected class ids (B, H, W) or a map (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        for _ in range(self.n_stages):
+            x = F.interpolate(x, scale_factor=self.multiplier, mode=self.method)
+        return self.channel_mapper(x) if hasattr(self, "channel_mapper") else x

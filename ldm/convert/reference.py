@@ -27,9 +27,6 @@ from torch import nn
 
 from ldm.diffusion.ema import EMA
 from ldm.first_stage.base import FirstStage
-from ldm.first_stage.identity import IdentityFirstStage
-from ldm.first_stage.kl import AutoencoderKL
-from ldm.first_stage.vq import AutoencoderVQ
 from ldm.modules.latent_diffusion import LatentDiffusion
 from ldm.nets.concat import InpaintConcat, LowResConcat
 from ldm.nets.embedders import (BertCaptionTokenizer, ClassEmbedder, FrozenCLIPTextEncoder, SpatialRescaler,
@@ -54,20 +51,28 @@ def _target(node: Mapping[str, Any] | str | None) -> str | None:
     return node.get("target") if isinstance(node, Mapping) else node
 
 
-def build_first_stage(config: Mapping[str, Any]) -> FirstStage:
-    """Our first stage for a reference first_stage_config."""
+def first_stage_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Our first stage's `_target_` config for a reference first_stage_config (what a latent
+    diffusion checkpoint then stores to rebuild it)."""
     target, params = _target(config), dict(config.get("params", {}))
-    params.pop("lossconfig", None)
-    params.pop("ckpt_path", None)
-    params.pop("monitor", None)
     if target.endswith("AutoencoderKL"):
-        return AutoencoderKL(params["ddconfig"], embed_dim=params["embed_dim"])
+        return {"_target_": "ldm.first_stage.kl.AutoencoderKL", "ddconfig": dict(params["ddconfig"]),
+                "embed_dim": params["embed_dim"]}
     if target.endswith(("VQModelInterface", "VQModel")):
         # taming's VectorQuantizer2 with legacy=True, what the released VQ models were trained with
-        return AutoencoderVQ(params["ddconfig"], n_embed=params["n_embed"], embed_dim=params["embed_dim"], legacy=True)
+        return {"_target_": "ldm.first_stage.vq.AutoencoderVQ", "ddconfig": dict(params["ddconfig"]),
+                "n_embed": params["n_embed"], "embed_dim": params["embed_dim"], "legacy": True}
     if target.endswith("IdentityFirstStage"):
-        return IdentityFirstStage()
+        return {"_target_": "ldm.first_stage.identity.IdentityFirstStage"}
     raise ValueError(f"unsupported reference first stage {target!r}")
+
+
+def build_first_stage(config: Mapping[str, Any]) -> FirstStage:
+    """Our first stage for a reference first_stage_config."""
+    from hydra.utils import get_object
+
+    kwargs = first_stage_config(config)
+    return get_object(kwargs.pop("_target_"))(**kwargs)  # called directly: its errors stay as they are
 
 
 def reference_conditioning_key(config: Mapping[str, Any]) -> str | None:
@@ -227,7 +232,7 @@ def load_reference(ckpt: str | Path, config_path: str | Path, **overrides: Any) 
         if overrides:
             raise ValueError(f"{config_path} describes an autoencoder; {sorted(overrides)} are latent diffusion "
                              "options: drop them")
-        return first_stage_from_checkpoint(build_first_stage(node), ckpt)
+        return first_stage_from_checkpoint(first_stage_config(node), ckpt)
     raise ValueError(f"{config_path} has neither a unet_config (a latent diffusion model) nor a ddconfig (an "
                      "autoencoder) under model.params: pass the YAML that came with the checkpoint")
 

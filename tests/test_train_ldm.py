@@ -12,6 +12,7 @@ import torch
 
 from conftest import TINY_RUN, compose
 from ldm.cli.train import train
+from ldm.data.transforms import to_uint8
 from ldm.data.tokenizer import CaptionTokenizer
 from ldm.modules.latent_diffusion import LatentDiffusion, drop_conditions
 from ldm.modules.loading import load_first_stage, load_module
@@ -154,6 +155,32 @@ def test_sample_py_end_to_end_and_bad_input(tmp_path, first_stage_run, caplog):
         sample(cfg("class_label=3"))
     with pytest.raises(ValueError, match="needs prompt="):
         sample(cfg())
+
+    # img2img: strength 1 samples from the seeds' noise, strength 0 gives the image back through
+    # the first stage, 0.5 lies in between; strength without an init image is refused.
+    def pixels(folder):
+        return np.asarray(Image.open(folder / "samples" / "00000.png")).astype(int)
+    init = tmp_path / "init.png"
+    Image.open(out / "samples" / "00001.png").save(init)
+    common = (prompt, "n=1", "steps=4", "guidance=2.0", f"init_image={init}")
+    sample(cfg(prompt, "n=1", "steps=4", "guidance=2.0"))
+    from_noise = pixels(tmp_path / "again")
+    sample(cfg(*common, "strength=1.0"))
+    assert np.array_equal(pixels(tmp_path / "again"), from_noise)
+    sample(cfg(*common, "strength=0.0"))
+    model = load_module(run)
+    image = torch.from_numpy(np.asarray(Image.open(init))).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        expected = model.decode_latents(model.encode_images(image, sample=False))
+    assert np.abs(pixels(tmp_path / "again") - to_uint8(expected)[0].permute(1, 2, 0).numpy().astype(int)).max() <= 1
+    assert json.loads((tmp_path / "again" / "samples.json").read_text())["settings"]["strength"] == 0.0
+    sample(cfg(*common, "strength=0.5"))
+    halfway = pixels(tmp_path / "again")
+    assert not np.array_equal(halfway, from_noise)
+    with pytest.raises(ValueError, match="strength= is img2img"):
+        sample(cfg(prompt, "strength=0.5"))
+    with pytest.raises(ValueError, match="strength must lie in"):
+        sample(cfg(*common, "strength=1.5"))
 
 
 def test_sample_py_inpaints_with_an_inpainting_model(tmp_path, first_stage_run):

@@ -134,7 +134,8 @@ def _default_image_size(model: LatentDiffusion, cfg: DictConfig, batch: dict) ->
 def _inpainting_inputs(cfg: DictConfig, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(known image (1, 3, S, S) in [-1, 1], keep mask (1, 1, S, S) of 0 / 1) from init_image= and mask=."""
     if not (cfg.init_image and cfg.mask):
-        raise ValueError("inpainting needs both init_image= and mask= (white = keep, or mask_white=fill)")
+        raise ValueError("inpainting needs both init_image= and mask= (white = keep, or mask_white=fill); "
+                         "img2img takes init_image= with strength=<0..1>")
     if cfg.mask_white not in ("keep", "fill"):
         raise ValueError(f"mask_white must be keep or fill, got {cfg.mask_white!r}")
     if _image_size(cfg.mask) != _image_size(cfg.init_image):
@@ -169,9 +170,13 @@ def sample(cfg: DictConfig) -> Path:
     guidance = cfg.guidance if cfg.guidance is not None else (3.0 if model.guidable else 1.0)
     model.check_guidance(guidance)
     image_size = _default_image_size(model, cfg, batch)
-    mask = known = None
+    mask = known = init = None
     inpainting_model = isinstance(model.concat_stage, InpaintConcat)
-    if cfg.init_image or cfg.mask or inpainting_model:
+    if cfg.strength is not None:  # img2img (SDEdit)
+        if not cfg.init_image or cfg.mask or inpainting_model:
+            raise ValueError("strength= is img2img: give init_image= without mask= (and not to an inpainting model)")
+        init = _load_image(cfg.init_image, image_size)
+    elif cfg.init_image or cfg.mask or inpainting_model:
         known, mask = _inpainting_inputs(cfg, image_size)
     if inpainting_model:
         # an inpainting model takes the masked image as its condition (no masked sampling); the
@@ -193,6 +198,8 @@ def sample(cfg: DictConfig) -> Path:
                              mask=None if mask is None or inpainting_model else mask.expand(size, -1, -1, -1),
                              known=None if known is None or inpainting_model else known.expand(size, -1, -1, -1),
                              negative=None if cfg.negative_prompt is None else [cfg.negative_prompt] * size,
+                             init=None if init is None else init.expand(size, -1, -1, -1),
+                             strength=1.0 if cfg.strength is None else cfg.strength,
                              **({"eta": cfg.eta} if cfg.sampler == "ddim" else {}))
         images.append(x.float().cpu())
     images = torch.cat(images)

@@ -12,7 +12,6 @@ import torch
 from hydra.utils import instantiate
 from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from pytorch_lightning.loggers import CSVLogger
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from conftest import CONFIGS, TINY_RUN, compose
 from ldm.cli.train import train
@@ -95,9 +94,9 @@ def test_slurm_sweep_launcher_sizes_jobs_from_the_trainer(tmp_path):
 
 
 @pytest.mark.parametrize("key", ["accumulate_grad_batches=2", "gradient_clip_val=1.0"])
-def test_autoencoder_refuses_trainer_accumulation_and_clipping(tmp_path, key):
-    """Manual optimisation: Lightning refuses both keys by name instead of ignoring them."""
-    with pytest.raises(MisconfigurationException, match=key.split("=")[0]):
+def test_autoencoder_names_its_own_accumulation_and_clipping_for_the_trainers(tmp_path, key):
+    """Manual optimisation: the trainer's keys are refused, naming the model's that do the job."""
+    with pytest.raises(ValueError, match=f"use model.accumulate_grad_batches and model.gradient_clip_val"):
         train(compose("train", [*AE, f"trainer.{key}"], tmp_path / "run", tmp_path / "data"))
 
 
@@ -268,8 +267,9 @@ def test_diverging_learning_rate_names_no_poisoned_checkpoint(tmp_path, kind):
     assert max(float(v.abs().max()) for v in poisoned.values() if v.is_floating_point()) > 1e4
     assert "ckpt_path=" not in message and "start the run again" in message
     assert "lower model.base_lr (now 1000000.0)" in message
-    # the autoencoders step their optimisers themselves: Lightning refuses trainer.gradient_clip_val
-    assert ("trainer.gradient_clip_val" in message) == (kind == "ldm")
+    # the autoencoders step their optimisers themselves and clip with their own setting
+    assert ("set trainer.gradient_clip_val" in message) == (kind == "ldm")
+    assert ("set model.gradient_clip_val" in message) == (kind == "autoencoder")
 
 
 def test_last_good_checkpoint_is_loaded_and_checked(tmp_path):

@@ -60,11 +60,21 @@ def out_of_memory_advice(trainer: pl.Trainer, batch_size: int, can_accumulate: b
         fix = ("lower data.batch_size and raise trainer.accumulate_grad_batches to keep the effective batch, e.g. "
                f"data.batch_size={max(batch_size // 2, 1)} trainer.accumulate_grad_batches={accumulate * 2}")
     else:
-        fix = "lower data.batch_size (this module steps its optimisers itself and cannot accumulate gradients)"
+        fix = (f"lower data.batch_size and raise model.accumulate_grad_batches (this module steps its optimisers "
+               f"itself), e.g. data.batch_size={max(batch_size // 2, 1)} model.accumulate_grad_batches=2")
     return (f"out of GPU memory with data.batch_size={batch_size} per device on {trainer.num_devices} device(s) x "
             f"{trainer.num_nodes} node(s) and trainer.accumulate_grad_batches={accumulate} (effective batch "
             f"{batch_size * trainer.world_size * accumulate}). To fit: {fix}; or train in bf16-mixed precision, "
             "with trainer=fsdp or activation checkpointing (docs/scaling.md)")
+
+
+def refuse_trainer_stepping(trainer_cfg: DictConfig) -> None:
+    """A module that steps its own optimisers (the autoencoders) takes accumulation and clipping as
+    model options: say so before Lightning refuses the trainer's."""
+    if trainer_cfg.get("accumulate_grad_batches", 1) != 1 or trainer_cfg.get("gradient_clip_val") is not None:
+        raise ValueError("this model steps its optimisers itself (manual optimisation): use model.accumulate_grad_batches "
+                         "and model.gradient_clip_val instead of trainer.accumulate_grad_batches / "
+                         "trainer.gradient_clip_val")
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -88,6 +98,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model = instantiate(cfg.model, _convert_="all")  # plain containers: weights_only checkpoints
     # The module can rebuild itself from this (sample.py, evaluate.py, fine-tuning).
     model.build_config = plain(cfg.model)
+    if not model.automatic_optimization:
+        refuse_trainer_stepping(cfg.trainer)
     callbacks = [*_instantiate_group(cfg.get("callbacks")), RunMetrics(out / "metrics.json")]
     loggers = _instantiate_group(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

@@ -33,15 +33,24 @@ class AutoencoderModule(BuildableModule):
     lpips: perceptual network for the validation LPIPS; defaults to the loss's perceptual net.
     nonfinite_loss: "stop" or "skip" (no optimiser step for that batch) on a NaN/inf loss
         (ldm.modules.nonfinite).
-    The optimisers are stepped here (manual optimisation), so Lightning refuses
-    trainer.accumulate_grad_batches and trainer.gradient_clip_val for this module.
+    accumulate_grad_batches: optimiser steps every this many batches, on the gradients of their
+        losses / k (both optimisers): the same update as one batch k times larger.
+    gradient_clip_val: clip each optimiser's gradient norm to this before its step (None: no clipping).
+    The optimisers are stepped here (manual optimisation), so Lightning refuses its own
+    trainer.accumulate_grad_batches and trainer.gradient_clip_val for this module: these two
+    take their place.
     """
 
     def __init__(self, first_stage: FirstStage, loss: nn.Module, base_lr: float = 4.5e-6, scale_lr: bool = True,
                  betas: tuple[float, float] = (0.5, 0.9), ema_decay: float | None = None,
                  rfid_extractor: FeatureExtractor | None = None, lpips: LPIPS | None = None,
-                 log_images: int = 8, nonfinite_loss: str = "stop"):
+                 log_images: int = 8, nonfinite_loss: str = "stop", accumulate_grad_batches: int = 1,
+                 gradient_clip_val: float | None = None):
         super().__init__()
+        if accumulate_grad_batches < 1:
+            raise ValueError(f"model.accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
+        if gradient_clip_val is not None and gradient_clip_val <= 0:
+            raise ValueError(f"model.gradient_clip_val must be > 0 (or null: no clipping), got {gradient_clip_val}")
         self.save_hyperparameters(ignore=["first_stage", "loss", "rfid_extractor", "lpips"])
         self.automatic_optimization = False
         self.first_stage, self.loss = first_stage, loss
@@ -51,7 +60,7 @@ class AutoencoderModule(BuildableModule):
         self._lpips = lpips if lpips is not None else getattr(loss, "perceptual_loss", None)
         self._rfid = FID(rfid_extractor) if rfid_extractor is not None else None
         self._val_batch: torch.Tensor | None = None
-        self.ae_steps = 0  # autoencoder updates; Lightning's global_step also counts discriminator steps
+        self.ae_steps = 0  # autoencoder optimiser steps; Lightning's global_step also counts discriminator steps
         self.nonfinite = NonFiniteGuard(nonfinite_loss)
 
     def __setattr__(self, name, value):
@@ -68,7 +77,8 @@ class AutoencoderModule(BuildableModule):
         return params
 
     def configure_optimizers(self):
-        lr = trainer_effective_lr(self, self.hparams.base_lr, self.hparams.scale_lr)
+        lr = trainer_effective_lr(self, self.hparams.base_lr, self.hparams.scale_lr,
+                                  accumulate=self.hparams.accumulate_grad_batches)
         betas = tuple(self.hparams.betas)
         ae_params, d_params = list(self._ae_parameters()), list(self.loss.discriminator.parameters())
         opt_ae = torch.optim.Adam(ae_params, lr=lr, betas=betas, **fast_optimizer_kwargs(ae_params))
@@ -99,27 +109,43 @@ class AutoencoderModule(BuildableModule):
     def training_step(self, batch: dict, batch_idx: int) -> None:
         x = batch["image"]
         opt_ae, opt_d = self.optimizers()
+        k = self.hparams.accumulate_grad_batches
+        disc_on = self.loss.disc_factor_at(self.ae_steps) > 0  # before disc_start the D loss is 0: skip the work
+        # The generator's loss runs through the discriminator: its parameters are frozen meanwhile,
+        # so the discriminator's (accumulated) gradients hold its own loss only.
+        self.toggle_optimizer(opt_ae)
         rec, reg, extra = self.reconstruct(x)
         last_layer = self.first_stage.decoder.last_layer
         ae_loss, log = self.loss(x, rec, reg, 0, self.ae_steps, last_layer=last_layer, split="train")
-        if not self.nonfinite.usable(self, ae_loss, "autoencoder loss"):
+        usable = self.nonfinite.usable(self, ae_loss, "autoencoder loss")
+        if usable:
+            self.manual_backward(ae_loss / k)
+        self.untoggle_optimizer(opt_ae)
+        if not usable:
             return
-        opt_ae.zero_grad(set_to_none=True)
-        self.manual_backward(ae_loss)
-        opt_ae.step()
-        if self.loss.disc_factor_at(self.ae_steps) > 0:  # before disc_start the D loss is 0: skip the work
+        if disc_on:
             d_loss, d_log = self.loss(x, rec.detach(), reg, 1, self.ae_steps, split="train")
             if self.nonfinite.usable(self, d_loss, "discriminator loss"):
-                opt_d.zero_grad(set_to_none=True)
-                self.manual_backward(d_loss)
-                opt_d.step()
+                self.manual_backward(d_loss / k)
                 log.update(d_log)
-        if self.ema is not None:
-            self.ema.update(self.first_stage)
-        self.ae_steps += 1
+        if (batch_idx + 1) % k == 0:
+            self._step(opt_ae)
+            if disc_on:
+                self._step(opt_d)
+            if self.ema is not None:
+                self.ema.update(self.first_stage)
+            self.ae_steps += 1
         log.update({f"train/{k}": v for k, v in extra.items()})
         self.log("train/rec_loss", log.pop("train/rec_loss"), prog_bar=True, batch_size=len(x))
         self.log_dict(log, batch_size=len(x))
+
+    def _step(self, optimizer) -> None:
+        """Clip (if configured), step and clear one optimiser's accumulated gradients."""
+        if self.hparams.gradient_clip_val is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.gradient_clip_val,
+                                gradient_clip_algorithm="norm")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     def on_validation_epoch_start(self) -> None:
         if self.ema is not None:

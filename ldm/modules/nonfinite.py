@@ -18,11 +18,12 @@ class NonFiniteLossError(RuntimeError):
 
 
 def divergence_advice(module: pl.LightningModule) -> str:
-    """Settings that keep a diverging run finite, for this module and run: trainer.gradient_clip_val
-    only where Lightning clips (automatic optimisation), skipping only on one process."""
+    """Settings that keep a diverging run finite, for this module and run: gradient clipping where
+    it is set (the trainer's under automatic optimisation, the autoencoders' own otherwise), skipping
+    only on one process."""
     fixes = [f"lower model.base_lr (now {module.hparams.get('base_lr')})"]
-    if module.automatic_optimization:
-        fixes.append("set trainer.gradient_clip_val (e.g. 1.0)")
+    owner = "trainer" if module.automatic_optimization else "model"
+    fixes.append(f"set {owner}.gradient_clip_val (e.g. 1.0)")
     if module.trainer.world_size == 1:
         fixes.append("set model.nonfinite_loss=skip to skip such batches")
     return ", ".join(fixes[:-1]) + " or " + fixes[-1] if len(fixes) > 1 else fixes[0]

@@ -14,15 +14,17 @@ def effective_lr(base_lr: float, scale_lr: bool, batch_size: int, world_size: in
     return base_lr * batch_size * world_size * accumulate if scale_lr else base_lr
 
 
-def trainer_effective_lr(module: pl.LightningModule, base_lr: float, scale_lr: bool) -> float:
+def trainer_effective_lr(module: pl.LightningModule, base_lr: float, scale_lr: bool,
+                         accumulate: int | None = None) -> float:
     """effective_lr with batch size, world size (nodes x devices) and accumulation taken from the
-    running trainer. Recorded in the module's hparams (and so in every checkpoint and the loggers'
+    running trainer (`accumulate`: a module that accumulates itself, under manual optimisation). Recorded in the module's hparams (and so in every checkpoint and the loggers'
     hyper-parameters) as `effective_lr` with the formula as `lr_scaling`, and logged as the metric
     `lr/effective` (the LR monitor's `lr-*` also follows warm-up)."""
     trainer = module.trainer
     datamodule = trainer.datamodule
     batch = getattr(datamodule, "batch_size", 1) if datamodule is not None else 1
-    nodes, world, accumulate = trainer.num_nodes, trainer.world_size, trainer.accumulate_grad_batches
+    nodes, world = trainer.num_nodes, trainer.world_size
+    accumulate = trainer.accumulate_grad_batches if accumulate is None else accumulate
     lr = effective_lr(base_lr, scale_lr, batch, world, accumulate)
     module.hparams["effective_lr"] = lr
     module.hparams["lr_scaling"] = (f"{base_lr} x {batch} batch x {world} GPUs ({nodes} nodes x {world // nodes}) x "

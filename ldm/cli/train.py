@@ -9,6 +9,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ProgressBar
 
 from ldm.callbacks.run_metrics import RunMetrics, scalar_metrics
 
@@ -79,6 +80,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # The module can rebuild itself from this (sample.py, evaluate.py, fine-tuning).
     model.build_config = plain(cfg.model)
     callbacks = [*_instantiate_group(cfg.get("callbacks")), RunMetrics(out / "metrics.json")]
+    if not cfg.trainer.get("enable_progress_bar", True):
+        # The flag alone turns the bar off: Lightning refuses a progress-bar callback with it.
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     loggers = _instantiate_group(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for lg in loggers:

@@ -19,7 +19,7 @@ from ldm.data.write import write_shards
 TOYS = sorted(f"toy/{p.stem}" for p in (CONFIGS / "experiment" / "toy").glob("*.yaml"))
 # small enough to fail fast if a run starts at all (debug=tiny would add data.synthetic counts)
 ONE_STEP = ["data.batch_size=2", "data.batches_per_epoch=1", "data.num_workers=0", "trainer.max_epochs=1",
-            "trainer.enable_progress_bar=false", "logger=csv"]
+            "logger=csv"]
 
 
 @pytest.mark.parametrize("experiment", TOYS)
@@ -37,11 +37,11 @@ def test_toy_experiments_on_shards_compose_to_a_real_data_config(tmp_path, exper
 
 def test_a_mistyped_train_path_never_creates_data(tmp_path):
     typo = tmp_path / "data" / "shapez-32" / "train"
-    cfg = compose("train", ["experiment=toy/ae_kl", "data=shards", f"data.train_urls={typo}", *ONE_STEP],
-                  tmp_path / "run", tmp_path / "data")
+    cfg = compose("train", ["experiment=toy/ae_kl", "data=shards", f"data.train_urls={typo}",
+                            f"data.val_urls={typo.parent / 'val'}", *ONE_STEP], tmp_path / "run", tmp_path / "data")
     with pytest.raises(FileNotFoundError, match="shapez-32/train"):
         train(cfg)
-    assert not typo.exists()
+    assert not typo.parent.exists()
     # a synthetic data config writes only into its own folder: another train_urls is refused
     cfg = compose("train", ["experiment=toy/ae_kl", f"data.train_urls={typo}", *ONE_STEP], tmp_path / "run",
                   tmp_path / "data")

@@ -5,9 +5,11 @@ import csv
 import io
 import json
 import logging
+import multiprocessing
 import os
 import re
 import signal
+import subprocess
 import tarfile
 import threading
 import time
@@ -493,3 +495,29 @@ def test_skipped_samples_are_logged_with_every_step_and_named_in_one_warning(tmp
     assert 0 < logged[3] < 4  # counted as it happens, not only at the end of the epoch
     (warning,) = [r for r in caplog.records if r.name == "ldm.callbacks.data_health"]
     assert f"skipped 1 sample(s): {tmp_path / 'a.tar'}: member 000000003.png" in warning.getMessage()
+
+
+class _SignalEveryProcess(pl.Callback):
+    """After the second batch, SIGTERM to the loader workers and to this process from another
+    process, as `timeout`, SLURM or a process-group kill deliver it."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == 1:
+            workers = [p for p in multiprocessing.active_children() if p.pid != os.getpid()]
+            assert workers, "the loader has a worker process"
+            # sent by another process: torch's workers exit quietly only on a SIGTERM from their parent
+            subprocess.run(["kill", "-TERM", *(str(w.pid) for w in workers), str(os.getpid())], check=True)
+            time.sleep(2)  # the main process goes on a moment (its step, last.ckpt)
+
+
+@pytest.mark.timeout(60)
+def test_a_stop_signal_to_every_process_stops_at_the_batch_boundary(tmp_path):
+    """A worker killed by the signal made torch raise "DataLoader worker ... is killed by signal"
+    in the main process, mid-step, instead of the Trainer's clean stop (and last.ckpt)."""
+    write_shards(SyntheticSource(8, 32, seed=0), tmp_path / "s", per_shard=4, progress=False)
+    dm = ShardDataModule(str(tmp_path / "s"), image_size=32, batch_size=2, num_workers=1, batches_per_epoch=1000,
+                         shuffle_buffer=1, crop="center")
+    model = _StepCounter()
+    with pytest.raises(SIGTERMException):
+        _trainer(callbacks=[_SignalEveryProcess()]).fit(model, datamodule=dm)
+    assert model.steps == 2

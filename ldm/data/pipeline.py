@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import os
 import random
 import signal
 import threading
@@ -353,6 +354,8 @@ class ShardStream(IterableDataset):
             yield self._collate(batch, counter)
 
     def __iter__(self) -> Iterator[dict]:
+        if get_worker_info() is not None:
+            _leave_stopping_to_the_main_process()
         worker, n_workers = self._worker()
         counter = SkipCounter(self.expected, self.max_consecutive_skips)
         rng = self._rng(worker, 1)
@@ -441,6 +444,17 @@ class EpochLoader(DataLoader):
 
 
 _END = object()
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
+
+
+def _leave_stopping_to_the_main_process() -> None:
+    """In a loader worker: a stop signal (SIGTERM, or SLURM's SIGUSR1) ends the worker with exit
+    code 0. `timeout`, SLURM and process-group kills signal every process of a run; a worker killed
+    by the signal would make torch's SIGCHLD handler raise in the main process, mid-step or while
+    the Preemption callback writes last.ckpt, where the Trainer would stop cleanly at the batch
+    boundary. After a stop signal the main process takes no more batches."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, lambda *_: os._exit(0))
 
 
 @contextmanager

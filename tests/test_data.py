@@ -456,7 +456,10 @@ def test_a_stop_signal_ends_a_run_that_gets_no_batch(tmp_path, workers):
     write_shards(_Renamed(8), tmp_path / "tif", per_shard=4, progress=False)
     dm = ShardDataModule(str(tmp_path / "tif"), image_size=32, batch_size=2, num_workers=workers,
                          batches_per_epoch=3, shuffle_buffer=1, max_consecutive_skips=10**12)
-    harmless = signal.signal(signal.SIGTERM, lambda *_: None)  # until Lightning's handler is in place
+    def harmless(*_):  # SIGTERM's handler until Lightning installs its own in fit
+        pass
+
+    previous = signal.signal(signal.SIGTERM, harmless)
 
     def send_once_lightning_listens():
         while signal.getsignal(signal.SIGTERM) is harmless:  # fit installs Lightning's handler
@@ -472,7 +475,7 @@ def test_a_stop_signal_ends_a_run_that_gets_no_batch(tmp_path, workers):
         with pytest.raises(SIGTERMException):
             _trainer().fit(model, datamodule=dm)
     finally:
-        signal.signal(signal.SIGTERM, harmless)
+        signal.signal(signal.SIGTERM, previous)
     assert model.steps == 0 and time.monotonic() - started < 30
 
 

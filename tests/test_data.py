@@ -4,17 +4,29 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
+import multiprocessing
+import os
+import re
+import signal
+import subprocess
 import tarfile
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 from PIL import Image
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from ldm.callbacks.data_health import DataHealth
 from ldm.data.datamodule import ShardDataModule
 from ldm.data.index import ShardIndex
-from ldm.data.pipeline import SampleDecoder, ShardStream, count_samples, expand_urls, make_loader
+from ldm.data.pipeline import (SampleDecoder, ShardStream, SkipLimitError, count_samples, expand_urls,
+                               make_loader)
 from ldm.data.sources import FolderSource, SyntheticSource, TarShardSource
 from ldm.data.synthetic import BACKGROUNDS, NUM_CLASSES, SHAPES, ShapesGenerator, class_label, describe_class
 from ldm.data.transforms import ImageTransform
@@ -249,7 +261,8 @@ def test_too_few_shards_for_workers_is_a_clear_error(tmp_path):
 def test_datamodule_writes_synthetic_shards(tmp_path):
     dm = ShardDataModule(str(tmp_path / "train"), str(tmp_path / "val"), image_size=32, batch_size=4,
                          num_workers=0, batches_per_epoch=3,
-                         synthetic={"train_samples": 20, "val_samples": 6, "resolution": 32, "per_shard": 10})
+                         synthetic={"dir": str(tmp_path), "train_samples": 20, "val_samples": 6, "resolution": 32,
+                                    "per_shard": 10})
     dm.prepare_data()
     assert ShardIndex.load(tmp_path / "train").total == 20
     assert ShardIndex.load(tmp_path / "val").total == 6
@@ -264,7 +277,7 @@ def test_datamodule_writes_synthetic_shards(tmp_path):
 def test_datamodule_synthetic_max_objects(tmp_path):
     """data.synthetic.max_objects = 1 writes single-object scenes (the quickstart's data), and a folder
     written with other settings is refused rather than mixed."""
-    spec = {"train_samples": 12, "val_samples": 4, "resolution": 32, "per_shard": 6}
+    spec = {"dir": str(tmp_path), "train_samples": 12, "val_samples": 4, "resolution": 32, "per_shard": 6}
     dm = ShardDataModule(str(tmp_path / "train"), str(tmp_path / "val"), image_size=32, batch_size=4,
                          num_workers=0, synthetic={**spec, "max_objects": 1})
     dm.prepare_data()
@@ -298,7 +311,8 @@ def test_synthetic_sizes_set_the_object_radius_and_are_recorded(tmp_path):
     with pytest.raises(ValueError, match="radii in"):
         ShapesGenerator(32, sizes={"huge": 0.6})
 
-    spec = {"train_samples": 6, "val_samples": 2, "resolution": 32, "per_shard": 6, "max_objects": 1}
+    spec = {"dir": str(tmp_path), "train_samples": 6, "val_samples": 2, "resolution": 32, "per_shard": 6,
+            "max_objects": 1}
     ShardDataModule(str(tmp_path / "train"), str(tmp_path / "val"), image_size=32, batch_size=2, num_workers=0,
                     synthetic={**spec, "sizes": {"large": 0.4}}).prepare_data()
     assert ShardIndex.load(tmp_path / "train").settings["sizes"] == {"large": 0.4}
@@ -310,3 +324,203 @@ def test_synthetic_sizes_set_the_object_radius_and_are_recorded(tmp_path):
     assert ShardIndex.load(tmp_path / "cli").settings["sizes"] == {"large": 0.4}
     with pytest.raises(SystemExit, match="WORD=RADIUS"):
         write_main(["synthetic", "--out", str(tmp_path / "bad"), "--n", "2", "--size", "large"])
+
+
+class _Renamed:
+    """A synthetic source whose PNG members are stored as `.tif`: images in a format the loader
+    does not read."""
+
+    classes = None
+
+    def __init__(self, n: int):
+        self.source = SyntheticSource(n, 32, seed=0)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def settings(self) -> dict:
+        return {**self.source.settings(), "renamed": "tif"}
+
+    def iter_from(self, start: int):
+        for members in self.source.iter_from(start):
+            yield {("tif" if ext == "png" else ext): data for ext, data in members.items()}
+
+
+class _StepCounter(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.steps = 0
+
+    def training_step(self, batch, _):
+        self.steps += 1
+        return (self.w - batch["image"].mean()) ** 2
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _trainer(**kwargs) -> pl.Trainer:
+    return pl.Trainer(**{"accelerator": "cpu", "devices": 1, "max_epochs": 1, "logger": False,
+                         "enable_checkpointing": False, "enable_progress_bar": False,
+                         "enable_model_summary": False, **kwargs})
+
+
+@pytest.mark.parametrize("size", [0, -4, 2.5])
+def test_batch_size_is_refused_when_the_datamodule_is_built(tmp_path, size):
+    with pytest.raises(ValueError, match=f"data.batch_size must be a positive integer, got {size}"):
+        ShardDataModule(str(tmp_path / "train"), batch_size=size)
+    with pytest.raises(ValueError, match="data.val_batch_size"):
+        ShardDataModule(str(tmp_path / "train"), batch_size=2, val_batch_size=size)
+    with pytest.raises(ValueError, match="data.batch_size"):
+        ShardStream(str(tmp_path / "train"), size, SampleDecoder(ImageTransform(32)), train=False)
+
+
+@pytest.mark.timeout(60)  # before the limit existed this stream spun for ever
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_stream_that_cannot_make_a_batch_stops_naming_the_shard_and_member(tmp_path, workers):
+    write_shards(_Renamed(8), tmp_path / "tif", per_shard=4, progress=False)
+    stream = ShardStream(str(tmp_path / "tif"), 2, SampleDecoder(ImageTransform(32)), train=True,
+                         batches_per_epoch=3, shuffle_buffer=1, max_consecutive_skips=20)
+    with pytest.raises(SkipLimitError) as err:
+        next(iter(make_loader(stream, workers)))
+    message = str(err.value)
+    assert "20 samples or shards in a row were skipped (data.max_consecutive_skips=20)" in message
+    assert re.search(r"shard-00000[01]\.tar: sample \d{9} has no image member", message)
+    assert re.search(r"its members: \d{9}\.tif, \d{9}\.txt", message)
+
+
+def _cut_inside(shard: Path, member: str) -> None:
+    """Truncate `shard` in the padding after the data of `member` (a cut a .txt usually gets)."""
+    with tarfile.open(shard) as tar:
+        info = tar.getmember(member)
+    shard.write_bytes(shard.read_bytes()[:info.offset_data + info.size + 10])
+
+
+def test_a_cut_shard_counts_every_sample_it_lost_and_names_the_cut_one(tmp_path):
+    write_shards(SyntheticSource(60, 32, seed=0), tmp_path / "s", per_shard=30, progress=False)
+    cut = tmp_path / "s" / "shard-000000.tar"
+    _cut_inside(cut, "000000005.txt")  # samples 0-4 whole, 5 loses its .txt tail, 6-29 are gone
+    # the shards' index.json says 30 each: the 25 lost samples are all counted; a cut shard is one
+    # skip in a row, however many samples it lost
+    stream = ShardStream(str(tmp_path / "s"), 7, SampleDecoder(ImageTransform(32)), train=False,
+                         max_consecutive_skips=2)
+    batches = list(make_loader(stream, 0))
+    keys = [k for b in batches for k in b["__key__"]]
+    assert keys == [f"{i:09d}" for i in [*range(5), *range(30, 60)]]
+    assert all(c for b in batches for c in b["caption"])  # no sample came out without its caption
+    assert sum(b["skipped"] for b in batches) == 25
+    (where,) = [w for b in batches for w in b["skipped_where"]]
+    assert f"{cut}: 25 of its 30 samples (index.json) lost after 5" in where
+    assert "while reading sample 000000005" in where and "000000005.txt" in where
+    # without an index (a pipe) the number lost is unknown: the sample cut counts, and is dropped
+    piped = ShardStream([f"pipe:cat {cut}"], 7, SampleDecoder(ImageTransform(32)), train=False)
+    batches = list(make_loader(piped, 0))
+    assert [k for b in batches for k in b["__key__"]] == [f"{i:09d}" for i in range(5)]
+    assert sum(b["skipped"] for b in batches) == 1
+    assert "an unknown number of samples lost after 5" in batches[-1]["skipped_where"][0]
+
+
+def test_a_shard_that_ends_early_without_damage_counts_its_missing_samples(tmp_path):
+    """A shard cut exactly between two samples reads as a whole tar; its index count tells."""
+    write_shards(SyntheticSource(20, 32, seed=0), tmp_path / "s", per_shard=10, progress=False)
+    shard = tmp_path / "s" / "shard-000001.tar"
+    with tarfile.open(shard) as tar:
+        end = tar.getmember("000000016.png").offset  # samples 10-15 whole, nothing of 16-19
+    shard.write_bytes(shard.read_bytes()[:end])
+    # 5 batches of 4: one pass over the 16 samples left, and 4 of the next
+    stream = ShardStream(str(tmp_path / "s"), 4, SampleDecoder(ImageTransform(32)), train=True,
+                         batches_per_epoch=5, shuffle_buffer=1)
+    batches = list(make_loader(stream, 0))
+    assert sum(b["skipped"] for b in batches) == 4
+    (where,) = [w for b in batches for w in b["skipped_where"]]
+    assert where == f"{shard}: 4 of its 10 samples (index.json) lost after 6: the tar stream ended early"
+
+
+def test_too_few_shards_are_refused_before_the_first_training_step(tmp_path):
+    write_shards(SyntheticSource(12, 32, seed=0), tmp_path / "s", per_shard=4, progress=False)  # 3 shards
+    dm = ShardDataModule(str(tmp_path / "s"), image_size=32, batch_size=2, num_workers=4, batches_per_epoch=6,
+                         shuffle_buffer=1, crop="center", resampled=False)
+    model = _StepCounter()
+    with pytest.raises(ValueError, match=r"3 shards cannot be split over 1 rank\(s\) x 4 worker\(s\)"):
+        _trainer().fit(model, datamodule=dm)
+    assert model.steps == 0
+
+
+@pytest.mark.timeout(60)  # before the fix the run went on until killed
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_stop_signal_ends_a_run_that_gets_no_batch(tmp_path, workers):
+    """SIGTERM reaches Lightning's handler, which only stops at the next batch boundary: a run
+    waiting for a batch that never comes must stop too (here shards with no readable image, and a
+    skip limit too high to end the run first)."""
+    write_shards(_Renamed(8), tmp_path / "tif", per_shard=4, progress=False)
+    dm = ShardDataModule(str(tmp_path / "tif"), image_size=32, batch_size=2, num_workers=workers,
+                         batches_per_epoch=3, shuffle_buffer=1, max_consecutive_skips=10**12)
+    def harmless(*_):  # SIGTERM's handler until Lightning installs its own in fit
+        pass
+
+    previous = signal.signal(signal.SIGTERM, harmless)
+
+    def send_once_lightning_listens():
+        while signal.getsignal(signal.SIGTERM) is harmless:  # fit installs Lightning's handler
+            time.sleep(0.05)
+        time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    sender = threading.Thread(target=send_once_lightning_listens, daemon=True)
+    model = _StepCounter()
+    started = time.monotonic()
+    try:
+        sender.start()
+        with pytest.raises(SIGTERMException):
+            _trainer().fit(model, datamodule=dm)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert model.steps == 0 and time.monotonic() - started < 30
+
+
+def test_skipped_samples_are_logged_with_every_step_and_named_in_one_warning(tmp_path, caplog):
+    """1 shard of 10 samples, 3 and 7 corrupt, read in order (shuffle_buffer 1) in batches of 2: the
+    running total reaches data/skipped at every logged step, and the first skip is named (shard,
+    sample, member) in a warning; later ones wait for the warning interval."""
+    _write_with_corrupt_member(tmp_path / "a.tar", 10, corrupt={3, 7})
+    dm = ShardDataModule(str(tmp_path / "a.tar"), image_size=32, batch_size=2, num_workers=0, batches_per_epoch=8,
+                         shuffle_buffer=1, crop="center", resampled=True)
+    logger = pl.loggers.CSVLogger(tmp_path, name="csv", version=0)
+    trainer = _trainer(logger=logger, log_every_n_steps=1, callbacks=[DataHealth(warn_interval_s=3600)])
+    with caplog.at_level(logging.WARNING, logger="ldm.callbacks.data_health"):
+        trainer.fit(_StepCounter(), datamodule=dm)
+    with (tmp_path / "csv" / "version_0" / "metrics.csv").open() as fh:
+        rows = [row for row in csv.DictReader(fh) if row.get("data/skipped")]
+    logged = [float(row["data/skipped"]) for row in rows]
+    # 16 samples used: one pass (2 skipped) and 8 of the next (its two corrupt ones among them)
+    assert len(logged) == 8 and logged == sorted(logged) and logged[0] == 0 and logged[-1] == 4
+    assert 0 < logged[3] < 4  # counted as it happens, not only at the end of the epoch
+    (warning,) = [r for r in caplog.records if r.name == "ldm.callbacks.data_health"]
+    assert f"skipped 1 sample(s): {tmp_path / 'a.tar'}: member 000000003.png" in warning.getMessage()
+
+
+class _SignalEveryProcess(pl.Callback):
+    """After the second batch, SIGTERM to the loader workers and to this process from another
+    process, as `timeout`, SLURM or a process-group kill deliver it."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == 1:
+            workers = [p for p in multiprocessing.active_children() if p.pid != os.getpid()]
+            assert workers, "the loader has a worker process"
+            # sent by another process: torch's workers exit quietly only on a SIGTERM from their parent
+            subprocess.run(["kill", "-TERM", *(str(w.pid) for w in workers), str(os.getpid())], check=True)
+            time.sleep(2)  # the main process goes on a moment (its step, last.ckpt)
+
+
+@pytest.mark.timeout(60)
+def test_a_stop_signal_to_every_process_stops_at_the_batch_boundary(tmp_path):
+    """A worker killed by the signal made torch raise "DataLoader worker ... is killed by signal"
+    in the main process, mid-step, instead of the Trainer's clean stop (and last.ckpt)."""
+    write_shards(SyntheticSource(8, 32, seed=0), tmp_path / "s", per_shard=4, progress=False)
+    dm = ShardDataModule(str(tmp_path / "s"), image_size=32, batch_size=2, num_workers=1, batches_per_epoch=1000,
+                         shuffle_buffer=1, crop="center")
+    model = _StepCounter()
+    with pytest.raises(SIGTERMException):
+        _trainer(callbacks=[_SignalEveryProcess()]).fit(model, datamodule=dm)
+    assert model.steps == 2

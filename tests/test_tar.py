@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from ldm.data.tar import TarFormatError, tar_members, tar_samples
+from ldm.data.tar import DamagedShard, TarFormatError, tar_members, tar_samples
 
 
 def _write(path: Path, fmt: int, mode: str, name_len: int, n: int = 3) -> None:
@@ -46,20 +46,32 @@ def test_pipe_urls_and_member_order(tmp_path):
     assert [s["__key__"] for s in piped] == [f"part/kkkkk{i:03d}" for i in range(3)]
 
 
-def test_damaged_shard_goes_to_the_handler_and_the_next_shard_is_read(tmp_path):
+# A sample of _write is 4096 bytes: .txt (header + 9 bytes padded to 512), .json (header + 1200
+# bytes in 3 blocks), .cls (header + 1 block). Cuts inside the second sample: in the padding of its
+# .txt (its first member) and in the data of its .json.
+@pytest.mark.parametrize("member,end", [("txt", 4096 + 512 + 100), ("json", 4096 + 1024 + 512 + 700)])
+def test_damaged_shard_goes_to_the_handler_and_the_next_shard_is_read(tmp_path, member, end):
     good, cut, garbage = tmp_path / "good.tar", tmp_path / "cut.tar", tmp_path / "garbage.tar"
     _write(good, tarfile.GNU_FORMAT, "w", name_len=5)
-    cut.write_bytes(good.read_bytes()[:1500])  # ends inside a member's data
+    cut.write_bytes(good.read_bytes()[:end])
     garbage.write_bytes(b"this is not a tar file" * 100)
     with open(garbage, "rb") as fh, pytest.raises(TarFormatError, match="tar header"):
         list(tar_members(fh))
     errors: list[Exception] = []
     samples = list(tar_samples([{"url": str(p)} for p in (cut, garbage, good)],
                                lambda exn: errors.append(exn) is None))
-    # the cut shard's complete first sample, then the good shard: 1 + 3
-    assert [s["__url__"] for s in samples] == [str(cut)] + [str(good)] * 3
-    assert len(errors) == 2 and all(isinstance(e, TarFormatError) for e in errors)
-    assert str(cut) in errors[0].args and str(garbage) in errors[1].args
+    # the cut shard's complete first sample (the one it cut is dropped, not yielded captionless),
+    # then the good shard: 1 + 3
+    assert [(s["__url__"], s["__key__"]) for s in samples] == [(str(cut), "part/kkkkk000")] + [
+        (str(good), f"part/kkkkk{i:03d}") for i in range(3)]
+    assert sorted(k for k in samples[0] if not k.startswith("__")) == ["cls", "json", "txt"]
+    assert len(errors) == 2 and all(isinstance(e, DamagedShard) for e in errors)
+    assert (errors[0].url, errors[0].samples, errors[0].key) == (str(cut), 1, "part/kkkkk001")
+    assert (errors[1].url, errors[1].samples, errors[1].key) == (str(garbage), 0, None)
+    assert str(cut) in str(errors[0]) and str(garbage) in str(errors[1])
+    assert f"ends inside member part/kkkkk001.{member}" in str(errors[0])
+    with pytest.raises(DamagedShard, match="while reading sample part/kkkkk001"):  # a raising handler
+        list(tar_samples([{"url": str(cut)}], wds.reraise_exception))
 
 
 def test_grouping_follows_webdatasets_naming_rules(tmp_path):

@@ -23,6 +23,7 @@ import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
+from ldm.data.pipeline import BOOKKEEPING_KEYS
 from ldm.first_stage.identity import IdentityFirstStage
 from ldm.first_stage.kl import AutoencoderKL
 from ldm.first_stage.vq import AutoencoderVQ
@@ -31,7 +32,7 @@ from ldm.metrics.features import FeatureExtractor
 from ldm.modules.latent_diffusion import LatentDiffusion
 
 # Batch entries that are never conditions: the target images and the pipeline's bookkeeping.
-_NOT_CONDITIONS = ("image", "skipped")
+_NOT_CONDITIONS = ("image", *BOOKKEEPING_KEYS)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ProgressBar
 
 from ldm.callbacks.run_metrics import RunMetrics, scalar_metrics
 from ldm.utils.run_checkpoints import newest_checkpoint
@@ -101,6 +102,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if not model.automatic_optimization:
         refuse_trainer_stepping(cfg.trainer)
     callbacks = [*_instantiate_group(cfg.get("callbacks")), RunMetrics(out / "metrics.json")]
+    if not cfg.trainer.get("enable_progress_bar", True):
+        # The flag alone turns the bar off: Lightning refuses a progress-bar callback with it.
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     loggers = _instantiate_group(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for lg in loggers:

@@ -3,12 +3,13 @@ object-store URLs), optionally writing the built-in synthetic shards first."""
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytorch_lightning as pl
 
 from ldm.data.latents import encode_shards
-from ldm.data.pipeline import SampleDecoder, ShardStream, make_loader
+from ldm.data.pipeline import SampleDecoder, ShardStream, check_positive, make_loader
 from ldm.data.sources import SyntheticSource
 from ldm.data.transforms import ImageTransform
 from ldm.data.write import write_shards
@@ -18,18 +19,22 @@ class ShardDataModule(pl.LightningDataModule):
     """Training and validation batches from shards.
 
     Batches are dicts: `image` (float NCHW in [-1, 1]), `caption` (list of str),
-    `class_label` (long, -1 when a sample has none), `skipped` (samples dropped as unreadable
-    since the previous batch) and any `extra_keys` ({meta: json}: the .json metadata as dicts).
-    Latent cache shards (ldm.data.latents) give `moments` and `__url__` in place of `image`.
+    `class_label` (long, -1 when a sample has none), `skipped` (samples dropped as unusable
+    since the previous batch), `skipped_where` (a tuple describing a few of them) and any
+    `extra_keys` ({meta: json}: the .json metadata as dicts). Latent cache shards
+    (ldm.data.latents) give `moments` and `__url__` in place of `image`. A stream that skips
+    `max_consecutive_skips` samples in a row stops the run with an error (docs/data.md).
 
     `batch_transforms`: callables batch -> batch run in the loader workers after collation
     (ldm.data.degradations: SR low-res inputs, inpainting masks).
 
-    `synthetic`, when given, names the built-in dataset to write into `train_urls` and
-    `val_urls` (both then folders) before training, e.g.
-    {train_samples: 2000, val_samples: 256, resolution: 64, seed: 0, per_shard: 100, max_objects: 3,
-    sizes: null} (max_objects 1: single-object scenes; sizes {large: 0.4}: one object size that
-    nearly fills the image, the quickstart's data; null: ldm.data.synthetic.SIZES).
+    `synthetic`, when given, asks for the built-in shapes dataset to be written before training
+    into the folder `dir` (`<dir>/train`, and `<dir>/val` when val_urls is set), e.g.
+    {dir: data/shapes-64, train_samples: 2000, val_samples: 256, resolution: 64, seed: 0,
+    per_shard: 100, max_objects: 3, sizes: null} (max_objects 1: single-object scenes; sizes
+    {large: 0.4}: one object size that nearly fills the image, the quickstart's data; null:
+    ldm.data.synthetic.SIZES). `train_urls` / `val_urls` must then be exactly those folders: shapes
+    are written only where the spec says, never into a path given for other data.
 
     `latent_cache`, when its first_stage is set, encodes the training shards once with that
     trained first stage (ldm.data.latents, resumable) and trains from the cache, so the encoder
@@ -45,13 +50,21 @@ class ShardDataModule(pl.LightningDataModule):
                  resampled: bool = False, seed: int = 0, crop: str = "random", flip: bool = False,
                  val_max_samples: int | None = None, extra_keys: dict[str, str] | None = None,
                  synthetic: dict | None = None, batch_transforms: list | None = None,
-                 latent_cache: dict | None = None):
+                 latent_cache: dict | None = None, max_consecutive_skips: int = 1000):
         super().__init__()
+        check_positive("batch_size", batch_size)
+        check_positive("val_batch_size", val_batch_size, allow_none=True)
+        check_positive("batches_per_epoch", batches_per_epoch)
+        check_positive("max_consecutive_skips", max_consecutive_skips)
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"data.num_workers must be an integer >= 0, got {num_workers!r}")
         self.train_urls, self.val_urls = train_urls, val_urls
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.batches_per_epoch = num_workers, batches_per_epoch
         self.shuffle_buffer, self.resampled, self.seed = shuffle_buffer, resampled, seed
-        self.val_max_samples, self.synthetic = val_max_samples, synthetic
+        self.max_consecutive_skips = max_consecutive_skips
+        self.val_max_samples = val_max_samples
+        self.synthetic = _check_synthetic(synthetic, train_urls, val_urls)
         self.train_decoder = SampleDecoder(ImageTransform(image_size, crop, flip), dict(extra_keys or {}))
         self.val_decoder = SampleDecoder(ImageTransform(image_size, "center", False), dict(extra_keys or {}))
         self.image_size = image_size
@@ -60,22 +73,21 @@ class ShardDataModule(pl.LightningDataModule):
                                                 self.batch_transforms)
 
     def _write_synthetic(self) -> None:
-        if not self.synthetic:
+        if self.synthetic is None:
             return
         spec = dict(self.synthetic)
-        per_shard = spec.pop("per_shard", 100)
-        resolution, seed = spec.pop("resolution", self.image_size), spec.pop("seed", 0)
-        max_objects, sizes = spec.pop("max_objects", 3), spec.pop("sizes", None)
-        splits = [(self.train_urls, spec.pop("train_samples"), seed)]
+        root, seed = Path(spec["dir"]), spec["seed"]
+        splits = [("train", spec["train_samples"], seed)]
         if self.val_urls is not None:
-            splits.append((self.val_urls, spec.pop("val_samples"), seed + 1_000_003))  # disjoint from train
-        if spec:
-            raise ValueError(f"unknown data.synthetic keys: {sorted(spec)}")
-        for folder, n, split_seed in splits:
-            if not _is_plain_folder(folder):
-                raise ValueError(f"with data.synthetic, data urls must be plain folders, got {folder!r}")
-            source = SyntheticSource(n, resolution, split_seed, max_objects=max_objects, sizes=sizes)
-            write_shards(source, Path(folder), per_shard=per_shard)
+            splits.append(("val", spec["val_samples"], seed + 1_000_003))  # disjoint from train
+        for split, n, split_seed in splits:
+            source = SyntheticSource(n, spec["resolution"] or self.image_size, split_seed,
+                                     max_objects=spec["max_objects"], sizes=spec["sizes"])
+            try:
+                write_shards(source, root / split, per_shard=spec["per_shard"])
+            except FileExistsError as err:  # other settings wrote this folder
+                raise FileExistsError(f"{err}\n(from data.synthetic: delete {root / split} to write it anew, or set "
+                                      "data.synthetic.dir to another folder)") from err
 
     def prepare_data(self) -> None:
         """Write the synthetic shards and the latent cache when configured (both resume; no-ops
@@ -94,12 +106,12 @@ class ShardDataModule(pl.LightningDataModule):
         stream = ShardStream(urls, self.batch_size, self.train_decoder, train=True, rank=rank,
                              world_size=world, seed=self.seed, batches_per_epoch=self.batches_per_epoch,
                              shuffle_buffer=self.shuffle_buffer, resampled=self.resampled,
-                             batch_transforms=self.batch_transforms)
+                             batch_transforms=self.batch_transforms, max_consecutive_skips=self.max_consecutive_skips)
         # Epochs whose training batches all ran. Unlike current_epoch this already counts an epoch
         # whose end hooks (and checkpoint) ran, so resuming from an end-of-epoch checkpoint starts
         # the next epoch's shuffle. (A mid-epoch resume is set by the loader's own state.)
         start_epoch = self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else 0
-        return make_loader(stream, self.num_workers, start_epoch=start_epoch)
+        return make_loader(stream, self.num_workers, start_epoch=start_epoch, stop_requested=self._stop_requested)
 
     def val_dataloader(self):
         if self.val_urls is None:
@@ -107,13 +119,48 @@ class ShardDataModule(pl.LightningDataModule):
         rank, world = self._rank_world()
         stream = ShardStream(self.val_urls, self.val_batch_size, self.val_decoder, train=False, rank=rank,
                              world_size=world, seed=self.seed, max_samples=self.val_max_samples,
-                             batch_transforms=self.batch_transforms)
-        return make_loader(stream, min(self.num_workers, 1))
+                             batch_transforms=self.batch_transforms, max_consecutive_skips=self.max_consecutive_skips)
+        return make_loader(stream, min(self.num_workers, 1), stop_requested=self._stop_requested)
+
+    def _stop_requested(self) -> bool:
+        """Whether the Trainer got SIGTERM (its loop only looks at the next batch boundary)."""
+        return self.trainer is not None and self.trainer.received_sigterm
 
 
 def _is_plain_folder(urls) -> bool:
     """One local folder: not a list, brace pattern, `pipe:` command or URL."""
     return isinstance(urls, str) and not any(c in urls for c in "{}:")
+
+
+_SYNTHETIC_DEFAULTS = {"val_samples": None, "resolution": None, "seed": 0, "per_shard": 100, "max_objects": 3,
+                       "sizes": None}
+
+
+def _check_synthetic(spec: dict | None, train_urls, val_urls) -> dict | None:
+    """The synthetic spec with its defaults, or None; refuses one that does not say where it writes,
+    or whose folders are not the ones the run reads (a mistyped path must not fill a new folder)."""
+    if spec is None:
+        return None
+    unknown = set(spec) - set(_SYNTHETIC_DEFAULTS) - {"dir", "train_samples"}
+    if unknown:
+        raise ValueError(f"unknown data.synthetic keys: {sorted(unknown)}")
+    if not spec.get("dir"):  # e.g. sample counts of a debug preset merged into data=shards
+        raise ValueError(f"data.synthetic sets {sorted(k for k, v in spec.items() if v is not None)} but no dir, the "
+                         "folder to write the built-in shapes into: only the synthetic data configs (data=shapes, "
+                         "shapes_toy, shapes_single, shapes_large) write data. For your own shards set "
+                         "data.synthetic=null")
+    spec = {**_SYNTHETIC_DEFAULTS, **spec}
+    splits = {"train": (train_urls, "train_samples")}
+    if val_urls is not None:
+        splits["val"] = (val_urls, "val_samples")
+    for split, (urls, count) in splits.items():
+        folder = Path(spec["dir"]) / split
+        if not _is_plain_folder(urls) or os.path.abspath(urls) != os.path.abspath(folder):
+            raise ValueError(f"data.{split}_urls={urls!r} is not the folder data.synthetic writes ({folder}). The "
+                             "built-in shapes are written only into data.synthetic.dir: set data.synthetic.dir to "
+                             "write them elsewhere, or train on existing shards with data=shards (data.synthetic=null)")
+        check_positive(f"synthetic.{count}", spec.get(count))
+    return spec
 
 
 _CACHE_DEFAULTS = {"dir": None, "per_shard": 250, "dtype": "float16", "batch_size": 64}

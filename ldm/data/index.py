@@ -43,21 +43,29 @@ class ShardIndex:
         return cls(settings=data["settings"], shards=dict(data["shards"]), classes=data.get("classes"))
 
 
+def shard_counts(urls: list[str]) -> dict[str, int]:
+    """Samples per shard, from their folders' index files, for the local shards of `urls` that an
+    index lists (remote, `pipe:` and unlisted shards are left out)."""
+    counts: dict[str, int] = {}
+    indices: dict[Path, ShardIndex | None] = {}
+    for url in urls:
+        if "://" in url or url.startswith("pipe:"):
+            continue
+        path = Path(url)
+        if path.parent not in indices:
+            indices[path.parent] = ShardIndex.load(path.parent)
+        index = indices[path.parent]
+        if index is not None and path.name in index.shards:
+            counts[url] = index.shards[path.name]
+    return counts
+
+
 def count_from_index(urls: list[str]) -> int | None:
     """Samples in the local shards `urls` according to their folders' index files.
 
     None when any shard is remote, or not listed in an index (the caller then counts by reading).
     """
-    total = 0
-    indices: dict[Path, ShardIndex | None] = {}
-    for url in urls:
-        if "://" in url or url.startswith("pipe:"):
-            return None
-        path = Path(url)
-        if path.parent not in indices:
-            indices[path.parent] = ShardIndex.load(path.parent)
-        index = indices[path.parent]
-        if index is None or path.name not in index.shards:
-            return None
-        total += index.shards[path.name]
-    return total
+    counts = shard_counts(urls)
+    if not all(url in counts for url in urls):
+        return None
+    return sum(counts[url] for url in urls)

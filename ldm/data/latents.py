@@ -39,7 +39,7 @@ from ldm.data.pipeline import IMAGE_KEYS, MOMENTS_KEY, SampleDecoder, count_samp
 from ldm.data.sources import Members
 from ldm.data.transforms import ImageTransform
 from ldm.data.tar import tar_samples
-from ldm.data.write import write_shards
+from ldm.data.write import CLI_EXISTS_ADVICE, write_shards
 from ldm.first_stage.base import FirstStage, Posterior
 from ldm.first_stage.distributions import DeterministicLatent, DiagonalGaussian
 from ldm.first_stage.kl import AutoencoderKL
@@ -350,10 +350,13 @@ def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
     args = _parser().parse_args(argv)
     t0 = time.time()
-    index = encode_shards(args.first_stage, args.shards, args.out, image_size=args.image_size,
-                          batch_size=args.batch_size, device=args.device, dtype=args.dtype, workers=args.workers,
-                          per_shard=args.per_shard, prefix=args.prefix, overwrite=args.overwrite,
-                          progress=not args.quiet)
+    try:
+        index = encode_shards(args.first_stage, args.shards, args.out, image_size=args.image_size,
+                              batch_size=args.batch_size, device=args.device, dtype=args.dtype, workers=args.workers,
+                              per_shard=args.per_shard, prefix=args.prefix, overwrite=args.overwrite,
+                              progress=not args.quiet)
+    except FileExistsError as err:
+        raise SystemExit(f"{err}: {CLI_EXISTS_ADVICE}") from err
     s = index.settings
     print(f"{index.total} samples in {len(index.shards)} shards under {args.out}: {s['kind']} moments of "
           f"f = {s['f']}, {s['latent_channels']} latent channels, {s['dtype']} "

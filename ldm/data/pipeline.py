@@ -9,14 +9,23 @@ Rank and world size are passed in explicitly (the datamodule takes them from the
 workers are found with torch.utils.data.get_worker_info(). All randomness is seeded from
 (seed, epoch, rank, worker), so a stream is reproducible, and a training stream can restart
 mid-epoch exactly where it stopped (EpochLoader.state_dict, saved in Lightning checkpoints).
+
+A sample that cannot be used is skipped and counted, never fatal on its own (SkipCounter): each
+batch carries the samples skipped since the previous one (`skipped`) and where (`skipped_where`).
+A stream whose skips come `max_consecutive_skips` in a row, with no usable sample between them,
+cannot make a batch and stops with an error naming the last shard and sample.
 """
 from __future__ import annotations
 
 import io
 import itertools
 import json
+import os
 import random
+import signal
+import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,15 +33,20 @@ import numpy as np
 import torch
 import webdataset as wds
 from braceexpand import braceexpand
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ldm.data.index import ShardIndex, count_from_index
-from ldm.data.tar import tar_samples
+from ldm.data.index import ShardIndex, count_from_index, shard_counts
+from ldm.data.tar import DamagedShard, DuplicateMember, tar_samples
 from ldm.data.transforms import ImageTransform
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp")
 # A latent cache sample (ldm.data.latents) holds first-stage moments in place of the image.
 MOMENTS_KEY = "moments.npy"
+# Batch entries that are the pipeline's bookkeeping, not sample data.
+BOOKKEEPING_KEYS = ("skipped", "skipped_where")
+# Skips described per batch in `skipped_where` (the count is always complete).
+WHERE_PER_BATCH = 3
 
 
 def has_payload(raw: dict) -> bool:
@@ -73,23 +87,79 @@ def count_samples(urls: list[str]) -> int:
     return sum(1 for s in stream if has_payload(s))
 
 
+def check_positive(name: str, value, allow_none: bool = False) -> None:
+    """Refuse a count that is not a positive integer, naming the config key (`data.<name>`)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"data.{name} must be a positive integer, got {value!r}")
+
+
+class SkipLimitError(RuntimeError):
+    """A stream skipped `max_consecutive_skips` samples in a row: it cannot make a batch."""
+
+
 @dataclass
 class SkipCounter:
-    """Samples dropped since the last emitted one (attached to the next batch as `skipped`)."""
+    """The samples a stream dropped since its last batch, one count per sample.
 
+    A sample that fails to decode counts 1. A shard that cannot be opened, or that breaks off or
+    ends early, counts the samples of it that were lost: its index.json count (`expected`) minus
+    the complete samples read, or 1 when there is no index to say. Each of these events is one
+    skip in a row; `limit` skips in a row with no usable sample between them raise SkipLimitError.
+    """
+
+    expected: dict[str, int] = field(default_factory=dict)  # shard URL -> samples (index.json)
+    limit: int | None = None
     pending: int = 0
+    where: list[str] = field(default_factory=list)
+    in_a_row: int = 0
+    _broken: dict[str, Exception] = field(default_factory=dict)  # shard URL -> why it stopped
 
-    def count(self) -> None:
-        self.pending += 1
+    def skip(self, n: int, where: str) -> None:
+        """Count `n` samples lost at `where` (one skip in a row)."""
+        self.pending += n
+        if len(self.where) < WHERE_PER_BATCH:
+            self.where.append(where)
+        self.in_a_row += 1
+        if self.limit is not None and self.in_a_row >= self.limit:
+            raise SkipLimitError(
+                f"{self.in_a_row} samples or shards in a row were skipped (data.max_consecutive_skips="
+                f"{self.limit}) and none gave a usable sample, so this stream cannot make a batch. The last: "
+                f"{where}. Check that the shards are whole tar files whose samples hold an image "
+                f"({', '.join('.' + k for k in IMAGE_KEYS)}) or the {MOMENTS_KEY} of a latent cache (docs/data.md)")
+
+    def kept(self) -> None:
+        """A sample made it into a batch: the run of skips is over."""
+        self.in_a_row = 0
 
     def handler(self, exn: Exception) -> bool:
-        """webdataset exception handler (unreadable tar member or stream): count, continue."""
-        self.count()
+        """webdataset-style exception handler of the tar reader: note why a shard broke off (counted
+        by `shard_done`), continue."""
+        if isinstance(exn, DuplicateMember):
+            return True  # the sample keeps its first copy of the member: nothing lost
+        url = exn.url if isinstance(exn, DamagedShard) else str(exn.args[-1]) if exn.args else "?"
+        self._broken[url] = exn  # an unopenable shard: webdataset's opener appends the URL to args
         return True
 
-    def take(self) -> int:
-        n, self.pending = self.pending, 0
-        return n
+    def shard_done(self, url: str, samples: int) -> None:
+        """`samples` complete samples came out of shard `url`: count what it lost."""
+        broken = self._broken.pop(url, None)
+        expected = self.expected.get(url)
+        if expected is not None:
+            if samples < expected:
+                why = f"{broken}" if broken is not None else "the tar stream ended early"
+                self.skip(expected - samples, f"{url}: {expected - samples} of its {expected} samples "
+                                              f"(index.json) lost after {samples}: {why}")
+        elif broken is not None:
+            self.skip(1, f"{url}: an unknown number of samples lost after {samples} (no index.json "
+                         f"count): {type(broken).__name__}: {broken}")
+
+    def take(self) -> tuple[int, tuple[str, ...]]:
+        """(samples skipped, where) since the last call; resets both."""
+        n, where = self.pending, tuple(self.where)
+        self.pending, self.where = 0, []
+        return n, where
 
 
 @dataclass
@@ -109,24 +179,34 @@ class SampleDecoder:
     def __call__(self, raw: dict, rng: random.Random) -> dict:
         key = next((k for k in IMAGE_KEYS if k in raw), None)
         if key is None and MOMENTS_KEY not in raw:
-            raise ValueError(f"sample {raw.get('__key__')} in {raw.get('__url__')} has no image member "
-                             f"(nor the {MOMENTS_KEY} of a latent cache)")
+            members = ", ".join(f"{raw.get('__key__')}.{k}" for k in raw if not k.startswith("__")) or "none"
+            raise ValueError(f"sample {raw.get('__key__')} has no image member "
+                             f"({', '.join('.' + k for k in IMAGE_KEYS)}) nor the {MOMENTS_KEY} of a latent "
+                             f"cache; its members: {members}")
         sample: dict = {}
         if key is not None:
-            sample["image"] = self.transform.decode(raw[key], rng)
+            sample["image"] = _member(raw, key, lambda data: self.transform.decode(data, rng))
         if MOMENTS_KEY in raw:
-            sample["moments"] = _decode_member("npy", raw[MOMENTS_KEY])
+            sample["moments"] = _member(raw, MOMENTS_KEY, lambda data: _decode_member("npy", data))
             sample["__url__"] = raw.get("__url__", "")
         sample.update({
-            "caption": raw["txt"].decode("utf-8").strip() if "txt" in raw else "",
-            "class_label": int(raw["cls"]) if "cls" in raw else -1,
+            "caption": _member(raw, "txt", lambda data: data.decode("utf-8").strip()) if "txt" in raw else "",
+            "class_label": _member(raw, "cls", int) if "cls" in raw else -1,
             "__key__": raw["__key__"],
         })
         for name, ext in self.extra_keys.items():
             if ext not in raw:
                 raise KeyError(f"sample {raw['__key__']} lacks member .{ext} (data.extra_keys.{name})")
-            sample[name] = _decode_member(ext, raw[ext])
+            sample[name] = _member(raw, ext, lambda data, ext=ext: _decode_member(ext, data))
         return sample
+
+
+def _member(raw: dict, ext: str, decode: Callable[[bytes], object]):
+    """`decode` of member `ext` of a raw sample; a failure names the member."""
+    try:
+        return decode(raw[ext])
+    except Exception as exn:
+        raise ValueError(f"member {raw['__key__']}.{ext}: {type(exn).__name__}: {exn}") from exn
 
 
 def _decode_member(ext: str, data: bytes):
@@ -141,9 +221,10 @@ def _decode_member(ext: str, data: bytes):
     return data
 
 
-def collate(samples: list[dict], skipped: int) -> dict:
-    """Stack a list of sample dicts into a batch dict."""
-    batch: dict = {"skipped": skipped}
+def collate(samples: list[dict], skipped: int, skipped_where: tuple[str, ...] = ()) -> dict:
+    """Stack a list of sample dicts into a batch dict (with the pipeline's BOOKKEEPING_KEYS; the
+    notes are a tuple, so code that treats every list as a batched entry passes them by)."""
+    batch: dict = {"skipped": skipped, "skipped_where": skipped_where}
     for key in samples[0]:
         values = [s[key] for s in samples]
         if isinstance(values[0], torch.Tensor):
@@ -168,16 +249,19 @@ class ShardStream(IterableDataset):
     def __init__(self, urls: str | list[str], batch_size: int, decoder: SampleDecoder, *, train: bool,
                  rank: int = 0, world_size: int = 1, seed: int = 0, batches_per_epoch: int | None = None,
                  shuffle_buffer: int = 1000, resampled: bool = False, max_samples: int | None = None,
-                 batch_transforms: list[Callable[[dict], dict]] | None = None):
-        self.urls = expand_urls(urls)
-        self.batch_transforms = list(batch_transforms or [])
-        if train and not batches_per_epoch:
-            raise ValueError("a training stream needs batches_per_epoch (data.batches_per_epoch) > 0")
+                 batch_transforms: list[Callable[[dict], dict]] | None = None, max_consecutive_skips: int = 1000):
+        check_positive("batch_size", batch_size)
+        check_positive("batches_per_epoch", batches_per_epoch, allow_none=not train)
+        check_positive("max_consecutive_skips", max_consecutive_skips)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.urls = expand_urls(urls)
+        self.expected = shard_counts(self.urls)
+        self.batch_transforms = list(batch_transforms or [])
         self.batch_size, self.decoder, self.train = batch_size, decoder, train
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.batches_per_epoch, self.shuffle_buffer, self.resampled = batches_per_epoch, shuffle_buffer, resampled
+        self.max_consecutive_skips = max_consecutive_skips
         self.epoch = 0
         self.resume_batches = 0  # batches of this epoch (this rank, all workers) already consumed
         self.samples_per_rank = None
@@ -186,6 +270,9 @@ class ShardStream(IterableDataset):
             if max_samples is not None:
                 total = min(total, max_samples)
             self.samples_per_rank = total // world_size
+            if total == 0:
+                raise ValueError(f"no sample in {urls!r} holds an image ({', '.join('.' + k for k in IMAGE_KEYS)}) "
+                                 "to validate on")
             if self.samples_per_rank == 0:
                 raise ValueError(f"validation set of {total} samples is smaller than the {world_size} ranks")
 
@@ -209,24 +296,38 @@ class ShardStream(IterableDataset):
     def _rng(self, *salt: int) -> random.Random:
         return random.Random(self.seed_for(*salt))
 
-    def _train_shards(self, worker: int, n_workers: int) -> Iterator[dict]:
-        rng = self._rng(worker, 0)
-        if self.resampled:
-            while True:
-                yield {"url": rng.choice(self.urls)}
-        mine = self.urls[self.rank::self.world_size][worker::n_workers]
-        if not mine:
+    def check_workers(self, n_workers: int) -> None:
+        """Refuse, before any batch, a split of the shards that leaves some worker of some rank
+        without a shard (every rank and worker gets at least one when shards >= ranks x workers)."""
+        if self.train and not self.resampled and len(self.urls) < self.world_size * n_workers:
             raise ValueError(
                 f"{len(self.urls)} shards cannot be split over {self.world_size} rank(s) x {n_workers} "
                 "worker(s): write more, smaller shards (--per-shard), use fewer data.num_workers, "
                 "or set data.resampled=true")
+
+    def _train_shards(self, worker: int, n_workers: int) -> Iterator[str]:
+        rng = self._rng(worker, 0)
+        if self.resampled:
+            while True:
+                yield rng.choice(self.urls)
+        self.check_workers(n_workers)
+        mine = self.urls[self.rank::self.world_size][worker::n_workers]
         while True:  # endless passes over this worker's shards, reshuffled each pass
             order = list(mine)
             rng.shuffle(order)
-            yield from ({"url": u} for u in order)
+            yield from order
 
-    def _collate(self, samples: list[dict], skipped: int) -> dict:
-        batch = collate(samples, skipped)
+    def _read(self, urls: Iterator[str], counter: SkipCounter) -> Iterator[dict]:
+        """Raw samples of the shards `urls`, in order; what a shard lost goes to `counter`."""
+        for url in urls:
+            n = 0
+            for raw in tar_samples([{"url": url}], counter.handler):
+                n += 1
+                yield raw
+            counter.shard_done(url, n)
+
+    def _collate(self, samples: list[dict], counter: SkipCounter) -> dict:
+        batch = collate(samples, *counter.take())
         for transform in self.batch_transforms:  # e.g. SR / inpainting degradations, in the workers
             batch = transform(batch)
         return batch
@@ -237,9 +338,10 @@ class ShardStream(IterableDataset):
         for raw in samples:
             try:
                 sample = self.decoder(raw, rng)
-            except Exception:  # an undecodable sample is skipped and counted, never fatal
-                counter.count()
+            except Exception as exn:  # an undecodable sample is skipped and counted, never fatal alone
+                counter.skip(1, f"{raw.get('__url__', '?')}: {exn}")
                 continue
+            counter.kept()
             batch.append(sample)
             if len(batch) == self.batch_size:
                 yield batch
@@ -249,14 +351,16 @@ class ShardStream(IterableDataset):
 
     def _batches(self, samples: Iterator[dict], counter: SkipCounter, rng: random.Random) -> Iterator[dict]:
         for batch in self._sample_lists(samples, rng, counter):
-            yield self._collate(batch, counter.take())
+            yield self._collate(batch, counter)
 
     def __iter__(self) -> Iterator[dict]:
+        if get_worker_info() is not None:
+            _leave_stopping_to_the_main_process()
         worker, n_workers = self._worker()
-        counter = SkipCounter()
+        counter = SkipCounter(self.expected, self.max_consecutive_skips)
         rng = self._rng(worker, 1)
         if self.train:
-            raw = tar_samples(self._train_shards(worker, n_workers), counter.handler)
+            raw = self._read(self._train_shards(worker, n_workers), counter)
             raw = wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=self._rng(worker, 2))(raw)
             share, done = (n // n_workers + (worker < n % n_workers) for n in (self.batches_per_epoch,
                                                                                self.resume_batches))
@@ -268,9 +372,9 @@ class ShardStream(IterableDataset):
                 counter.take()
             # islice stops before decoding a batch beyond this worker's share
             for batch in itertools.islice(lists, share - done):
-                yield self._collate(batch, counter.take())
+                yield self._collate(batch, counter)
         else:
-            raw = tar_samples(({"url": u} for u in self.urls), counter.handler)
+            raw = self._read(iter(self.urls), counter)
             yield from self._batches(self._val_samples(raw, worker, n_workers), counter, rng)
 
     def _val_samples(self, raw: Iterator[dict], worker: int, n_workers: int) -> Iterator[dict]:
@@ -287,6 +391,10 @@ class EpochLoader(DataLoader):
     new shuffle. (Lightning's set_epoch hook only reaches samplers, which iterable datasets lack.)
     Workers are forked per pass and receive the updated epoch.
 
+    A stop requested while the loader waits for a batch ends the wait (single process only): a
+    SIGTERM then, or one that came before the wait when `stop_requested()` says so (the
+    datamodule passes the Trainer's flag), raises Lightning's SIGTERMException.
+
     Resumable: `state_dict()` is the epoch and the number of batches handed out in it; Lightning
     stores it in its checkpoints (loops.fit_loop.state_dict.combined_loader) and, on a mid-epoch
     restart, calls `load_state_dict()` before the first pass, which then yields only the rest of
@@ -294,8 +402,11 @@ class EpochLoader(DataLoader):
     so iterating never draws from the global torch RNG that training uses.
     """
 
-    def __init__(self, dataset: ShardStream, start_epoch: int = 0, **kwargs):
+    def __init__(self, dataset: ShardStream, start_epoch: int = 0,
+                 stop_requested: Callable[[], bool] | None = None, **kwargs):
         super().__init__(dataset, batch_size=None, **kwargs)
+        dataset.check_workers(max(self.num_workers, 1))
+        self.stop_requested = stop_requested
         self._next_epoch = start_epoch
         self._epoch, self._served, self._resume_at = start_epoch, 0, 0
         self._used = True  # the last pass handed out a batch (none yet: the first pass starts an epoch)
@@ -314,7 +425,14 @@ class EpochLoader(DataLoader):
 
     def _count(self, batches: Iterator, start: int) -> Iterator:
         self._served = start
-        for batch in batches:
+        alone = self.dataset.world_size == 1
+        while True:
+            if alone and self.stop_requested is not None and self.stop_requested():
+                raise SIGTERMException  # a signal that came before this wait (e.g. during setup)
+            with _stop_signal_ends_wait(alone):
+                batch = next(batches, _END)
+            if batch is _END:
+                return
             self._served += 1
             self._used = True
             yield batch
@@ -332,6 +450,48 @@ class EpochLoader(DataLoader):
         self._used = True
 
 
+_END = object()
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
+
+
+def _leave_stopping_to_the_main_process() -> None:
+    """In a loader worker: a stop signal (SIGTERM, or SLURM's SIGUSR1) ends the worker with exit
+    code 0. `timeout`, SLURM and process-group kills signal every process of a run; a worker killed
+    by the signal would make torch's SIGCHLD handler raise in the main process, mid-step or while
+    the Preemption callback writes last.ckpt, where the Trainer would stop cleanly at the batch
+    boundary. After a stop signal the main process takes no more batches."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, lambda *_: os._exit(0))
+
+
+@contextmanager
+def _stop_signal_ends_wait(active: bool) -> Iterator[None]:
+    """While the loader waits for a batch, make SIGTERM also end the wait.
+
+    Lightning's SIGTERM handler only sets a flag that the loop reads at the next batch boundary,
+    so a stream that never makes a batch (shards that hang or give nothing usable) would ignore the
+    signal. Inside this block SIGTERM runs that handler and then raises Lightning's SIGTERMException
+    right here: no training step is running, so this is a batch boundary too (the Preemption
+    callback saves last.ckpt at the last finished step). Only in a single process (`active`): under
+    DDP one rank stopping early would leave the others in a collective. A default or ignored
+    SIGTERM handler is left alone (the process ends, or goes on, as before).
+    """
+    previous = signal.getsignal(signal.SIGTERM)
+    if not active or not callable(previous) or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        previous(signum, frame)
+        raise SIGTERMException
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _batch_as_built(batch: dict) -> dict:
     """The loader's collate_fn: ShardStream's batches are ready (stacked tensors, lists), so the
     DataLoader's default per-element conversion walk over every caption and metadata entry is
@@ -339,7 +499,8 @@ def _batch_as_built(batch: dict) -> dict:
     return batch
 
 
-def make_loader(dataset: ShardStream, num_workers: int, start_epoch: int = 0) -> EpochLoader:
+def make_loader(dataset: ShardStream, num_workers: int, start_epoch: int = 0,
+                stop_requested: Callable[[], bool] | None = None) -> EpochLoader:
     """A loader over `dataset`: batching happens in the dataset, so batch_size=None here."""
-    return EpochLoader(dataset, start_epoch=start_epoch, num_workers=num_workers, collate_fn=_batch_as_built,
-                       pin_memory=torch.cuda.is_available(), persistent_workers=False)
+    return EpochLoader(dataset, start_epoch=start_epoch, stop_requested=stop_requested, num_workers=num_workers,
+                       collate_fn=_batch_as_built, pin_memory=torch.cuda.is_available(), persistent_workers=False)

@@ -8,6 +8,11 @@ samples with webdataset's rules; URLs are opened by webdataset's own opener, so 
 object-store URLs, gzip-compressed shards and the error handler behave as with
 `wds.tarfile_to_samples` (tests/test_tar.py compares the two). The grouping is ours because
 webdataset's per-member generator cost about a tenth of the loading time of small images.
+
+One deliberate difference: where a shard is damaged (cut short, not a tar), webdataset still
+yields the sample it was reading, without the members it did not reach (an image whose caption
+was cut off comes out captionless). Here that sample is dropped, and the handler gets a
+`DamagedShard` naming the shard, the sample cut and how many complete samples came before it.
 """
 from __future__ import annotations
 
@@ -26,6 +31,21 @@ class TarFormatError(ValueError):
     """A shard is not a readable tar stream."""
 
 
+class DuplicateMember(ValueError):
+    """A sample holds two members with the same extension (the first one is kept)."""
+
+
+class DamagedShard(TarFormatError):
+    """A shard that could not be read to its end: `url`, the complete `samples` read before the
+    damage, and `key`, the sample the damage cut (dropped; None when it fell between samples)."""
+
+    def __init__(self, url: str, samples: int, key: str | None, cause: Exception):
+        where = f"while reading sample {key}" if key is not None else "before its first sample"
+        super().__init__(f"shard {url} is damaged {where}, after {samples} complete sample(s): "
+                         f"{type(cause).__name__}: {cause}")
+        self.url, self.samples, self.key = url, samples, key
+
+
 def _field(header: bytes, start: int, end: int) -> bytes:
     return header[start:end].split(b"\0", 1)[0]
 
@@ -41,10 +61,19 @@ def _octal(header: bytes, start: int, end: int) -> int:
         raise TarFormatError(f"bad tar header field {raw!r}") from None
 
 
-def _read_exact(stream: BinaryIO, n: int) -> bytes:
+class MemberCut(TarFormatError):
+    """The stream ends inside the data (or padding) of the regular member `name`."""
+
+    def __init__(self, message: str, name: str | None):
+        super().__init__(message)
+        self.name = name
+
+
+def _read_exact(stream: BinaryIO, n: int, name: str | None) -> bytes:
     data = stream.read(n)
     if len(data) != n:
-        raise TarFormatError(f"tar stream ends inside a member ({len(data)} of {n} bytes)")
+        raise MemberCut(f"tar stream ends inside member {name or '(a tar header record)'} ({len(data)} of {n} bytes)",
+                        name)
     return data
 
 
@@ -73,17 +102,19 @@ def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
         if sum(header[:148]) + 8 * 32 + sum(header[156:]) != _octal(header, 148, 156):  # checksum field as spaces
             raise TarFormatError("not a tar header (bad checksum)")
         size, kind = _octal(header, 124, 136), header[156:157]
-        data = _read_exact(stream, size)
-        stream.read(-size % BLOCK)  # padding to the next block
+        name = None
+        if kind in REGULAR:
+            name = long_name
+            if name is None:
+                prefix = _field(header, 345, 500) if header[257:262] == b"ustar" else b""
+                name = ((prefix + b"/" if prefix else b"") + _field(header, 0, 100)).decode("utf-8")
+        data = _read_exact(stream, size, name)
+        _read_exact(stream, -size % BLOCK, name)  # padding to the next block: a stream cut there is cut too
         if kind == b"L":  # GNU long name of the next member
             long_name = data.split(b"\0", 1)[0].decode("utf-8")
         elif kind == b"x":  # pax header of the next member
             long_name = _pax_path(data) or long_name
         elif kind in REGULAR:
-            name = long_name
-            if name is None:
-                prefix = _field(header, 345, 500) if header[257:262] == b"ustar" else b""
-                name = ((prefix + b"/" if prefix else b"") + _field(header, 0, 100)).decode("utf-8")
             long_name = None
             yield name, data
         else:  # directories, links, global headers: nothing to read
@@ -122,9 +153,10 @@ def _split_name(name: str) -> tuple[str, str] | None:
 def _shard_samples(url: str, stream: BinaryIO, handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
     """The samples of one shard: consecutive members sharing a key, grouped as webdataset's
     group_by_keys does (extensions lowercased, a repeated extension in one sample goes to the
-    handler and is dropped). Samples never span two shards; a damaged shard gives its samples
-    up to the damage and then its error to the handler."""
+    handler and is dropped). Samples never span two shards; a damaged shard gives its complete
+    samples up to the damage, then a DamagedShard to the handler (the sample it cut is dropped)."""
     sample: dict[str, Any] | None = None
+    done = 0
     try:
         for name, data in tar_members(stream):
             split = _split_name(name)
@@ -134,17 +166,26 @@ def _shard_samples(url: str, stream: BinaryIO, handler: Callable[[Exception], bo
             if sample is None or sample["__key__"] != key:
                 if sample is not None:
                     yield sample
+                    done += 1
                 sample = {"__key__": key, "__url__": url}
             if ext in sample:
-                exn = ValueError(f"{name}: duplicate file name in tar file {url}")
+                exn = DuplicateMember(f"{name}: duplicate file name in tar file {url}")
                 if not handler(exn):
                     raise exn
                 continue
             sample[ext] = data
     except Exception as exn:  # a damaged shard: the handler counts it, the next shard follows
-        exn.args = (*exn.args, url)
-        if not handler(exn):
-            raise
+        cut = _split_name(exn.name) if isinstance(exn, MemberCut) and exn.name else None
+        if sample is not None and cut is not None and cut[0] != sample["__key__"]:
+            yield sample  # complete: the member cut starts the next sample
+            done += 1
+            sample = None
+        # The sample being read may have lost members after the damage: never yield it half-filled.
+        key = sample["__key__"] if sample is not None else cut[0] if cut is not None else None
+        sample = None
+        damaged = DamagedShard(url, done, key, exn)
+        if not handler(damaged):
+            raise damaged from exn
     finally:
         close = getattr(stream, "close", None)
         if close is not None:

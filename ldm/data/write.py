@@ -43,7 +43,8 @@ def write_shards(source: Source, out: str | Path, per_shard: int = 1000, prefix:
     """Write `source` into shards of `per_shard` samples under `out`; returns the index.
 
     Unreadable source samples are skipped and counted in the index settings
-    (`skipped`). Resumes when `out` already holds an index with the same settings.
+    (`skipped`). Resumes when `out` already holds an index with the same settings; raises
+    FileExistsError when it holds shards written otherwise (its callers say how to go on).
     """
     if per_shard < 1:
         raise ValueError(f"per_shard must be >= 1, got {per_shard}")
@@ -59,10 +60,9 @@ def write_shards(source: Source, out: str | Path, per_shard: int = 1000, prefix:
     elif index is not None and {k: v for k, v in index.settings.items() if k != "skipped"} != settings:
         changed = {k: (index.settings.get(k), v) for k, v in settings.items() if index.settings.get(k) != v}
         raise FileExistsError(
-            f"{out} already holds shards written with other settings (existing, requested): {changed}; "
-            "pass --overwrite to replace them, or choose another --out")
+            f"{out} already holds shards written with other settings (existing, requested): {changed}")
     elif index is None and ours:
-        raise FileExistsError(f"{out} holds {len(ours)} shards but no {INDEX_NAME}; pass --overwrite to replace them")
+        raise FileExistsError(f"{out} holds {len(ours)} shards but no {INDEX_NAME}")
     if index is None:
         index = ShardIndex(settings={**settings, "skipped": 0}, classes=source.classes)
 
@@ -89,6 +89,10 @@ def write_shards(source: Source, out: str | Path, per_shard: int = 1000, prefix:
     bar.close()
     index.save(out)
     return index
+
+
+# What the command lines (this one and ldm.data.latents) add to write_shards' FileExistsError.
+CLI_EXISTS_ADVICE = "pass --overwrite to replace them, or choose another --out"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -151,7 +155,10 @@ def main(argv: list[str] | None = None) -> None:
 
         source = TarShardSource([p for pattern in args.src for p in braceexpand(pattern)])
     t0 = time.time()
-    index = write_shards(source, args.out, args.per_shard, args.prefix, args.overwrite, progress=not args.quiet)
+    try:
+        index = write_shards(source, args.out, args.per_shard, args.prefix, args.overwrite, progress=not args.quiet)
+    except FileExistsError as err:
+        raise SystemExit(f"{err}: {CLI_EXISTS_ADVICE}") from err
     print(f"{index.total} samples in {len(index.shards)} shards under {args.out} "
           f"({index.settings.get('skipped', 0)} unreadable skipped, {time.time() - t0:.1f} s)")
 

@@ -248,6 +248,23 @@ def test_train_stream_is_seeded_per_epoch_and_pipe_urls_work(tmp_path):
         expand_urls(str(tmp_path / "s" / "shard-{000000..000009}.tar"))
 
 
+def test_a_folder_of_tars_without_an_index_is_taken_as_img2dataset_writes_it(tmp_path):
+    """img2dataset's output: 00000.tar, 00001.tar with their .parquet and _stats.json beside them."""
+    write_shards(SyntheticSource(20, 32, seed=0), tmp_path / "s", per_shard=10, progress=False)
+    folder = tmp_path / "img2dataset"
+    folder.mkdir()
+    for i, name in enumerate(sorted(p.name for p in (tmp_path / "s").glob("*.tar"))):
+        (tmp_path / "s" / name).rename(folder / f"{i:05d}.tar")
+        (folder / f"{i:05d}.parquet").write_bytes(b"PAR1")
+        (folder / f"{i:05d}_stats.json").write_text(json.dumps({"successes": 10}))
+    urls = expand_urls(str(folder))
+    assert urls == [str(folder / "00000.tar"), str(folder / "00001.tar")] and count_samples(urls) == 20
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="without index.json or .tar shards"):
+        expand_urls(str(empty))
+
+
 def test_too_few_shards_for_workers_is_a_clear_error(tmp_path):
     write_shards(SyntheticSource(10, 32, seed=0), tmp_path / "s", per_shard=10, progress=False)
     stream = ShardStream(str(tmp_path / "s"), 2, SampleDecoder(ImageTransform(32)), train=True,

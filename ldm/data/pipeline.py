@@ -55,8 +55,10 @@ def has_payload(raw: dict) -> bool:
 
 
 def expand_urls(urls: str | list[str]) -> list[str]:
-    """Shard URLs from a brace pattern, a '::'-separated list, a list, or a folder with an
-    index.json (its shards in order). `pipe:` and remote URLs pass through unchanged."""
+    """Shard URLs from a brace pattern, a '::'-separated list, a list, or a folder: with an
+    index.json its shards in order, else every .tar in it by name (an img2dataset output folder,
+    whose .parquet and _stats.json files lie beside the tars). `pipe:` and remote URLs pass
+    through unchanged."""
     items = [urls] if isinstance(urls, str) else list(urls)
     out: list[str] = []
     for item in items:
@@ -64,9 +66,11 @@ def expand_urls(urls: str | list[str]) -> list[str]:
             path = Path(part)
             if "://" not in part and not part.startswith("pipe:") and path.is_dir():
                 index = ShardIndex.load(path)
-                if index is None:
-                    raise FileNotFoundError(f"{path} is a folder without index.json; pass shard files or a brace pattern")
-                out.extend(str(path / name) for name in sorted(index.shards))
+                names = sorted(index.shards) if index is not None else sorted(p.name for p in path.glob("*.tar"))
+                if not names:
+                    raise FileNotFoundError(f"{path} is a folder without index.json or .tar shards; pass shard files "
+                                            "or a brace pattern")
+                out.extend(str(path / name) for name in names)
             else:
                 out.extend(braceexpand(part))
     if not out:

@@ -52,7 +52,7 @@ CLS=assets/classifiers/shapes-$RES
 if [ ! -f "$CLS/classifier.json" ]; then
   CLS=$OUT/classifier
   stage "shape classifier for prompt accuracy -> $CLS"
-  $PY -m ldm.metrics.train_classifier --resolution "$RES" --out "$CLS"
+  $PY -m ldm.cli.train_classifier --resolution "$RES" --out "$CLS"
 fi
 
 for f in "${AE_F[@]}"; do

@@ -53,7 +53,7 @@ def test_every_command_that_loads_a_checkpoint_refuses_it_without_the_opt_in(tmp
     from conftest import compose
     from ldm.cli.evaluate import evaluate
     from ldm.cli.sample import sample
-    from ldm.metrics.word_gap import main as word_gap
+    from ldm.cli.word_gap import main as word_gap
 
     marker = tmp_path / "the-command-ran"
     ckpt = _checkpoint(tmp_path / "stranger.ckpt", _pipe_tokenizer(tmp_path, marker))

@@ -30,10 +30,10 @@ from ldm.metrics.features import images_to_uint8
 from ldm.metrics.prompt_accuracy import PromptAccuracy, chance_accuracy, set_codes
 from ldm.metrics.prompts import LABELS, NUM_LABELS, Named, caption_labels, object_labels, parse_caption
 from ldm.metrics.shape_classifier import ClassifierMismatchError, load_classifier, read_settings
-from ldm.metrics.train_classifier import generated_batch, held_out_accuracy, train_classifier
-from ldm.metrics.train_classifier import main as train_classifier_main
-from ldm.metrics.word_gap import SWAPS, swap_colors, swap_shapes, word_gaps
-from ldm.metrics.word_gap import main as word_gap_main
+from ldm.cli.train_classifier import generated_batch, held_out_accuracy, train_classifier
+from ldm.cli.train_classifier import main as train_classifier_main
+from ldm.cli.word_gap import SWAPS, swap_colors, swap_shapes, word_gaps
+from ldm.cli.word_gap import main as word_gap_main
 from ldm.modules.loading import load_module
 from ldm.utils.checkpoint import CheckpointMismatchError
 

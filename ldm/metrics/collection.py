@@ -172,7 +172,7 @@ def build_metrics(
     `update(images, real)` (and `captions=`, see the module doc); FID, KID and precision/recall
     use `extractor` (None when none of them is asked for), IS uses `logits_extractor`,
     prompt_accuracy the shape classifier in folder `classifier`
-    (ldm.metrics.train_classifier), clip_score the CLIP model `clip_model` (folder or hub name).
+    (ldm.cli.train_classifier), clip_score the CLIP model `clip_model` (folder or hub name).
     reset_real_features=False keeps the real side across reset() (a fixed reference set evaluated
     once). Defaults are the standard protocols (REFERENCE.md section 9)."""
     unknown = sorted(set(names) - set(METRIC_NAMES))
@@ -196,7 +196,7 @@ def build_metrics(
     if "prompt_accuracy" in names:
         if not classifier:
             raise ValueError("prompt_accuracy needs classifier=<folder> (train one with `python -m "
-                             "ldm.metrics.train_classifier --resolution <px> --out <folder>`)")
+                             "ldm.cli.train_classifier --resolution <px> --out <folder>`)")
         metrics["prompt_accuracy"] = PromptAccuracy(load_classifier(classifier))
     if "clip_score" in names:
         if not clip_model:

@@ -80,7 +80,7 @@ class PromptAccuracy(CaptionedMetric):
             raise ClassifierMismatchError(
                 f"the prompt-accuracy classifier was trained on {size} px images, these are "
                 f"{tuple(images.shape[-2:])}: train one at their size with "
-                f"`python -m ldm.metrics.train_classifier --resolution {images.shape[-1]} --out <folder>`")
+                f"`python -m ldm.cli.train_classifier --resolution {images.shape[-1]} --out <folder>`")
         with torch.no_grad():
             predicted = torch.sigmoid(self.classifier(images).float()) > self.threshold
         named = caption_labels(captions).to(predicted.device)

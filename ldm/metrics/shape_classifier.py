@@ -1,7 +1,7 @@
 """A small CNN that says which shapes and colours are in a shapes image, and its files.
 
 Multi-label: one logit per label of ldm.metrics.prompts.LABELS (6 shapes, then 8 colours), trained
-with binary cross-entropy (ldm.metrics.train_classifier). The network is fully convolutional with
+with binary cross-entropy (ldm.cli.train_classifier). The network is fully convolutional with
 global average and max pooling, so it runs at any size; it is trained at one resolution and
 scores images of that resolution (about log2(resolution / 8) stride-2 stages, so the last
 feature map is ~8 px and a large object spans a few cells whatever the resolution).
@@ -93,7 +93,7 @@ def read_settings(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / SETTINGS
     if not path.is_file():
         raise FileNotFoundError(f"no {SETTINGS} in {folder}: train a classifier with "
-                                "`python -m ldm.metrics.train_classifier --resolution <px> --out <folder>`")
+                                "`python -m ldm.cli.train_classifier --resolution <px> --out <folder>`")
     return json.loads(path.read_text())
 
 
@@ -101,7 +101,7 @@ def load_classifier(folder: str | Path, resolution: int | None = None) -> ShapeC
     """The classifier saved in `folder`, in eval mode; refuses settings that do not fit (see module doc).
     resolution: the image size it will score (None: any; it is then checked on each batch)."""
     settings = read_settings(folder)
-    retrain = f"retrain it: python -m ldm.metrics.train_classifier --resolution {resolution or '<px>'} --out <folder>"
+    retrain = f"retrain it: python -m ldm.cli.train_classifier --resolution {resolution or '<px>'} --out <folder>"
     if settings.get("format") != FORMAT:
         raise ClassifierMismatchError(f"{folder}/{SETTINGS} is not a shape classifier (format "
                                       f"{settings.get('format')!r}, expected {FORMAT!r})")

@@ -6,7 +6,7 @@ the next ones in the vocabulary, with the same latents, noise and timesteps. The
 the word is worth to the model at that noise level: zero where the model ignores it. It shows
 at which timesteps a word is used (docs/reproduction.md, quickstart diagnosis items 4 and 9):
 
-    python -m ldm.metrics.word_gap runs/quickstart/<stamp>/ldm data/shapes-32-large/val
+    python -m ldm.cli.word_gap runs/quickstart/<stamp>/ldm data/shapes-32-large/val
 """
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from ldm.data.transforms import ImageTransform
     from ldm.modules.loading import load_module
 
-    parser = argparse.ArgumentParser(prog="python -m ldm.metrics.word_gap", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m ldm.cli.word_gap", description=__doc__.split("\n\n")[0])
     parser.add_argument("ckpt", help="a text LDM run folder or .ckpt trained on the shapes data")
     parser.add_argument("val", help="validation shards of the shapes data (folder with index.json)")
     parser.add_argument("--n", type=int, default=128, help="validation images used")

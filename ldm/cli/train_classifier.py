@@ -1,7 +1,7 @@
 """Train the shape classifier behind prompt accuracy on freshly generated shapes images.
 
-    python -m ldm.metrics.train_classifier --resolution 64 --out assets/classifiers/shapes-64
-    python -m ldm.metrics.train_classifier --resolution 32 --max-objects 1 --size large=0.4 \
+    python -m ldm.cli.train_classifier --resolution 64 --out assets/classifiers/shapes-64
+    python -m ldm.cli.train_classifier --resolution 32 --max-objects 1 --size large=0.4 \
         --out assets/classifiers/shapes-32-large        # for data=shapes_large (the quickstart's)
 
 Training images come straight from the synthetic generator (ldm.data.synthetic), in process, no
@@ -97,8 +97,8 @@ def train_classifier(resolution: int, out: str | Path, steps: int = 1500, batch_
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: python -m ldm.metrics.train_classifier --resolution PX --out FOLDER [...]."""
-    parser = argparse.ArgumentParser(prog="python -m ldm.metrics.train_classifier",
+    """Command line: python -m ldm.cli.train_classifier --resolution PX --out FOLDER [...]."""
+    parser = argparse.ArgumentParser(prog="python -m ldm.cli.train_classifier",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--resolution", type=int, required=True, help="image size in px (32-256): the samples' size")
     parser.add_argument("--out", required=True, help="folder for classifier.safetensors and classifier.json")

@@ -11,7 +11,7 @@ import torch
 
 from conftest import make_tiny_clip
 from ldm.data.synthetic import ShapesGenerator
-from ldm.data.tokenizer import MIN_VOCAB_SIZE, CaptionTokenizer
+from ldm.nets.tokenizer import MIN_VOCAB_SIZE, CaptionTokenizer
 from ldm.data.tokenizer import main as tokenizer_main
 from ldm.nets.embedders import ClassEmbedder, FrozenCLIPTextEncoder, TransformerTextEncoder
 from ldm.utils.checkpoint import CheckpointMismatchError, load_state_dict_file, load_strict, sub_state_dict

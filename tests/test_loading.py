@@ -134,14 +134,14 @@ def test_the_stored_tokenizer_survives_the_config_round_trip():
     (captions with code in them) must neither be refused nor resolved by OmegaConf."""
     from hydra.utils import instantiate
 
-    from ldm.data.tokenizer import CaptionTokenizer
+    from ldm.nets.tokenizer import CaptionTokenizer
     from ldm.modules.loading import MODEL_TARGETS
     from ldm.utils.trusted_config import refused_entries
 
     captions = ["set ${HOME} and ${oc.env:USER} in a shell"] * 50 + ["a red circle"] * 50
     tokenizer = CaptionTokenizer.train(captions, vocab_size=300)
     assert "${" in tokenizer.backend.to_str()
-    node = {"_target_": "ldm.data.tokenizer.CaptionTokenizer.from_base64", "data": tokenizer.to_base64()}
+    node = {"_target_": "ldm.nets.tokenizer.CaptionTokenizer.from_base64", "data": tokenizer.to_base64()}
     assert refused_entries(node, MODEL_TARGETS) == []
     rebuilt = instantiate(node)
     for got, want in zip(rebuilt.encode_batch(captions[:1], 24), tokenizer.encode_batch(captions[:1], 24)):

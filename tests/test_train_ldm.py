@@ -13,7 +13,7 @@ import torch
 from conftest import TINY_RUN, compose
 from ldm.cli.train import train
 from ldm.data.transforms import to_uint8
-from ldm.data.tokenizer import CaptionTokenizer
+from ldm.nets.tokenizer import CaptionTokenizer
 from ldm.modules.latent_diffusion import LatentDiffusion, drop_conditions
 from ldm.modules.loading import load_first_stage, load_module
 
@@ -169,7 +169,7 @@ def test_sample_py_end_to_end_and_bad_input(tmp_path, first_stage_run, caplog):
     assert np.array_equal(pixels(tmp_path / "again"), from_noise)
     sample(cfg(*common, "strength=0.0"))
     model = load_module(run)
-    image = torch.from_numpy(np.asarray(Image.open(init))).permute(2, 0, 1)[None].float() / 127.5 - 1
+    image = torch.from_numpy(np.array(Image.open(init))).permute(2, 0, 1)[None].float() / 127.5 - 1
     with torch.no_grad():
         expected = model.decode_latents(model.encode_images(image, sample=False))
     assert np.abs(pixels(tmp_path / "again") - to_uint8(expected)[0].permute(1, 2, 0).numpy().astype(int)).max() <= 1

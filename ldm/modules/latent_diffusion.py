@@ -16,7 +16,7 @@ from lightning_fabric.utilities.throughput import measure_flops
 from torch import nn
 
 from ldm.data.latents import posterior_from_moments
-from ldm.data.tokenizer import CaptionTokenizer
+from ldm.nets.tokenizer import CaptionTokenizer
 from ldm.diffusion.ema import EMA
 from ldm.diffusion.objective import (check_parameterization, logvar_weighted, loss_simple, lvlb_weights,
                                      min_snr_weight, training_target, vlb_term)
@@ -386,7 +386,7 @@ class LatentDiffusion(BuildableModule):
         # a copied or moved run folder, or the checkpoint alone, rebuilds the same text encoder.
         tokenizer = getattr(self.cond_stage_model, "tokenizer", None)
         if isinstance(tokenizer, CaptionTokenizer) and isinstance(config.get("cond_stage"), dict):
-            stored = {"_target_": "ldm.data.tokenizer.CaptionTokenizer.from_base64", "data": tokenizer.to_base64()}
+            stored = {"_target_": "ldm.nets.tokenizer.CaptionTokenizer.from_base64", "data": tokenizer.to_base64()}
             config = {**config, "cond_stage": {**config["cond_stage"], "tokenizer": stored}}
         checkpoint["build_config"] = config
 

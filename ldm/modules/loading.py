@@ -31,7 +31,7 @@ MODEL_TARGETS = frozenset({
     "ldm.nets.embedders.ClassEmbedder",
     "ldm.nets.embedders.TransformerTextEncoder",
     "ldm.nets.embedders.FrozenCLIPTextEncoder",
-    "ldm.data.tokenizer.CaptionTokenizer.from_base64",
+    "ldm.nets.tokenizer.CaptionTokenizer.from_base64",
     "ldm.first_stage.kl.AutoencoderKL",
     "ldm.first_stage.vq.AutoencoderVQ",
     "ldm.first_stage.identity.IdentityFirstStage",

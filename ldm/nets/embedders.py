@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.data.tokenizer import CaptionTokenizer
+from ldm.nets.tokenizer import CaptionTokenizer
 from ldm.nets.text_transformer import TextTransformer
 
 

@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import argparse
 import base64
+import logging
+import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # byte alphabet plus the special tokens
@@ -66,10 +70,13 @@ class CaptionTokenizer:
         return cls(Tokenizer.from_file(str(path)))
 
     def save(self, path: str | Path) -> None:
-        """Write the whole tokenizer (normaliser, vocabulary, merges) to one JSON file."""
+        """Write the whole tokenizer (normaliser, vocabulary, merges) to one JSON file, atomically:
+        a reader (another rank, a resumed run) finds the whole file or none."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.backend.save(str(path))
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        self.backend.save(str(tmp))
+        os.replace(tmp, path)
 
     def to_base64(self) -> str:
         """The whole tokenizer (the JSON `save` writes, a few KB) as base64 text, which checkpoints
@@ -140,8 +147,8 @@ def ensure_tokenizer(path: str | Path, shards: str | list[str], vocab_size: int 
     tokenizer = CaptionTokenizer.train(captions, vocab_size)
     if captions.n == 0:
         raise ValueError(f"no .txt captions in the shards {shards!r}: a text-conditional model needs captions")
-    path.parent.mkdir(parents=True, exist_ok=True)
     tokenizer.save(path)
+    log.info("trained the caption tokenizer on %d captions: %d tokens -> %s", captions.n, tokenizer.vocab_size, path)
     return tokenizer
 
 

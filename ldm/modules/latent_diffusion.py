@@ -21,10 +21,12 @@ from ldm.diffusion.ema import EMA
 from ldm.diffusion.objective import (check_parameterization, logvar_weighted, loss_simple, lvlb_weights,
                                      min_snr_weight, training_target, vlb_term)
 from ldm.diffusion.samplers import get_sampler, noise_for_seeds
+from ldm.diffusion.samplers.noise import NoiseGenerator, draw_noise, draw_uniforms
 from ldm.diffusion.schedule import DiffusionSchedule, make_betas, q_sample
 from ldm.diffusion.timesteps import TimestepFocus, sample_timesteps
 from ldm.first_stage.base import FirstStage
 from ldm.modules.base import BuildableModule, fast_optimizer_kwargs
+from ldm.modules.fsdp import ema_from_checkpoint, ema_to_checkpoint, fsdp_root, root_params_gathered, shard_ema
 from ldm.modules.nonfinite import NonFiniteGuard
 from ldm.nets.wrapper import CONTEXT_KEYS, DiffusionWrapper
 from ldm.utils.images import log_grid
@@ -41,6 +43,11 @@ def drop_conditions(values, drop: torch.Tensor, null):
         null_t = torch.as_tensor(null, dtype=values.dtype, device=values.device)
         return torch.where(drop.view(-1, *([1] * (values.ndim - 1))).to(values.device), null_t, values)
     return [null if d else v for v, d in zip(values, drop.tolist())]
+
+
+def _batch_len(batch: dict) -> int:
+    """Samples in a training batch (of images or of latent-cache moments)."""
+    return len(batch["moments"] if "moments" in batch else batch["image"])
 
 
 class LatentDiffusion(BuildableModule):
@@ -172,10 +179,10 @@ class LatentDiffusion(BuildableModule):
         return self.scale_factor * z
 
     @torch.no_grad()
-    def first_stage_latents(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+    def first_stage_latents(self, batch: dict, generator: NoiseGenerator = None) -> torch.Tensor:
         """Unscaled posterior sample z of a training batch: from the first-stage moments of a latent
         cache (ldm.data.latents; checked against this first stage) when the batch has them, else by
-        encoding its images."""
+        encoding its images. generator: None, one, or one per sample."""
         if "moments" in batch:
             # Stored as float16 or float32: compute in the module's dtype, like encoder outputs.
             posterior = posterior_from_moments(batch["moments"].to(self.dtype), self.first_stage_model,
@@ -226,9 +233,15 @@ class LatentDiffusion(BuildableModule):
         return self.condition(batch, latent_hw, drop=torch.ones(n, dtype=torch.bool))
 
     # --- training ------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        root = fsdp_root(self.trainer)
+        if root is not None and self.model_ema is not None:  # FSDP: each rank averages its pieces
+            shard_ema(self.model_ema, self.model, root)
+
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         if (self.hparams.scale_by_std and self.global_step == 0 and batch_idx == 0 and not self._restarted):
-            self._set_scale_by_std(self.first_stage_latents(batch))
+            with root_params_gathered(self._trainer):  # outside the training step's forward
+                self._set_scale_by_std(self.first_stage_latents(batch, self.sample_generators(_batch_len(batch), 1)))
 
     @torch.no_grad()
     def _set_scale_by_std(self, z: torch.Tensor) -> None:
@@ -264,12 +277,17 @@ class LatentDiffusion(BuildableModule):
         return loss, logs
 
     def _step(self, batch: dict, split: str, drop: bool) -> torch.Tensor:
-        z = self.scale_factor * self.first_stage_latents(batch)  # from images or a latent cache
-        mask = None
-        if drop and self.hparams.p_uncond > 0:
-            mask = torch.rand(z.shape[0]) < self.hparams.p_uncond
+        n = _batch_len(batch)
+        # Training draws come per sample from generators keyed by the sample's place in the global
+        # stream: the same for 1 rank with batch B as for 2 ranks with B/2 each (docs/scaling.md).
+        generators = self.sample_generators(n) if split == "train" else None
+        z = self.scale_factor * self.first_stage_latents(batch, generators)  # from images or a latent cache
+        u = draw_uniforms(n, 4, generators)  # condition dropout, then the three of sample_timesteps
+        mask = u[:, 0] < self.hparams.p_uncond if drop and self.hparams.p_uncond > 0 else None
         cond = self.condition(batch, tuple(z.shape[-2:]), drop=mask)
-        loss, logs = self.diffusion_loss(z, cond)
+        t = sample_timesteps(n, self.schedule.num_timesteps, self.timestep_focus, z.device, uniforms=u[:, 1:])
+        noise = draw_noise(z.shape, generators, z.device, z.dtype)
+        loss, logs = self.diffusion_loss(z, cond, t, noise)
         self.log_dict({f"{split}/{k}": v for k, v in logs.items()}, prog_bar=(split == "train"),
                       sync_dist=(split == "val"), batch_size=z.shape[0])
         return loss
@@ -339,6 +357,9 @@ class LatentDiffusion(BuildableModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
+        root = fsdp_root(self._trainer)
+        if root is not None and self.model_ema is not None:  # the whole EMA, as without FSDP
+            ema_to_checkpoint(self.model_ema, self.model, root, checkpoint["state_dict"], "model_ema.")
         config = checkpoint.get("build_config")
         if config is None:
             return
@@ -357,6 +378,9 @@ class LatentDiffusion(BuildableModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
+        root = fsdp_root(self._trainer)
+        if root is not None and self.model_ema is not None:  # resuming under FSDP: this rank's pieces
+            ema_from_checkpoint(self.model_ema, self.model, root, checkpoint["state_dict"], "model_ema.")
         self._restarted = True
 
     # --- sampling ------------------------------------------------------------------------
@@ -399,14 +423,8 @@ class LatentDiffusion(BuildableModule):
         if len(seeds) != n:
             raise ValueError(f"{len(seeds)} seeds for {n} images")
         batch = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-        cond = self.condition(batch, shape[1:])
-        uncond = None
-        if guidance_scale != 1.0:
-            uncond = self.null_condition(batch, shape[1:]) if negative is None else \
-                self.condition({**batch, self.hparams.cond_stage_key: negative}, shape[1:])
         seed_noise, generators = noise_for_seeds(seeds, shape, device=self.device)
         x_T = seed_noise if x_T is None else x_T.to(self.device)
-        z0 = self.encode_images(known.to(self.device), sample=False) if known is not None else None
         if mask is not None:
             mask = torch.nn.functional.interpolate(mask.to(self.device).float(), size=shape[1:], mode="nearest")
         if name != "ddpm":  # DDPM always walks all T steps
@@ -417,9 +435,17 @@ class LatentDiffusion(BuildableModule):
             self.model_ema.store(self.model)
             self.model_ema.copy_to(self.model)
         try:
-            z = sampler.sample(self.model, x_T, cond, uncond=uncond, guidance_scale=guidance_scale,
-                               mask=mask, x0=z0, generator=generators, progress=progress)
+            # Under FSDP the EMA swap works on this rank's pieces, so the root unit is gathered after it.
+            with root_params_gathered(self._trainer):
+                cond = self.condition(batch, shape[1:])
+                uncond = None
+                if guidance_scale != 1.0:
+                    uncond = self.null_condition(batch, shape[1:]) if negative is None else \
+                        self.condition({**batch, self.hparams.cond_stage_key: negative}, shape[1:])
+                z0 = self.encode_images(known.to(self.device), sample=False) if known is not None else None
+                z = sampler.sample(self.model, x_T, cond, uncond=uncond, guidance_scale=guidance_scale,
+                                   mask=mask, x0=z0, generator=generators, progress=progress)
+                return z if return_latents else self.decode_latents(z)
         finally:
             if swap:
                 self.model_ema.restore(self.model)
-        return z if return_latents else self.decode_latents(z)

@@ -1,0 +1,105 @@
+"""What the latent diffusion module needs under FSDP: its root parameters gathered for work done
+outside the training step, and a sharded EMA.
+
+FSDP gathers a unit's parameters only inside that unit's forward. The UNet blocks are units of
+their own (configs/trainer/fsdp.yaml) and gather themselves when called; everything else (the
+first stage, the condition encoder, the UNet's stem and head) sits in the root unit, which
+gathers only in the forward of the whole module, i.e. in the training and validation steps.
+Sampling (the validation grid, the evaluation and denoising callbacks) and the scale_by_std
+encode run outside it, so they run inside `root_params_gathered`, which gathers the root unit alone
+(`summon_full_params(recurse=False)`: the small non-block part of the model).
+
+The EMA: each rank keeps the moving average of the pieces of the parameters it holds, and
+checkpoints hold the whole EMA, as without FSDP.
+
+With `use_orig_params` (configs/trainer/fsdp.yaml), outside forward and backward each parameter of
+an FSDP-wrapped model is this rank's piece of it (possibly empty), and the optimiser steps those
+pieces. An EMA whose shadows are cut the same way updates with no communication and costs
+1/N of a full fp32 copy per rank. The cuts are FSDP's own: a full tensor laid out like a parameter
+becomes this rank's piece by writing it into the gathered parameter and letting FSDP shard it back
+(`summon_full_params(writeback=True)`), and the pieces become full tensors again by the reverse
+(`summon_full_params(rank0_only=True)`). The live weights are put back after each.
+
+Costs: once at the start of fit (and on resume) every rank gathers the full parameters once;
+each checkpoint gathers them once more, to rank 0's CPU memory (a full fp32 copy of the trainable
+weights, as Lightning's own full state dict needs for the weights).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import nullcontext
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
+
+from ldm.diffusion.ema import EMA, trainable_parameters
+
+
+def fsdp_root(trainer: pl.Trainer | None) -> FullyShardedDataParallel | None:
+    """The FSDP unit that wraps the whole LightningModule, or None when not training under FSDP."""
+    wrapped = getattr(getattr(trainer, "strategy", None), "model", None)
+    return wrapped if isinstance(wrapped, FullyShardedDataParallel) else None
+
+
+def root_params_gathered(trainer: pl.Trainer | None):
+    """A context in which the root FSDP unit's parameters are whole (no-op without FSDP)."""
+    root = fsdp_root(trainer)
+    if root is None:
+        return nullcontext()
+    return FullyShardedDataParallel.summon_full_params(root, recurse=False, writeback=False)
+
+
+@torch.no_grad()
+def pieces_of(full: Mapping[str, torch.Tensor], model: nn.Module,
+              root: FullyShardedDataParallel) -> dict[str, torch.Tensor]:
+    """This rank's pieces of `full` (one tensor per trainable parameter of `model`, by name, in the
+    parameters' full shapes), cut as FSDP cuts the parameters. Every rank must call it."""
+    live = {name: p.detach().clone() for name, p in trainable_parameters(model).items()}
+    with FullyShardedDataParallel.summon_full_params(root, writeback=True):
+        for name, param in trainable_parameters(model).items():
+            param.copy_(full[name])
+    pieces = {}
+    for name, param in trainable_parameters(model).items():
+        pieces[name] = param.detach().clone()
+        param.copy_(live[name])
+    return pieces
+
+
+@torch.no_grad()
+def full_of(pieces: Mapping[str, torch.Tensor], model: nn.Module,
+            root: FullyShardedDataParallel) -> dict[str, torch.Tensor]:
+    """The full tensors (on rank 0, in CPU memory) whose pieces are `pieces` (laid out like the
+    trainable parameters of `model`). Every rank must call it; other ranks get their own pieces."""
+    params = trainable_parameters(model)
+    live = {name: p.detach().clone() for name, p in params.items()}
+    for name, param in params.items():
+        param.copy_(pieces[name])
+    with FullyShardedDataParallel.summon_full_params(root, writeback=False, rank0_only=True, offload_to_cpu=True):
+        full = {name: p.detach().cpu().clone() for name, p in trainable_parameters(model).items()}
+    for name, param in trainable_parameters(model).items():
+        param.copy_(live[name])
+    return full
+
+
+def shard_ema(ema: EMA, model: nn.Module, root: FullyShardedDataParallel) -> None:
+    """Cut `ema`'s full shadows down to this rank's pieces (at the start of fit, after wrapping)."""
+    ema.replace_shadows(pieces_of(ema.shadows(), model, root))
+
+
+def ema_to_checkpoint(ema: EMA, model: nn.Module, root: FullyShardedDataParallel, state_dict: dict,
+                      prefix: str) -> None:
+    """Put the full EMA into a full checkpoint `state_dict` (whose EMA entries FSDP filled with
+    rank 0's pieces), under `prefix` + shadow name."""
+    for name, tensor in full_of(ema.shadows(), model, root).items():
+        state_dict[prefix + ema.shadow_name(name)] = tensor
+
+
+def ema_from_checkpoint(ema: EMA, model: nn.Module, root: FullyShardedDataParallel, state_dict: dict,
+                        prefix: str) -> None:
+    """Replace the full EMA entries of a checkpoint `state_dict` by this rank's pieces, which the
+    sharded EMA's buffers then load."""
+    full = {name: state_dict[prefix + ema.shadow_name(name)] for name in ema.shadows()}
+    for name, piece in pieces_of(full, model, root).items():
+        state_dict[prefix + ema.shadow_name(name)] = piece

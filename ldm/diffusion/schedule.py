@@ -113,12 +113,15 @@ class DiffusionSchedule:
         key = prefix + "betas"
         if key not in state_dict:
             raise KeyError(f"no {key!r} in the state dict: it holds no diffusion schedule")
-        schedule = cls(state_dict[key])
+        # torch.clone: a plain tensor also from a lazily loaded checkpoint (Lightning's FSDP resume
+        # hands over tensors that load when a torch function touches them)
+        schedule = cls(torch.clone(state_dict[key]))
         ours = schedule.buffers()
         for name in BUFFER_NAMES:
             saved = state_dict.get(prefix + name)
             if saved is None:
                 continue
+            saved = torch.clone(saved)
             if saved.shape != ours[name].shape or not torch.allclose(
                 saved.float(), ours[name], rtol=rtol, atol=1e-6
             ):

@@ -10,7 +10,13 @@ encode run outside it, so they run inside `root_params_gathered`, which gathers 
 (`summon_full_params(recurse=False)`: the small non-block part of the model).
 
 The EMA: each rank keeps the moving average of the pieces of the parameters it holds, and
-checkpoints hold the whole EMA, as without FSDP.
+checkpoints hold the whole EMA, as without FSDP. Validation swaps the EMA pieces into the
+weights and back (in place, into the shards). FSDP keeps the root unit gathered after a forward
+(it expects the backward next) and reuses that copy in the next forward without gathering
+again, so after a validation it would train one step with the EMA weights of any parameter in
+the root unit; the same holds for every unit under SHARD_GRAD_OP. Hence the EMA-covered
+denoiser is its own unit (configs/trainer/fsdp.yaml), which FULL_SHARD and HYBRID_SHARD reshard
+after each forward, and shard_ema refuses the other cases.
 
 With `use_orig_params` (configs/trainer/fsdp.yaml), outside forward and backward each parameter of
 an FSDP-wrapped model is this rank's piece of it (possibly empty), and the optimiser steps those
@@ -20,7 +26,7 @@ becomes this rank's piece by writing it into the gathered parameter and letting 
 (`summon_full_params(writeback=True)`), and the pieces become full tensors again by the reverse
 (`summon_full_params(rank0_only=True)`). The live weights are put back after each.
 
-Costs: once at the start of fit (and on resume) every rank gathers the full parameters once;
+Costs: once, at the EMA's first use in a fit, every rank gathers the full parameters;
 each checkpoint gathers them once more, to rank 0's CPU memory (a full fp32 copy of the trainable
 weights, as Lightning's own full state dict needs for the weights).
 """
@@ -32,7 +38,7 @@ from contextlib import nullcontext
 import pytorch_lightning as pl
 import torch
 from torch import nn
-from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 
 from ldm.diffusion.ema import EMA, trainable_parameters
 
@@ -84,7 +90,18 @@ def full_of(pieces: Mapping[str, torch.Tensor], model: nn.Module,
 
 
 def shard_ema(ema: EMA, model: nn.Module, root: FullyShardedDataParallel) -> None:
-    """Cut `ema`'s full shadows down to this rank's pieces (at the start of fit, after wrapping)."""
+    """Cut `ema`'s full shadows down to this rank's pieces (at the start of fit, after wrapping);
+    refuses the layouts where weights swapped in for validation would stay in use (above)."""
+    kept = (ShardingStrategy.SHARD_GRAD_OP, ShardingStrategy._HYBRID_SHARD_ZERO2)
+    if root.sharding_strategy in kept:
+        raise ValueError(f"the EMA under FSDP's {root.sharding_strategy.name} would leak into training: that strategy "
+                         "keeps the weights gathered after the validation forward, in which they are the EMA weights. "
+                         "Use trainer.strategy.sharding_strategy=FULL_SHARD (or HYBRID_SHARD), or model.ema_decay=null")
+    in_root = [name for name, p in model.named_parameters() if p.requires_grad and "_fsdp_wrapped_module." not in name]
+    if in_root:
+        raise ValueError(f"the EMA under FSDP needs the denoiser in an FSDP unit of its own, but {in_root[:3]} sit in "
+                         "the root unit, which stays gathered after a forward: add ldm.nets.wrapper.DiffusionWrapper to "
+                         "trainer.strategy.auto_wrap_policy (configs/trainer/fsdp.yaml has it)")
     ema.replace_shadows(pieces_of(ema.shadows(), model, root))
 
 
@@ -94,12 +111,3 @@ def ema_to_checkpoint(ema: EMA, model: nn.Module, root: FullyShardedDataParallel
     rank 0's pieces), under `prefix` + shadow name."""
     for name, tensor in full_of(ema.shadows(), model, root).items():
         state_dict[prefix + ema.shadow_name(name)] = tensor
-
-
-def ema_from_checkpoint(ema: EMA, model: nn.Module, root: FullyShardedDataParallel, state_dict: dict,
-                        prefix: str) -> None:
-    """Replace the full EMA entries of a checkpoint `state_dict` by this rank's pieces, which the
-    sharded EMA's buffers then load."""
-    full = {name: state_dict[prefix + ema.shadow_name(name)] for name in ema.shadows()}
-    for name, piece in pieces_of(full, model, root).items():
-        state_dict[prefix + ema.shadow_name(name)] = piece

@@ -26,7 +26,7 @@ from ldm.diffusion.schedule import DiffusionSchedule, make_betas, q_sample
 from ldm.diffusion.timesteps import TimestepFocus, sample_timesteps
 from ldm.first_stage.base import FirstStage
 from ldm.modules.base import BuildableModule, fast_optimizer_kwargs
-from ldm.modules.fsdp import ema_from_checkpoint, ema_to_checkpoint, fsdp_root, root_params_gathered, shard_ema
+from ldm.modules.fsdp import ema_to_checkpoint, fsdp_root, root_params_gathered, shard_ema
 from ldm.modules.nonfinite import NonFiniteGuard
 from ldm.nets.wrapper import CONTEXT_KEYS, DiffusionWrapper
 from ldm.utils.images import log_grid
@@ -144,6 +144,7 @@ class LatentDiffusion(BuildableModule):
         else:
             self.scale_factor = float(scale_factor)
         self.model_ema = EMA(self.model, ema_decay) if ema_decay else None
+        self._ema_sharded = False  # under FSDP: whether the shadows are this rank's pieces (_ema)
         self._restarted = False
         self._val_batch: dict | None = None
         self.nonfinite = NonFiniteGuard(nonfinite_loss)
@@ -233,10 +234,15 @@ class LatentDiffusion(BuildableModule):
         return self.condition(batch, latent_hw, drop=torch.ones(n, dtype=torch.bool))
 
     # --- training ------------------------------------------------------------------------
-    def on_fit_start(self) -> None:
-        root = fsdp_root(self.trainer)
-        if root is not None and self.model_ema is not None:  # FSDP: each rank averages its pieces
-            shard_ema(self.model_ema, self.model, root)
+    def _ema(self) -> EMA | None:
+        """The EMA, under FSDP first cut to this rank's pieces. At its first use, not at the start of
+        fit: Lightning's FSDP resume loads the checkpoint's full EMA into the full buffers after that."""
+        if self.model_ema is not None and not self._ema_sharded:
+            root = fsdp_root(self._trainer)
+            if root is not None:
+                shard_ema(self.model_ema, self.model, root)
+                self._ema_sharded = True
+        return self.model_ema
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         if (self.hparams.scale_by_std and self.global_step == 0 and batch_idx == 0 and not self._restarted):
@@ -312,11 +318,11 @@ class LatentDiffusion(BuildableModule):
         # which runs before the module's, so a checkpoint there would miss this step's EMA update
         # and a resumed run would drift from an uninterrupted one.
         if self.model_ema is not None:
-            self.model_ema.update(self.model)
+            self._ema().update(self.model)
 
     def on_validation_epoch_start(self) -> None:
         if self.model_ema is not None:
-            self.model_ema.store(self.model)
+            self._ema().store(self.model)
             self.model_ema.copy_to(self.model)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -357,9 +363,9 @@ class LatentDiffusion(BuildableModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        root = fsdp_root(self._trainer)
-        if root is not None and self.model_ema is not None:  # the whole EMA, as without FSDP
-            ema_to_checkpoint(self.model_ema, self.model, root, checkpoint["state_dict"], "model_ema.")
+        if self._ema_sharded:  # the whole EMA, as without FSDP
+            ema_to_checkpoint(self.model_ema, self.model, fsdp_root(self._trainer), checkpoint["state_dict"],
+                              "model_ema.")
         config = checkpoint.get("build_config")
         if config is None:
             return
@@ -378,9 +384,6 @@ class LatentDiffusion(BuildableModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
-        root = fsdp_root(self._trainer)
-        if root is not None and self.model_ema is not None:  # resuming under FSDP: this rank's pieces
-            ema_from_checkpoint(self.model_ema, self.model, root, checkpoint["state_dict"], "model_ema.")
         self._restarted = True
 
     # --- sampling ------------------------------------------------------------------------
@@ -432,7 +435,7 @@ class LatentDiffusion(BuildableModule):
         sampler = get_sampler(name, schedule=self.schedule, parameterization=self.parameterization, **sampler_kwargs)
         swap = use_ema and self.model_ema is not None
         if swap:
-            self.model_ema.store(self.model)
+            self._ema().store(self.model)
             self.model_ema.copy_to(self.model)
         try:
             # Under FSDP the EMA swap works on this rank's pieces, so the root unit is gathered after it.

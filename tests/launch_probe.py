@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -54,3 +55,15 @@ class Probe(pl.Callback):
         self.record["end_step"] = trainer.global_step
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.record))
+
+
+class Slow(pl.Callback):
+    """Sleeps `seconds` after every training batch of a job's first attempt (SLURM_RESTART_COUNT
+    unset or 0), so that a signal timed by SLURM finds it still training."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if int(os.environ.get("SLURM_RESTART_COUNT") or 0) == 0:
+            time.sleep(self.seconds)

@@ -1,13 +1,13 @@
 """What the latent diffusion module needs under FSDP: its root parameters gathered for work done
 outside the training step, and a sharded EMA.
 
-FSDP gathers a unit's parameters only inside that unit's forward. The UNet blocks are units of
-their own (configs/trainer/fsdp.yaml) and gather themselves when called; everything else (the
-first stage, the condition encoder, the UNet's stem and head) sits in the root unit, which
-gathers only in the forward of the whole module, i.e. in the training and validation steps.
-Sampling (the validation grid, the evaluation and denoising callbacks) and the scale_by_std
-encode run outside it, so they run inside `root_params_gathered`, which gathers the root unit alone
-(`summon_full_params(recurse=False)`: the small non-block part of the model).
+FSDP gathers a unit's parameters only inside that unit's forward. The denoiser and its UNet
+blocks are units of their own (configs/trainer/fsdp.yaml) and gather themselves when called; the
+rest (the first stage, the condition encoder) sits in the root unit, which gathers only in the
+forward of the whole module, i.e. in the training and validation steps. Sampling (the validation
+grid, the evaluation and denoising callbacks) and the scale_by_std encode run outside it, so they
+run inside `root_params_gathered`, which gathers the root unit alone
+(`summon_full_params(recurse=False)`).
 
 The EMA: each rank keeps the moving average of the pieces of the parameters it holds, and
 checkpoints hold the whole EMA, as without FSDP. Validation swaps the EMA pieces into the
@@ -89,9 +89,13 @@ def full_of(pieces: Mapping[str, torch.Tensor], model: nn.Module,
     return full
 
 
-def shard_ema(ema: EMA, model: nn.Module, root: FullyShardedDataParallel) -> None:
-    """Cut `ema`'s full shadows down to this rank's pieces (at the start of fit, after wrapping);
-    refuses the layouts where weights swapped in for validation would stay in use (above)."""
+def shard_ema(ema: EMA, model: nn.Module, root: FullyShardedDataParallel) -> bool:
+    """Cut `ema`'s full shadows down to this rank's pieces (at its first use in a fit, after
+    wrapping); whether it did: under NO_SHARD (which FSDP also picks for one process) every rank
+    holds whole parameters, so the shadows stay whole. Refuses the layouts where weights swapped in
+    for validation would stay in use (above)."""
+    if root.sharding_strategy == ShardingStrategy.NO_SHARD:
+        return False
     kept = (ShardingStrategy.SHARD_GRAD_OP, ShardingStrategy._HYBRID_SHARD_ZERO2)
     if root.sharding_strategy in kept:
         raise ValueError(f"the EMA under FSDP's {root.sharding_strategy.name} would leak into training: that strategy "
@@ -103,6 +107,7 @@ def shard_ema(ema: EMA, model: nn.Module, root: FullyShardedDataParallel) -> Non
                          "the root unit, which stays gathered after a forward: add ldm.nets.wrapper.DiffusionWrapper to "
                          "trainer.strategy.auto_wrap_policy (configs/trainer/fsdp.yaml has it)")
     ema.replace_shadows(pieces_of(ema.shadows(), model, root))
+    return True
 
 
 def ema_to_checkpoint(ema: EMA, model: nn.Module, root: FullyShardedDataParallel, state_dict: dict,

@@ -144,7 +144,7 @@ class LatentDiffusion(BuildableModule):
         else:
             self.scale_factor = float(scale_factor)
         self.model_ema = EMA(self.model, ema_decay) if ema_decay else None
-        self._ema_sharded = False  # under FSDP: whether the shadows are this rank's pieces (_ema)
+        self._ema_sharded: bool | None = None  # shadows cut to this rank's pieces (FSDP); None: no FSDP fit yet
         self._restarted = False
         self._val_batch: dict | None = None
         self.nonfinite = NonFiniteGuard(nonfinite_loss)
@@ -237,11 +237,10 @@ class LatentDiffusion(BuildableModule):
     def _ema(self) -> EMA | None:
         """The EMA, under FSDP first cut to this rank's pieces. At its first use, not at the start of
         fit: Lightning's FSDP resume loads the checkpoint's full EMA into the full buffers after that."""
-        if self.model_ema is not None and not self._ema_sharded:
+        if self.model_ema is not None and self._ema_sharded is None:
             root = fsdp_root(self._trainer)
             if root is not None:
-                shard_ema(self.model_ema, self.model, root)
-                self._ema_sharded = True
+                self._ema_sharded = shard_ema(self.model_ema, self.model, root)
         return self.model_ema
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:

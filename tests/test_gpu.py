@@ -292,3 +292,30 @@ def test_checkpoint_written_on_the_device_loads_on_the_cpu(text_run, device):
         x, t, c = unet_io(model, device, CONDITIONS["text"])
         dev = model.model(x, t, c)
     assert relative_error(dev.cpu(), cpu) < 1e-4
+
+
+def test_fsdp_with_the_sharded_ema_trains_and_its_checkpoint_samples(device, tmp_path):
+    """trainer=fsdp as the preset has it on a GPU (NCCL, bf16 autocast, gradients reduced in bf16,
+    Lightning's own wrapping): one process under torchrun, the text LDM with its EMA, a full
+    checkpoint with the whole EMA that samples in one process. The 2-process checks (FSDP = DDP,
+    exact resume) run on the CPU in tests/test_fsdp.py; with 2 GPUs they take
+    trainer.accelerator=gpu there."""
+    import subprocess
+
+    from test_fsdp import LDM
+    from test_launchers import TORCHRUN, TRAIN, env, free_port
+
+    run = tmp_path / "run"
+    on_cpu = ["trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.strategy.mixed_precision=null"]
+    overrides = [o for o in LDM if not o.startswith(("trainer.accelerator", "trainer.precision"))]
+    cmd = [TORCHRUN, "--standalone", "--nproc-per-node=1", f"--master-port={free_port()}", TRAIN, *overrides,
+           "trainer=fsdp", *(on_cpu if device.type == "cpu" else []), f"hydra.run.dir={run}",
+           f"paths.data_dir={tmp_path / 'data'}"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")["state_dict"]
+    assert int(state["model_ema.num_updates"]) == 6
+    assert state["model_ema.diffusion_modelout2weight"].shape == state["model.diffusion_model.out.2.weight"].shape
+    module = load_module(run).to(device)
+    images = module.sample({"caption": CAPTIONS}, num_steps=3, guidance_scale=2.0, progress=False)
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()

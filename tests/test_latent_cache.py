@@ -168,10 +168,10 @@ def test_configured_cache_is_encoded_once_and_training_reads_it(runs, tmp_path, 
     seen: list[bool] = []
     original = LatentDiffusion.first_stage_latents
 
-    def spy(self, batch):
+    def spy(self, batch, generator=None):
         if self.training:
             seen.append("moments" in batch and "image" not in batch)
-        return original(self, batch)
+        return original(self, batch, generator)
 
     monkeypatch.setattr(LatentDiffusion, "first_stage_latents", spy)
 

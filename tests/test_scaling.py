@@ -19,6 +19,7 @@ from ldm.modules.autoencoder import AutoencoderModule
 from ldm.modules.latent_diffusion import LatentDiffusion
 from ldm.modules.nonfinite import NonFiniteLossError
 from ldm.nets.unet import TimestepEmbedSequential
+from ldm.nets.wrapper import DiffusionWrapper
 from ldm.utils.lr import lr_factor, trainer_effective_lr
 
 AE = ["experiment=toy/ae_kl", *TINY_RUN]
@@ -66,11 +67,14 @@ def test_torchrun_trainer_takes_nodes_and_devices_from_torchelastic(tmp_path, mo
 
 def test_fsdp_trainer_wraps_unet_blocks_and_writes_full_checkpoints(tmp_path):
     cfg = compose("train", ["trainer=fsdp",
-                            "trainer.strategy.activation_checkpointing_policy=${trainer.strategy.auto_wrap_policy}"],
+                            "trainer.strategy.activation_checkpointing_policy={_target_:torch.distributed.fsdp.wrap.ModuleWrapPolicy,"
+                            "module_classes:[${trainer.strategy.auto_wrap_policy.module_classes.0}]}"],
                   tmp_path / "run")
     assert cfg.trainer.precision == "bf16-mixed"
     strategy = instantiate(cfg.trainer.strategy)
-    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {TimestepEmbedSequential}
+    units = {TimestepEmbedSequential, DiffusionWrapper}  # the blocks, and the denoiser the EMA covers
+    assert strategy.kwargs["auto_wrap_policy"]._module_classes == units
+    # activations recomputed per block only: not also for the denoiser around them
     assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {TimestepEmbedSequential}
     assert strategy._state_dict_type == "full" and strategy.sharding_strategy.name == "FULL_SHARD"
     assert "find_unused_parameters" not in strategy.kwargs  # no DDP-only keys reach FSDP

@@ -1,15 +1,21 @@
 """Stop cleanly on SIGTERM / SIGUSR1 with checkpoints/last.ckpt written, and requeue under SLURM.
 
-Lightning already turns SIGTERM into a clean stop: its handler only sets a flag, and the loop
-raises SIGTERMException (a SystemExit, exit code 0) at the next batch boundary on all ranks.
-This callback adds the checkpoint at that boundary (atomically, through the trainer's
-CheckpointIO), so `ckpt_path=last` continues exactly there.
+The signal handler only notes the signal. At the end of every training batch all ranks agree
+whether any of them got one (one boolean all-reduce); if so every rank takes part in writing
+last.ckpt (atomically, through the trainer's CheckpointIO), and the run ends with exit code 0
+(Lightning's SIGTERMException, a SystemExit). `ckpt_path=last` continues exactly there.
 
-SIGUSR1 is what SLURM sends ahead of a time limit (`#SBATCH --signal=USR1@120`). Lightning's own
-SLURM handler saves an hpc_ckpt_*.ckpt inside the signal handler, i.e. in the middle of a training
-step, which cannot resume exactly; here SIGUSR1 is routed through the same SIGTERM path instead,
-and once last.ckpt is written rank 0 runs `scontrol requeue <job>`. The requeued job runs the same
-command, so it must name the run folder (hydra.run.dir) and pass ckpt_path=last.
+Why not Lightning's own handling: its SIGTERM handler broadcasts from inside the handler, and its
+SLURM SIGUSR1 handler saves there, in the middle of a step. A signal reaches the ranks of a job at
+slightly different moments, so one rank ran that broadcast (or save) while another was inside a
+different collective of the training step, and 2-task SLURM jobs hung on `scancel --signal=USR1`.
+The handlers here are installed at setup (before Lightning's, which then leaves SIGUSR1 alone)
+and again when training starts (after Lightning registered its SIGTERM handler, which they
+replace); Lightning restores the original handlers when fit ends.
+
+SIGUSR1 is what SLURM sends ahead of a time limit (`#SBATCH --signal=USR1@120`). After a SIGUSR1
+under SLURM, once last.ckpt is written, rank 0 runs `scontrol requeue <job>`. The requeued job
+runs the same command, so it must name the run folder (hydra.run.dir) and pass ckpt_path=last.
 """
 from __future__ import annotations
 
@@ -26,6 +32,8 @@ from ldm.callbacks.last_checkpoint import save_last
 
 log = logging.getLogger(__name__)
 
+SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
+
 
 def slurm_job_id() -> str | None:
     """The id `scontrol requeue` takes for this job (array jobs: <array job>_<task>), or None."""
@@ -35,43 +43,59 @@ def slurm_job_id() -> str | None:
 
 
 class Preemption(pl.Callback):
-    """On SIGTERM or SIGUSR1: finish the current batch, save last.ckpt, exit with code 0.
+    """On SIGTERM or SIGUSR1: every rank finishes its current batch, last.ckpt is saved, exit code 0.
 
     requeue: after a SIGUSR1 under SLURM, requeue the job (rank 0 runs `scontrol requeue`).
     """
 
     def __init__(self, requeue: bool = True):
         self.requeue = requeue
-        self._usr1 = False
-        self._previous_usr1: signal.Handlers | None = None
+        self._received: set[int] = set()
+        self._before: dict[int, object] = {}  # the handlers before fit, put back after it
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._received.add(signum)  # only noted: acted on at the next batch end, by all ranks together
+
+    def _install(self) -> None:
+        for signum in SIGNALS:
+            signal.signal(signum, self._on_signal)
+
+    def _uninstall(self) -> None:
+        for signum, handler in self._before.items():
+            signal.signal(signum, handler)
+        self._before = {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # Registered before the Trainer installs its handlers, so Lightning's SLURM SIGUSR1
-        # handler (a mid-step save) stays out.
-        if stage == "fit" and hasattr(signal, "SIGUSR1"):
-            self._previous_usr1 = signal.signal(signal.SIGUSR1, self._on_usr1)
+        if stage == "fit":
+            self._received.clear()
+            self._before = {signum: signal.getsignal(signum) for signum in SIGNALS}
+            self._install()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._previous_usr1 is not None:
-            signal.signal(signal.SIGUSR1, self._previous_usr1)
-            self._previous_usr1 = None
-
-    def _on_usr1(self, signum: int, frame: FrameType | None) -> None:
-        self._usr1 = True
-        signal.raise_signal(signal.SIGTERM)  # Lightning's handler: stop at the next batch boundary
+        self._uninstall()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException):
+        self._uninstall()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._install()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        strategy = trainer.strategy
+        if not strategy.reduce_boolean_decision(bool(self._received), all=False):
             return
+        usr1 = strategy.reduce_boolean_decision(getattr(signal, "SIGUSR1", None) in self._received, all=False)
         path = save_last(trainer)
         if path is None:
             log.warning("stopped by a signal at step %d without a ModelCheckpoint: nothing saved", trainer.global_step)
         else:
             log.info("stopped by a signal at step %d; saved %s", trainer.global_step, path)
         job = slurm_job_id()
-        if self._usr1 and self.requeue and job is not None and trainer.is_global_zero:
+        if usr1 and self.requeue and job is not None and trainer.is_global_zero:
             done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
             if done.returncode == 0:
                 log.info("requeued SLURM job %s", job)
             else:
                 log.error("scontrol requeue %s failed: %s", job, done.stderr.strip())
+        raise SIGTERMException()  # Lightning ends the fit; the process exits with code 0

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -13,6 +12,7 @@ from pytorch_lightning.callbacks import ProgressBar
 
 from ldm.callbacks.run_metrics import RunMetrics, scalar_metrics
 from ldm.utils.run_checkpoints import newest_checkpoint
+from ldm.cli import launch
 
 log = logging.getLogger(__name__)
 
@@ -88,25 +88,32 @@ def train(cfg: DictConfig) -> dict[str, float]:
     out.mkdir(parents=True, exist_ok=True)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out)
 
     datamodule = instantiate(cfg.data, _convert_="all")
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        # Data first: building the model may need it (a text model trains its tokenizer on the
-        # captions). Ranks launched later by DDP find it written.
-        datamodule.prepare_data()
-    model = instantiate(cfg.model, _convert_="all")  # plain containers: weights_only checkpoints
-    # The module can rebuild itself from this (sample.py, evaluate.py, fine-tuning).
-    model.build_config = plain(cfg.model)
-    if not model.automatic_optimization:
-        refuse_trainer_stepping(cfg.trainer)
     callbacks = [*_instantiate_group(cfg.get("callbacks")), RunMetrics(out / "metrics.json")]
     if not cfg.trainer.get("enable_progress_bar", True):
         # The flag alone turns the bar off: Lightning refuses a progress-bar callback with it.
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     loggers = _instantiate_group(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    group = None
+    if launch.ranks_start_together(trainer):  # torchrun, srun: checks before anyone writes
+        group = launch.start_group(trainer, cfg.launch.prepare_timeout_s)
+        launch.check_same_run_folder(group, out)
+        launch.check_shared_run_folder(group, out, cfg.launch.shared_fs_timeout_s)
+    if trainer.is_global_zero:
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    # Data first, on global rank 0 only: building the model may need it (a text model trains its
+    # tokenizer on the captions), so the other ranks build theirs once rank 0 is done.
+    with launch.rank_zero_first(group, trainer.is_global_zero, cfg.launch.prepare_timeout_s) as first:
+        if first:
+            datamodule.prepare_data()
+        model = instantiate(cfg.model, _convert_="all")  # plain containers: weights_only checkpoints
+    # The module can rebuild itself from this (sample.py, evaluate.py, fine-tuning).
+    model.build_config = plain(cfg.model)
+    if not model.automatic_optimization:
+        refuse_trainer_stepping(cfg.trainer)
     for lg in loggers:
         lg.log_hyperparams(plain(cfg))
 

@@ -58,6 +58,9 @@ class ShardDataModule(pl.LightningDataModule):
         check_positive("max_consecutive_skips", max_consecutive_skips)
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"data.num_workers must be an integer >= 0, got {num_workers!r}")
+        # What prepare_data writes goes to folders all nodes share: global rank 0 alone writes it.
+        self.prepare_data_per_node = False
+        self._prepared = False
         self.train_urls, self.val_urls = train_urls, val_urls
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.batches_per_epoch = num_workers, batches_per_epoch
@@ -91,10 +94,14 @@ class ShardDataModule(pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Write the synthetic shards and the latent cache when configured (both resume; no-ops
-        once complete)."""
+        once complete). Once per process: train.py calls it before building the model, Lightning's
+        fit calls it again."""
+        if self._prepared:
+            return
         self._write_synthetic()
         if self.latent_cache is not None:
             _write_latent_cache(self.latent_cache, self.train_urls, self.image_size)
+        self._prepared = True
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer

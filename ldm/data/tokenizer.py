@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ldm.nets.tokenizer import CaptionTokenizer
+
+log = logging.getLogger(__name__)
 
 
 def captions_from_shards(urls: str | list[str]) -> Iterator[str]:
@@ -36,8 +39,8 @@ def ensure_tokenizer(path: str | Path, shards: str | list[str], vocab_size: int 
     tokenizer = CaptionTokenizer.train(captions, vocab_size)
     if captions.n == 0:
         raise ValueError(f"no .txt captions in the shards {shards!r}: a text-conditional model needs captions")
-    path.parent.mkdir(parents=True, exist_ok=True)
     tokenizer.save(path)
+    log.info("trained the caption tokenizer on %d captions: %d tokens -> %s", captions.n, tokenizer.vocab_size, path)
     return tokenizer
 
 

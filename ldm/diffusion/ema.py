@@ -6,11 +6,27 @@ trainable parameter, named after the parameter with its dots removed.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+
+# Module names that wrappers insert into parameter names (FSDP units, activation checkpointing):
+# the EMA matches parameters by their names without them, so it works inside and outside the wrappers.
+_WRAPPER_NAMES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """`model`'s trainable parameters by name, without the names wrappers insert."""
+    out = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            for wrapper in _WRAPPER_NAMES:
+                name = name.replace(wrapper, "")
+            out[name] = param
+    return out
 
 
 class EMA(nn.Module):
@@ -27,9 +43,7 @@ class EMA(nn.Module):
         self.register_buffer("decay", torch.tensor(decay, dtype=torch.float32))
         self.register_buffer("num_updates", torch.tensor(0 if use_num_updates else -1, dtype=torch.int32))
         self._shadow_names: dict[str, str] = {}
-        for name, param in model.named_parameters():
-            if not param.requires_grad:
-                continue
+        for name, param in trainable_parameters(model).items():
             shadow_name = name.replace(".", "")
             if shadow_name in self._shadow_names.values() or shadow_name in ("decay", "num_updates"):
                 raise ValueError(f"parameter {name!r} maps to the EMA buffer name {shadow_name!r}, "
@@ -38,9 +52,27 @@ class EMA(nn.Module):
             self.register_buffer(shadow_name, param.detach().clone())
         self._stored: dict[str, torch.Tensor] = {}
 
+    def shadows(self) -> dict[str, torch.Tensor]:
+        """The shadow of each trainable parameter, by parameter name."""
+        return {name: getattr(self, shadow) for name, shadow in self._shadow_names.items()}
+
+    def replace_shadows(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Make `tensors` (by parameter name, every one) the shadows; their shapes may differ from the
+        old ones (FSDP keeps on each rank the piece of every parameter that rank holds)."""
+        if tensors.keys() != self._shadow_names.keys():
+            raise KeyError(f"replace_shadows needs a tensor for each of the {len(self._shadow_names)} shadows; "
+                           f"missing {sorted(self._shadow_names.keys() - tensors.keys())[:10]}, "
+                           f"unknown {sorted(tensors.keys() - self._shadow_names.keys())[:10]}")
+        for name, tensor in tensors.items():
+            self._buffers[self._shadow_names[name]] = tensor
+
+    def shadow_name(self, name: str) -> str:
+        """The buffer (state-dict) name of the shadow of parameter `name`."""
+        return self._shadow_names[name]
+
     def _pairs(self, model: nn.Module) -> Iterator[tuple[nn.Parameter, torch.Tensor]]:
         """(live parameter, shadow) for every trainable parameter of `model`."""
-        trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        trainable = trainable_parameters(model)
         if trainable.keys() != self._shadow_names.keys():
             missing = sorted(self._shadow_names.keys() - trainable.keys())
             extra = sorted(trainable.keys() - self._shadow_names.keys())
@@ -78,14 +110,14 @@ class EMA(nn.Module):
         if self._stored:
             raise RuntimeError("EMA.store called twice without restore: the stored live weights "
                                "would be overwritten")
-        self._stored = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+        self._stored = {name: p.detach().clone() for name, p in trainable_parameters(model).items()}
 
     @torch.no_grad()
     def restore(self, model: nn.Module) -> None:
         """Put back the weights saved by `store` and forget them."""
         if not self._stored:
             raise RuntimeError("EMA.restore called without a preceding store")
-        params = dict(model.named_parameters())
+        params = trainable_parameters(model)
         for name, saved in self._stored.items():
             params[name].copy_(saved)
         self._stored = {}

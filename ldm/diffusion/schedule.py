@@ -117,7 +117,9 @@ class DiffusionSchedule:
         key = prefix + "betas"
         if key not in state_dict:
             raise KeyError(f"no {key!r} in the state dict: it holds no diffusion schedule")
-        saved = state_dict[key].detach().cpu()
+        # torch.clone: a plain tensor also from a lazily loaded checkpoint (Lightning's FSDP resume
+        # hands over tensors that load when a torch function touches them)
+        saved = torch.clone(state_dict[key]).detach().cpu()
         if configured is not None and torch.equal(saved, configured.betas.to(saved.dtype)):
             schedule = configured
         else:
@@ -127,6 +129,7 @@ class DiffusionSchedule:
             saved = state_dict.get(prefix + name)
             if saved is None:
                 continue
+            saved = torch.clone(saved)
             if saved.shape != ours[name].shape or not torch.allclose(
                 saved.float(), ours[name], rtol=rtol, atol=1e-6
             ):

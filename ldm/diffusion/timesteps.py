@@ -41,11 +41,20 @@ class TimestepFocus:
 
 
 def sample_timesteps(n: int, num_timesteps: int, focus: TimestepFocus | None = None,
-                     device: torch.device | str | None = None) -> torch.Tensor:
+                     device: torch.device | str | None = None, uniforms: torch.Tensor | None = None) -> torch.Tensor:
     """`n` training timesteps (long): uniform over [0, num_timesteps), or with `focus` a share of
-    them uniform over its band."""
-    t = torch.randint(0, num_timesteps, (n,), device=device)
+    them uniform over its band.
+
+    uniforms: (n, 3) numbers in [0, 1) to take them from (the level over [0, T), whether it is
+    drawn from the band, the level in the band), e.g. each sample's from its own generator;
+    None draws them from the global RNG.
+    """
+    u = torch.rand(n, 3, dtype=torch.float64, device=device) if uniforms is None else uniforms.to(device, torch.float64)
+    if u.shape != (n, 3):
+        raise ValueError(f"uniforms must have shape ({n}, 3), got {tuple(u.shape)}")
+    t = (u[:, 0] * num_timesteps).long().clamp_max(num_timesteps - 1)
     if focus is None:
         return t
-    in_band = torch.rand(n, device=device) < focus.share
-    return torch.where(in_band, torch.randint(focus.low, focus.high, (n,), device=device), t)
+    width = focus.high - focus.low
+    band = focus.low + (u[:, 2] * width).long().clamp_max(width - 1)
+    return torch.where(u[:, 1] < focus.share, band, t)

@@ -8,6 +8,8 @@ import math
 
 import torch
 
+from ldm.diffusion.samplers.noise import NoiseGenerator, draw_noise
+
 # The reference clamps the log-variance to this range before exponentiating (overflow guard).
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
@@ -33,9 +35,13 @@ class DiagonalGaussian:
     def std(self) -> torch.Tensor:
         return (0.5 * self.logvar).exp()
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """mean + std * eps with eps ~ N(0, I) drawn from `generator` (on the latents' device)."""
-        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+    def sample(self, generator: NoiseGenerator = None) -> torch.Tensor:
+        """mean + std * eps with eps ~ N(0, I) drawn from `generator`: the global RNG (None), one
+        generator, or one per image (ldm.diffusion.samplers.noise.draw_noise)."""
+        if generator is None or isinstance(generator, torch.Generator):
+            eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        else:
+            eps = draw_noise(self.mean.shape, generator, self.mean.device, self.mean.dtype)
         return self.mean + self.std * eps
 
     def mode(self) -> torch.Tensor:
@@ -57,7 +63,7 @@ class DeterministicLatent:
     def __init__(self, latent: torch.Tensor):
         self.latent = latent
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, generator: NoiseGenerator = None) -> torch.Tensor:
         """The latent itself; `generator` is accepted so callers need not know the first-stage kind."""
         return self.latent
 

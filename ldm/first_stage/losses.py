@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Literal, Protocol
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -63,9 +64,17 @@ def calculate_adaptive_weight(nll_loss: Tensor, g_loss: Tensor, last_layer: Tens
 
     Balances the two gradients at the decoder output. Both losses must still have their graph;
     the graph is kept for the backward pass that follows.
+
+    Under DDP both gradients are first averaged over the ranks, i.e. taken on the whole global
+    batch, so every rank uses the same weight and 2 ranks with B/2 images weigh as 1 with B (the
+    reference uses each rank's own). Every rank must then call it, as every training step does.
     """
     nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
     g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        grads = torch.stack([nll_grad, g_grad])
+        dist.all_reduce(grads)
+        nll_grad, g_grad = grads / dist.get_world_size()
     d_weight = nll_grad.norm() / (g_grad.norm() + 1e-4)
     return d_weight.clamp(0.0, 1e4).detach() * disc_weight
 

@@ -11,6 +11,7 @@ from lightning_fabric.utilities.throughput import measure_flops
 from torch import nn
 
 from ldm.diffusion.ema import EMA
+from ldm.diffusion.samplers.noise import NoiseGenerator
 from ldm.first_stage.base import FirstStage
 from ldm.first_stage.vq import AutoencoderVQ
 from ldm.metrics.collection import FID
@@ -85,12 +86,14 @@ class AutoencoderModule(BuildableModule):
         opt_d = torch.optim.Adam(d_params, lr=lr, betas=betas, **fast_optimizer_kwargs(d_params))
         return [opt_ae, opt_d]
 
-    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, object, dict[str, torch.Tensor]]:
-        """(reconstruction, posterior or codebook loss, extra logs)."""
+    def reconstruct(self, x: torch.Tensor, generator: NoiseGenerator = None
+                    ) -> tuple[torch.Tensor, object, dict[str, torch.Tensor]]:
+        """(reconstruction, posterior or codebook loss, extra logs). generator: of the KL posterior
+        sample (None: the global RNG; or one per image)."""
         if self.is_vq:
             rec, qloss, info = self.first_stage(x)
             return rec, qloss, {"perplexity": info.perplexity.detach(), "codebook_usage": info.usage.detach()}
-        rec, posterior = self.first_stage(x)
+        rec, posterior = self.first_stage(x, generator=generator)
         return rec, posterior, {}
 
     def measure_training_flops(self, batch: dict) -> int:
@@ -114,7 +117,8 @@ class AutoencoderModule(BuildableModule):
         # The generator's loss runs through the discriminator: its parameters are frozen meanwhile,
         # so the discriminator's (accumulated) gradients hold its own loss only.
         self.toggle_optimizer(opt_ae)
-        rec, reg, extra = self.reconstruct(x)
+        # the posterior sample of each image from its own generator: the same on any number of ranks
+        rec, reg, extra = self.reconstruct(x, self.sample_generators(len(x)))
         last_layer = self.first_stage.decoder.last_layer
         ae_loss, log = self.loss(x, rec, reg, 0, self.ae_steps, last_layer=last_layer, split="train")
         usable = self.nonfinite.usable(self, ae_loss, "autoencoder loss")

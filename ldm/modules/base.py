@@ -2,10 +2,13 @@
 its optimisers use torch's fastest Adam implementation for the device."""
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 import pytorch_lightning as pl
 import torch
+
+from ldm.diffusion.samplers.noise import generators_for_seeds, sample_seeds
 
 
 class BuildableModule(pl.LightningModule):
@@ -20,6 +23,20 @@ class BuildableModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.build_config = checkpoint.get("build_config", self.build_config)
+
+    def sample_generators(self, n: int, stream: int = 0) -> list[torch.Generator] | None:
+        """One CPU generator per sample of this rank's current training batch of `n`, seeded by the
+        run's seed, `stream` and the sample's place in the global stream of training samples
+        (batch index x global batch + rank x n + position). A sample's random draws (posterior
+        sample, timestep, noise, condition dropout) then do not depend on how many ranks share
+        the batch, and differ between ranks. None outside a fit (the global RNG is used)."""
+        trainer = self._trainer
+        if trainer is None or not trainer.training:
+            return None
+        # the seed seed_everything set (Lightning seeds its loader workers from it too)
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        first = (trainer.fit_loop.epoch_loop.total_batch_idx * trainer.world_size + trainer.global_rank) * n
+        return generators_for_seeds(sample_seeds(seed, stream, first, n))
 
 
 def fast_optimizer_kwargs(params: Iterable[torch.Tensor]) -> dict[str, bool]:

@@ -21,10 +21,12 @@ from ldm.diffusion.ema import EMA
 from ldm.diffusion.objective import (check_parameterization, logvar_weighted, loss_simple, lvlb_weights,
                                      min_snr_weight, training_target, vlb_term)
 from ldm.diffusion.samplers import get_sampler, noise_for_seeds
+from ldm.diffusion.samplers.noise import NoiseGenerator, draw_noise, draw_uniforms
 from ldm.diffusion.schedule import DiffusionSchedule, make_betas, q_sample
 from ldm.diffusion.timesteps import TimestepFocus, sample_timesteps
 from ldm.first_stage.base import FirstStage
 from ldm.modules.base import BuildableModule, fast_optimizer_kwargs
+from ldm.modules.fsdp import ema_to_checkpoint, fsdp_root, root_params_gathered, shard_ema
 from ldm.modules.nonfinite import NonFiniteGuard
 from ldm.nets.wrapper import CONTEXT_KEYS, DiffusionWrapper
 from ldm.utils.images import log_grid
@@ -41,6 +43,11 @@ def drop_conditions(values, drop: torch.Tensor, null):
         null_t = torch.as_tensor(null, dtype=values.dtype, device=values.device)
         return torch.where(drop.view(-1, *([1] * (values.ndim - 1))).to(values.device), null_t, values)
     return [null if d else v for v, d in zip(values, drop.tolist())]
+
+
+def _batch_len(batch: dict) -> int:
+    """Samples in a training batch (of images or of latent-cache moments)."""
+    return len(batch["moments"] if "moments" in batch else batch["image"])
 
 
 class LatentDiffusion(BuildableModule):
@@ -143,6 +150,7 @@ class LatentDiffusion(BuildableModule):
         else:
             self.scale_factor = float(scale_factor)
         self.model_ema = EMA(self.model, ema_decay) if ema_decay else None
+        self._ema_sharded: bool | None = None  # shadows cut to this rank's pieces (FSDP); None: no FSDP fit yet
         self._restarted = False
         self._val_batch: dict | None = None
         self.nonfinite = NonFiniteGuard(nonfinite_loss)
@@ -179,10 +187,10 @@ class LatentDiffusion(BuildableModule):
         return self.scale_factor * z
 
     @torch.no_grad()
-    def first_stage_latents(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+    def first_stage_latents(self, batch: dict, generator: NoiseGenerator = None) -> torch.Tensor:
         """Unscaled posterior sample z of a training batch: from the first-stage moments of a latent
         cache (ldm.data.latents; checked against this first stage) when the batch has them, else by
-        encoding its images."""
+        encoding its images. generator: None, one, or one per sample."""
         if "moments" in batch:
             # Stored as float16 or float32: compute in the module's dtype, like encoder outputs.
             posterior = posterior_from_moments(batch["moments"].to(self.dtype), self.first_stage_model,
@@ -259,9 +267,19 @@ class LatentDiffusion(BuildableModule):
         return self.condition(batch, latent_hw, drop=torch.ones(n, dtype=torch.bool))
 
     # --- training ------------------------------------------------------------------------
+    def _ema(self) -> EMA | None:
+        """The EMA, under FSDP first cut to this rank's pieces. At its first use, not at the start of
+        fit: Lightning's FSDP resume loads the checkpoint's full EMA into the full buffers after that."""
+        if self.model_ema is not None and self._ema_sharded is None:
+            root = fsdp_root(self._trainer)
+            if root is not None:
+                self._ema_sharded = shard_ema(self.model_ema, self.model, root)
+        return self.model_ema
+
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         if (self.hparams.scale_by_std and self.global_step == 0 and batch_idx == 0 and not self._restarted):
-            self._set_scale_by_std(self.first_stage_latents(batch))
+            with root_params_gathered(self._trainer):  # outside the training step's forward
+                self._set_scale_by_std(self.first_stage_latents(batch, self.sample_generators(_batch_len(batch), 1)))
 
     @torch.no_grad()
     def _set_scale_by_std(self, z: torch.Tensor) -> None:
@@ -297,12 +315,17 @@ class LatentDiffusion(BuildableModule):
         return loss, logs
 
     def _step(self, batch: dict, split: str, drop: bool) -> torch.Tensor:
-        z = self.scale_factor * self.first_stage_latents(batch)  # from images or a latent cache
-        mask = None
-        if drop and self.hparams.p_uncond > 0:
-            mask = torch.rand(z.shape[0]) < self.hparams.p_uncond
+        n = _batch_len(batch)
+        # Training draws come per sample from generators keyed by the sample's place in the global
+        # stream: the same for 1 rank with batch B as for 2 ranks with B/2 each (docs/scaling.md).
+        generators = self.sample_generators(n) if split == "train" else None
+        z = self.scale_factor * self.first_stage_latents(batch, generators)  # from images or a latent cache
+        u = draw_uniforms(n, 4, generators)  # condition dropout, then the three of sample_timesteps
+        mask = u[:, 0] < self.hparams.p_uncond if drop and self.hparams.p_uncond > 0 else None
         cond = self.condition(batch, tuple(z.shape[-2:]), drop=mask)
-        loss, logs = self.diffusion_loss(z, cond)
+        t = sample_timesteps(n, self.schedule.num_timesteps, self.timestep_focus, z.device, uniforms=u[:, 1:])
+        noise = draw_noise(z.shape, generators, z.device, z.dtype)
+        loss, logs = self.diffusion_loss(z, cond, t, noise)
         self.log_dict({f"{split}/{k}": v for k, v in logs.items()}, prog_bar=(split == "train"),
                       sync_dist=(split == "val"), batch_size=z.shape[0])
         return loss
@@ -327,11 +350,11 @@ class LatentDiffusion(BuildableModule):
         # which runs before the module's, so a checkpoint there would miss this step's EMA update
         # and a resumed run would drift from an uninterrupted one.
         if self.model_ema is not None:
-            self.model_ema.update(self.model)
+            self._ema().update(self.model)
 
     def on_validation_epoch_start(self) -> None:
         if self.model_ema is not None:
-            self.model_ema.store(self.model)
+            self._ema().store(self.model)
             self.model_ema.copy_to(self.model)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -374,6 +397,9 @@ class LatentDiffusion(BuildableModule):
         super().on_save_checkpoint(checkpoint)
         if self.model_ema is not None:  # saved while validation or sampling runs on the EMA weights
             self.model_ema.put_live_weights(checkpoint["state_dict"], "model.")
+        if self._ema_sharded:  # the whole EMA, as without FSDP
+            ema_to_checkpoint(self.model_ema, self.model, fsdp_root(self._trainer), checkpoint["state_dict"],
+                              "model_ema.")
         config = checkpoint.get("build_config")
         if config is None:
             return
@@ -452,36 +478,37 @@ class LatentDiffusion(BuildableModule):
             raise ValueError(f"{len(seeds)} seeds for {n} images")
         batch = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
         self.check_guidance(guidance_scale)
-        cond = self.condition(batch, shape[1:])
-        uncond = None
-        if guidance_scale != 1.0:
-            uncond = self.null_condition(batch, shape[1:]) if negative is None else \
-                self.condition({**batch, self.hparams.cond_stage_key: negative}, shape[1:])
         seed_noise, generators = noise_for_seeds(seeds, shape, device=self.device)
         x_T = seed_noise if x_T is None else x_T.to(self.device)
-        z0 = self.encode_images(known.to(self.device), sample=False) if known is not None else None
         if mask is not None:
             mask = torch.nn.functional.interpolate(mask.to(self.device).float(), size=shape[1:], mode="nearest")
         if name != "ddpm":  # DDPM always walks all T steps
             sampler_kwargs["num_steps"] = num_steps
         sampler = get_sampler(name, schedule=self.schedule, parameterization=self.parameterization, **sampler_kwargs)
-        steps = sampler.num_steps
-        if init is not None:
-            z_init = self.encode_images(init.to(self.device), sample=False)
-            steps = round(strength * sampler.num_steps)
-            if steps == 0:
-                return z_init if return_latents else self.decode_latents(z_init)
-            if strength < 1.0:
-                t0 = torch.full((n,), sampler.start_timestep(steps), device=self.device, dtype=torch.long)
-                x_T = q_sample(self.schedule, z_init, t0, x_T)
+        steps = sampler.num_steps if init is None else round(strength * sampler.num_steps)
         swap = use_ema and self.model_ema is not None
         if swap:
-            self.model_ema.store(self.model)
+            self._ema().store(self.model)
             self.model_ema.copy_to(self.model)
         try:
-            z = sampler.sample(self.model, x_T, cond, uncond=uncond, guidance_scale=guidance_scale,
-                               mask=mask, x0=z0, generator=generators, progress=progress, steps=steps)
+            # Under FSDP the EMA swap works on this rank's pieces, so the root unit is gathered after it.
+            with root_params_gathered(self._trainer):
+                if init is not None:
+                    z_init = self.encode_images(init.to(self.device), sample=False)
+                    if steps == 0:
+                        return z_init if return_latents else self.decode_latents(z_init)
+                    if strength < 1.0:
+                        t0 = torch.full((n,), sampler.start_timestep(steps), device=self.device, dtype=torch.long)
+                        x_T = q_sample(self.schedule, z_init, t0, x_T)
+                cond = self.condition(batch, shape[1:])
+                uncond = None
+                if guidance_scale != 1.0:
+                    uncond = self.null_condition(batch, shape[1:]) if negative is None else \
+                        self.condition({**batch, self.hparams.cond_stage_key: negative}, shape[1:])
+                z0 = self.encode_images(known.to(self.device), sample=False) if known is not None else None
+                z = sampler.sample(self.model, x_T, cond, uncond=uncond, guidance_scale=guidance_scale,
+                                   mask=mask, x0=z0, generator=generators, progress=progress, steps=steps)
+                return z if return_latents else self.decode_latents(z)
         finally:
             if swap:
                 self.model_ema.restore(self.model)
-        return z if return_latents else self.decode_latents(z)

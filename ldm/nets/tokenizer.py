@@ -15,6 +15,7 @@ null condition of classifier-free guidance.
 from __future__ import annotations
 
 import base64
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -65,10 +66,13 @@ class CaptionTokenizer:
         return cls(Tokenizer.from_file(str(path)))
 
     def save(self, path: str | Path) -> None:
-        """Write the whole tokenizer (normaliser, vocabulary, merges) to one JSON file."""
+        """Write the whole tokenizer (normaliser, vocabulary, merges) to one JSON file, atomically:
+        a reader (another rank, a resumed run) finds the whole file or none."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.backend.save(str(path))
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        self.backend.save(str(tmp))
+        os.replace(tmp, path)
 
     def to_base64(self) -> str:
         """The whole tokenizer (the JSON `save` writes, a few KB) as base64 text, which checkpoints

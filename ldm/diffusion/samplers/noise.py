@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 # None (global RNG), one generator for the whole batch, or one generator per image.
@@ -30,9 +31,26 @@ def draw_noise(shape: Sequence[int], generator: NoiseGenerator = None,
                         for g in generator])
 
 
+def draw_uniforms(n: int, k: int, generator: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+    """(n, k) float64 numbers uniform in [0, 1) on the CPU: row b from generator[b] (one per
+    sample), or all from the global RNG when `generator` is None."""
+    if generator is None:
+        return torch.rand(n, k, dtype=torch.float64)
+    if len(generator) != n:
+        raise ValueError(f"{len(generator)} per-sample generators for {n} samples")
+    return torch.stack([torch.rand(k, generator=g, dtype=torch.float64) for g in generator])
+
+
 def generators_for_seeds(seeds: Sequence[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
     """One torch.Generator per seed, seeded with it."""
     return [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
+
+
+def sample_seeds(seed: int, stream: int, first: int, n: int) -> list[int]:
+    """Seeds of samples first .. first + n - 1 of a training stream: one 63-bit seed per
+    (seed, stream, sample index), unrelated between neighbours."""
+    return [int(np.random.SeedSequence([seed, stream, i]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+            for i in range(first, first + n)]
 
 
 def noise_for_seeds(seeds: Sequence[int], shape: Sequence[int], device: torch.device | str | None = None,

@@ -49,7 +49,9 @@ class Probe(pl.Callback):
         loss = trainer.callback_metrics.get("train/loss")
         self.record["losses"].append(None if loss is None else float(loss))
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After every on_train_end: Lightning runs checkpoint callbacks last, and the final
+        # last.ckpt is written in RunCheckpoint's.
         scale = getattr(pl_module, "scale_factor", None)
         self.record["scale_factor"] = None if scale is None else float(scale)
         self.record["end_step"] = trainer.global_step

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import TINY_RUN, compose
-from ldm.callbacks.evaluation import SamplingProtocol, build_extractors, condition_chunks
+from ldm.evaluation.protocol import SamplingProtocol, build_extractors, condition_chunks
 from ldm.cli.evaluate import evaluate
 from ldm.cli.tables import main as tables_main
 from ldm.cli.train import train

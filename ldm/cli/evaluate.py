@@ -2,7 +2,7 @@
 metrics of an autoencoder run, or the scores of given images, written to metrics.json.
 
 - latent diffusion run (`ckpt=`): n samples under the conditions of the real batches
-  (ldm.callbacks.evaluation's protocol), scored against the real images; super-resolution and
+  (ldm.evaluation.protocol), scored against the real images; super-resolution and
   inpainting samples also against their own ground truth (PSNR, SSIM, LPIPS), inpainting
   samples with the known pixels pasted back;
 - autoencoder run (`ckpt=`): the first n real images reconstructed (posterior mode, EMA weights
@@ -36,10 +36,11 @@ from PIL import Image
 from torchmetrics import MetricCollection
 from tqdm import tqdm
 
-from ldm.callbacks.evaluation import (SamplingProtocol, build_extractors, check_caption_metrics, condition_chunks,
-                                      describe_model, first_stage_kind, generate, sample_captions)
 from ldm.data.pipeline import SampleDecoder, ShardStream, make_loader
 from ldm.data.transforms import ImageTransform
+from ldm.evaluation.describe import describe_model, first_stage_kind
+from ldm.evaluation.protocol import (SamplingProtocol, build_extractors, check_caption_metrics, condition_chunks,
+                                     generate, sample_captions)
 from ldm.metrics.collection import CAPTION_METRICS, NO_REAL_SIDE, build_metrics
 from ldm.metrics.fid import ExtractorMismatchError, load_statistics, save_statistics
 from ldm.metrics.lpips import build_lpips

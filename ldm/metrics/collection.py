@@ -265,6 +265,7 @@ def build_metrics(
     return MetricCollection(metrics, compute_groups=False)
 
 
+@torch.no_grad()  # as torchmetrics runs update()
 def batch_rows(metrics: MetricCollection, images: Tensor, real: bool,
                captions: Sequence[str] | None = None) -> dict[str, Tensor]:
     """The per-image rows (ldm.metrics.rows) the metrics take from a batch of images, by row key
@@ -277,7 +278,7 @@ def batch_rows(metrics: MetricCollection, images: Tensor, real: bool,
             continue
         key = metric.row_key
         if key not in rows:
-            rows[key], networks[key] = metric.rows(images, captions).detach(), metric.row_network
+            rows[key], networks[key] = metric.rows(images, captions), metric.row_network
         elif metric.row_network is not networks[key]:
             raise ValueError(f"metrics sharing the rows {key!r} must use one extractor (build_metrics does)")
     return rows

@@ -28,7 +28,7 @@ from ldm.evaluation.protocol import SamplingProtocol, build_extractors, conditio
 from ldm.cli.tables import main as tables_main
 from ldm.cli.train import train
 from ldm.evaluation.distributed import Ranks, launch_environment, rank_device
-from ldm.evaluation.export import write_npz
+from ldm.evaluation.image_files import write_npz
 from ldm.data.pipeline import SampleDecoder, ShardStream
 from ldm.data.transforms import ImageTransform
 from ldm.metrics.features import ToyFeatures
@@ -361,8 +361,9 @@ def test_ranks_come_from_torchrun_or_slurm(monkeypatch):
     launcher = ["TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE",
                 "MASTER_ADDR", "MASTER_PORT"]
     slurm = {"SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
-             "SLURM_NODEID": "1", "SLURM_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "4321", "SLURM_JOB_NAME": "eval"}
-    for name in [*launcher, *slurm]:
+             "SLURM_NODEID": "1", "SLURM_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "4321", "SLURM_JOB_NAME": "eval",
+             "SLURM_STEP_ID": "0"}  # a task started by srun
+    for name in [*launcher, *slurm]:  # (the environments set MASTER_ADDR / MASTER_PORT themselves)
         monkeypatch.setenv(name, "")  # recorded, so what the environments set is undone afterwards
         monkeypatch.delenv(name)
     assert launch_environment() is None  # one process
@@ -377,6 +378,9 @@ def test_ranks_come_from_torchrun_or_slurm(monkeypatch):
     env = launch_environment()
     assert (env.world_size(), env.global_rank(), env.main_port) == (2, 1, 29511)
     monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    monkeypatch.delenv("SLURM_STEP_ID")
+    assert launch_environment() is None  # the batch script, without srun: one process, not 4 that never come
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
     monkeypatch.setenv("SLURM_NTASKS", "1")
     assert launch_environment() is None  # a single SLURM task
     monkeypatch.setenv("SLURM_NTASKS", "4")

@@ -38,11 +38,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
 from torchmetrics import MetricCollection
 from tqdm import tqdm
 
@@ -52,7 +50,7 @@ from ldm.data.transforms import ImageTransform
 from ldm.evaluation.chunks import ChunkStore, run_part
 from ldm.evaluation.describe import describe_model, first_stage_kind
 from ldm.evaluation.distributed import Ranks, rank_device, start_ranks
-from ldm.evaluation.export import save_pngs, write_npz
+from ldm.evaluation.image_files import GivenImages, save_pngs, write_npz
 from ldm.evaluation.protocol import (SamplingProtocol, build_extractors, check_caption_metrics, condition_chunks,
                                      generate, sample_captions)
 from ldm.first_stage.base import FirstStage
@@ -68,7 +66,6 @@ from ldm.utils.trusted_config import check_trusted
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # What a run folder's data.batch_transforms may build without trust_config (configs/cond).
 BATCH_TRANSFORM_TARGETS = frozenset({
     "ldm.data.degradations.SRDegradation",
@@ -78,59 +75,11 @@ BATCH_TRANSFORM_TARGETS = frozenset({
 # Settings a stopped evaluation may change when it continues: where it runs, and how the stored
 # rows are scored. The feature networks are compared by their name and settings (weights
 # fingerprint included), not by their config, whose weight paths may differ between machines.
-CONTINUABLE = frozenset({"out_dir", "paths", "task_name", "device", "trust_config", "real_stats", "features",
-                         "kid_subsets", "kid_subset_size", "is_splits", "pr_k"})
+CONTINUABLE = frozenset({"out_dir", "paths", "task_name", "device", "rank_timeout_s", "trust_config", "real_stats",
+                         "features", "kid_subsets", "kid_subset_size", "is_splits", "pr_k"})
 
 
 # ----------------------------------------------------------------------------- inputs
-
-
-def image_files(folder: Path) -> list[Path]:
-    """The image files of `folder`, sorted by name."""
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise FileNotFoundError(f"no {'/'.join(IMAGE_SUFFIXES)} files in {folder}")
-    return files
-
-
-def _npz_images(path: Path) -> np.ndarray:
-    with np.load(path, allow_pickle=False) as data:
-        key = next((k for k in ("images", "arr_0") if k in data.files), None)
-        if key is None:
-            raise ValueError(f"{path} holds {data.files}; expected the images as `images` or `arr_0` "
-                             "(N, H, W, 3) uint8, the layout of the ADM / guided-diffusion sample files")
-        array = data[key]
-    if array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8:
-        raise ValueError(f"{path}[{key!r}] is {array.dtype} {array.shape}; expected (N, H, W, 3) uint8")
-    return array
-
-
-def count_images(path: str | Path) -> int:
-    """How many images `images=` holds."""
-    path = Path(path)
-    return len(image_files(path)) if path.is_dir() else len(_npz_images(path))
-
-
-def image_batches(path: str | Path, batch_size: int, n: int) -> Iterator[torch.Tensor]:
-    """The first n images of a folder or .npz as uint8 (B, 3, H, W) batches."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"images={path} does not exist; pass a folder of PNG files or an .npz")
-    if path.is_dir():
-        files = image_files(path)[:n]
-        for start in range(0, len(files), batch_size):
-            arrays = []
-            for file in files[start:start + batch_size]:
-                with Image.open(file) as img:
-                    arrays.append(np.asarray(img.convert("RGB")))
-            sizes = {a.shape for a in arrays}
-            if len(sizes) > 1:
-                raise ValueError(f"images in {path} differ in size ({sorted(sizes)}); resize them to one size first")
-            yield torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    else:
-        array = _npz_images(path)[:n]
-        for start in range(0, len(array), batch_size):
-            yield torch.from_numpy(array[start:start + batch_size]).permute(0, 3, 1, 2).contiguous()
 
 
 def run_folder(ckpt: str | Path) -> Path | None:
@@ -160,11 +109,6 @@ def real_stream(cfg: DictConfig, image_size: int, transforms: list) -> ShardStre
         raise ValueError("pass real=<validation shards> (a folder with index.json, a brace pattern or a list)")
     return ShardStream(cfg.real, cfg.batch_size, SampleDecoder(ImageTransform(image_size)), train=False,
                        max_samples=cfg.n_real, batch_transforms=transforms)
-
-
-def given_image_size(path: str | Path) -> int:
-    """The width of the first image of `images=` (the size the real images are cropped to)."""
-    return next(image_batches(path, 1, 1)).shape[-1]
 
 
 # ----------------------------------------------------------------------------- real side
@@ -279,13 +223,12 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 Item = tuple[int, int, Any]
 
 
-def _numbered(batches: Iterable[Any], size: Callable[[Any], int] = lambda batch: len(batch["image"])
-              ) -> Iterator[Item]:
-    """Batches as chunk inputs, numbered by their first image."""
+def _numbered(batches: Iterable[dict]) -> Iterator[Item]:
+    """Real batches as chunk inputs, numbered by their first image."""
     start = 0
     for batch in batches:
-        yield start, size(batch), batch
-        start += size(batch)
+        yield start, len(batch["image"]), batch
+        start += len(batch["image"])
 
 
 class Samples:
@@ -416,19 +359,19 @@ def _autoencoder_parts(cfg: DictConfig, module, metrics: MetricCollection, real:
 
 def _images_parts(cfg: DictConfig, metrics: MetricCollection, real: RealSide, device: torch.device
                   ) -> tuple[list[Part], dict[str, Any]]:
-    available = count_images(cfg.images)
-    n = available if cfg.n is None else cfg.n
-    if n > available:
-        raise ValueError(f"images={cfg.images} holds {available} images, fewer than n={n}: lower n, or n=null")
-    image_size = cfg.image_size or given_image_size(cfg.images)
+    given = GivenImages(cfg.images)
+    n = len(given) if cfg.n is None else cfg.n
+    if n > len(given):
+        raise ValueError(f"images={cfg.images} holds {len(given)} images, fewer than n={n}: lower n, or n=null")
+    image_size = cfg.image_size or given.width
     parts = [_real_part(cfg, real_stream(cfg, image_size, []), metrics, device)] if real.wants_images else []
 
     def work(item: Item) -> dict[str, Any]:
-        start, size, batch = item
-        return {"start": start, "n": size, "fake": batch_rows(metrics, batch.to(device), real=False)}
+        start, size, _ = item  # read here: other ranks' batches are never read
+        return {"start": start, "n": size, "fake": batch_rows(metrics, given.batch(start, size).to(device), real=False)}
 
-    parts.append(Part("samples", _numbered(image_batches(cfg.images, cfg.batch_size, n), len), work, "given images",
-                      -(-n // cfg.batch_size)))
+    inputs = ((s, min(cfg.batch_size, n - s), None) for s in range(0, n, cfg.batch_size))
+    parts.append(Part("samples", inputs, work, "given images", -(-n // cfg.batch_size)))
     return parts, {"image_size": image_size}
 
 
@@ -522,7 +465,7 @@ def evaluate(cfg: DictConfig) -> Path | None:
     metrics.json into cfg.out_dir; returns its path (None on ranks other than 0, which only make
     their share of the chunks)."""
     kind = _check_arguments(cfg)
-    ranks = start_ranks()
+    ranks = start_ranks(cfg.rank_timeout_s)
     try:
         return _evaluate(cfg, kind, ranks)
     finally:
@@ -535,7 +478,6 @@ def _evaluate(cfg: DictConfig, kind: str, ranks: Ranks) -> Path | None:
                                          "rank, on a filesystem all nodes share (a stopped evaluation continues there)")
     out.mkdir(parents=True, exist_ok=True)
     device = rank_device(cfg.device, ranks)
-    dtype = _autocast_dtype(cfg, device)
     names = ["fid"] if kind == "real_stats" else list(cfg.metrics)
     extractor, logits = build_extractors(cfg.features, names)
     metrics = build_metrics(names, extractor, logits, kid_subsets=cfg.kid_subsets,
@@ -543,24 +485,8 @@ def _evaluate(cfg: DictConfig, kind: str, ranks: Ranks) -> Path | None:
                             classifier=cfg.classifier, clip_model=cfg.clip_model).to(device)
     real = RealSide(cfg, metrics, names)
     ranks.check_same(real.cached, f"whether real_stats={cfg.real_stats} exists: put it on a filesystem all nodes share")
-    notes: list[str] = []
-    record: dict[str, Any] = {"run": None}
-    samples = Samples(cfg, out)
-    if kind == "images":
-        record["kind"] = "images"
-        parts, info = _images_parts(cfg, metrics, real, device)
-    elif kind == "real_stats":
-        record["kind"] = "real_stats"
-        parts = [] if real.cached else [_real_part(cfg, real_stream(cfg, cfg.image_size, []), metrics, device)]
-        info = {"image_size": cfg.image_size}
-    else:
-        module, record["run"], run = _load(cfg)
-        if isinstance(module, LatentDiffusion):
-            record["kind"] = "ldm"
-            parts, info = _ldm_parts(cfg, module, metrics, real, device, dtype, run, samples, notes)
-        else:
-            record["kind"] = "autoencoder"
-            parts, info = _autoencoder_parts(cfg, module, metrics, real, device, dtype, samples, notes)
+    record, parts, notes = _plan(cfg, kind, metrics, real, device, out)
+
     store = ChunkStore(out)
     settings = _settings(cfg, [extractor, logits], record["run"])
     ranks.check_same(json.dumps(settings, sort_keys=True), "the evaluation's settings")
@@ -569,32 +495,58 @@ def _evaluate(cfg: DictConfig, kind: str, ranks: Ranks) -> Path | None:
         log.info("continuing the evaluation in %s: %d chunks were made earlier", out, found)
     counts = _run_parts(parts, store, ranks)
     ranks.barrier()
-    ranks.close()  # the metrics are computed here, by rank 0 alone: no synchronisation over ranks
+    ranks.close()  # the metrics are computed by rank 0 alone, from the chunks: no synchronisation over ranks
     if not ranks.is_zero:
         return None
     for part, count in counts.items():
         store.finish(part, count)
+    return _write_results(cfg, out, store, counts, metrics, real, record, notes, extractor, ranks.world)
 
+
+def _plan(cfg: DictConfig, kind: str, metrics: MetricCollection, real: RealSide, device: torch.device, out: Path
+          ) -> tuple[dict[str, Any], list[Part], list[str]]:
+    """metrics.json's record so far (kind, run, image size), the parts to make, and notes."""
+    dtype = _autocast_dtype(cfg, device)
+    notes: list[str] = []
+    record: dict[str, Any] = {"run": None, "kind": kind}
+    if kind == "images":
+        parts, info = _images_parts(cfg, metrics, real, device)
+    elif kind == "real_stats":
+        parts = [] if real.cached else [_real_part(cfg, real_stream(cfg, cfg.image_size, []), metrics, device)]
+        info = {"image_size": cfg.image_size}
+    else:
+        module, record["run"], run = _load(cfg)
+        samples = Samples(cfg, out)
+        if isinstance(module, LatentDiffusion):
+            record["kind"] = "ldm"
+            parts, info = _ldm_parts(cfg, module, metrics, real, device, dtype, run, samples, notes)
+        else:
+            record["kind"] = "autoencoder"
+            parts, info = _autoencoder_parts(cfg, module, metrics, real, device, dtype, samples, notes)
+    return {**record, **info}, parts, notes
+
+
+def _write_results(cfg: DictConfig, out: Path, store: ChunkStore, counts: dict[str, int], metrics: MetricCollection,
+                   real: RealSide, record: dict[str, Any], notes: list[str], extractor, world: int) -> Path:
+    """Compute the metrics from the chunks; write metrics.json (and real_stats, samples.npz)."""
     totals = _reduce(store, counts, metrics, real)
     real.save(metrics)
-    if kind == "real_stats":
-        values = {}
-    else:
+    values: dict[str, float] = {}
+    if record["kind"] != "real_stats":
         values = {k: float(v) for k, v in metrics.compute().items()}
         if record["kind"] == "autoencoder":
             values = {("rfid" if k == "fid" else k): v for k, v in values.items()}  # the paper's name
         values.update(totals["paired"])
-        record.update(n=totals["n"], **info)
+        record["n"] = totals["n"]
         if record["kind"] == "ldm":
-            record["samples_per_s"] = totals["n"] / totals["seconds"]
+            record["samples_per_s"] = totals["n"] / totals["seconds"]  # per rank: seconds of one device
     if cfg.save_npz:
         pixels = (r["pixels"].numpy() for r in store.records("samples", counts["samples"]) if r.get("n"))
-        size = record["image_size"]
-        write_npz(out / "samples.npz", pixels, totals["n"], size, size)
+        write_npz(out / "samples.npz", pixels, totals["n"], record["image_size"], record["image_size"])
     settings = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "out_dir"}
     record.update(metrics=values, real=real.describe(),
                   features=None if extractor is None else {"name": extractor.name, "settings": extractor.settings},
-                  settings=settings, notes=notes, world_size=ranks.world,
+                  settings=settings, notes=notes, world_size=world,
                   written=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     path = out / "metrics.json"
     path.write_text(json.dumps(record, indent=1))

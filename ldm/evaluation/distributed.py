@@ -2,9 +2,9 @@
 
 The launcher's environment is read with Lightning's cluster environments, as train.py's Trainer
 reads it: torchrun's (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) first, so torchrun inside a
-SLURM allocation takes its own ranks, then SLURM's (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID,
-the first node of SLURM_NODELIST). One process, or one SLURM task, is rank 0 of 1 and starts no
-process group.
+SLURM allocation takes its own ranks, then those of srun's tasks (SLURM_PROCID, SLURM_NTASKS,
+SLURM_LOCALID, the first node of SLURM_NODELIST). One process, one SLURM task, or a batch script
+run without srun is rank 0 of 1 and starts no process group.
 
 The group is gloo on every device: the ranks exchange only a few small objects (their output
 folder, settings, rank 0's word), never tensors (the samples' features travel through the chunk
@@ -12,6 +12,7 @@ files of ldm.evaluation.chunks), so NCCL would add nothing.
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ import torch.distributed as dist
 from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -87,15 +89,20 @@ def launch_environment() -> TorchElasticEnvironment | SLURMEnvironment | None:
     if TorchElasticEnvironment.detect():
         env = TorchElasticEnvironment()
     elif "SLURM_NTASKS" in os.environ and SLURMEnvironment.detect():  # (detect() warns outside SLURM jobs)
+        if "SLURM_STEP_ID" not in os.environ:  # the batch script itself, not one of srun's tasks
+            if int(os.environ["SLURM_NTASKS"]) > 1:
+                log.warning("SLURM_NTASKS=%s but this process was not started by srun: it evaluates alone (prepend "
+                            "srun to share the work over the allocation's tasks)", os.environ["SLURM_NTASKS"])
+            return None
         env = SLURMEnvironment()  # refuses --ntasks without --ntasks-per-node
     else:
         return None
     return env if env.world_size() > 1 else None
 
 
-def start_ranks(timeout_s: float = 1800) -> Ranks:
-    """Join the launcher's ranks (a gloo process group; waits are bounded by `timeout_s`), or
-    Ranks() for a single process."""
+def start_ranks(timeout_s: float) -> Ranks:
+    """Join the launcher's ranks (a gloo process group in which no rank waits longer than
+    `timeout_s` for the others), or Ranks() for a single process."""
     env = launch_environment()
     if env is None:
         return Ranks()

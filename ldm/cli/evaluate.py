@@ -552,5 +552,6 @@ def _write_results(cfg: DictConfig, out: Path, store: ChunkStore, counts: dict[s
     path.write_text(json.dumps(record, indent=1))
     for note in notes:
         log.info(note)
-    log.info("%s", ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+    if values:
+        log.info("%s", ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
     return path

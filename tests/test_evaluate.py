@@ -323,6 +323,14 @@ def test_a_stopped_evaluation_continues_where_it_stopped(runs, tmp_path, monkeyp
     assert len(real_chunks) == 2 and not (out / "metrics.json").exists()
     with pytest.raises(ValueError, match=r"other settings \(steps: 2 then, 3 now\)"):
         evaluate(eval_cfg(out, *model, "steps=3"))
+    ckpt = runs["ldm"] / "checkpoints" / "last.ckpt"
+    stamp = ckpt.stat()
+    os.utime(ckpt, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))  # as if training had rewritten it
+    try:
+        with pytest.raises(ValueError, match="other settings \\(model: "):
+            evaluate(eval_cfg(out, *model))
+    finally:
+        os.utime(ckpt, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
 
     stop_after = None
     record = json.loads(evaluate(eval_cfg(out, *model)).read_text())

@@ -452,11 +452,22 @@ def _check_arguments(cfg: DictConfig) -> str:
     return kind
 
 
+def _file_identity(path: str | Path) -> dict[str, Any]:
+    """What tells a file (or a folder's files) from a rewritten one: path, bytes, newest modification."""
+    path = Path(path)
+    stats = [p.stat() for p in ([path] if path.is_file() else sorted(path.iterdir())) if p.is_file()]
+    return {"path": str(path.resolve()), "bytes": sum(s.st_size for s in stats),
+            "mtime_ns": max((s.st_mtime_ns for s in stats), default=0)}
+
+
 def _settings(cfg: DictConfig, extractors: list, run: dict[str, Any] | None) -> dict[str, Any]:
-    """What the chunks depend on (a continuing evaluation must match it; see CONTINUABLE)."""
+    """What the chunks depend on (a continuing evaluation must match it; see CONTINUABLE): the
+    settings, the feature networks, and the checkpoint or given images as files (a checkpoint
+    rewritten since, e.g. a newer last.ckpt, is another model)."""
     settings = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in CONTINUABLE}
     settings["features"] = [None if e is None else {"name": e.name, "settings": e.settings} for e in extractors]
-    settings["model"] = None if run is None else {k: run[k] for k in ("ckpt", "global_step")}
+    settings["model"] = None if run is None else {**_file_identity(run["ckpt"]), "global_step": run["global_step"]}
+    settings["images"] = _file_identity(cfg.images) if cfg.images else None
     return settings
 
 

@@ -61,7 +61,23 @@ def _require_extractor(extractor: Any, role: str) -> FeatureExtractor:
     return extractor
 
 
-class FID(FrechetInceptionDistance):
+class _ExtractorRows:
+    """The rows (ldm.metrics.rows) of torchmetrics' image metrics: what their feature module
+    (`inception`, our extractor) makes of each image."""
+
+    inception: FeatureExtractor
+
+    @property
+    def row_network(self) -> FeatureExtractor:
+        """The network that makes this metric's rows."""
+        return self.inception
+
+    def rows(self, images: Tensor, captions: Sequence[str] | None = None) -> Tensor:
+        """The extractor's outputs (features, or IS's logits) for `images`, one row per image."""
+        return self.inception(images)
+
+
+class FID(_ExtractorRows, FrechetInceptionDistance):
     """torchmetrics' FID (float64 running sums of features and outer products) with our
     extractor and our Frechet distance; can export and import the real statistics."""
 
@@ -70,15 +86,6 @@ class FID(FrechetInceptionDistance):
     def __init__(self, extractor: FeatureExtractor, reset_real_features: bool = True, **kwargs: Any):
         super().__init__(feature=_require_extractor(extractor, "extractor"), reset_real_features=reset_real_features,
                          **kwargs)
-
-    @property
-    def row_network(self) -> FeatureExtractor:
-        """The network that makes this metric's rows."""
-        return self.inception
-
-    def rows(self, images: Tensor, captions: Sequence[str] | None = None) -> Tensor:
-        """The extractor's features of `images`, one row per image (ldm.metrics.rows)."""
-        return self.inception(images)
 
     def update(self, imgs: Tensor | Rows, real: bool) -> None:  # type: ignore[override]
         """Add a batch of images, or their precomputed rows, to the running sums (torchmetrics'
@@ -135,7 +142,7 @@ class FID(FrechetInceptionDistance):
         self.real_features_num_samples = torch.tensor(n, dtype=torch.long, device=self.device)
 
 
-class KID(KernelInceptionDistance):
+class KID(_ExtractorRows, KernelInceptionDistance):
     """torchmetrics' KID states with ldm.metrics.kid.kernel_inception_distance as compute."""
 
     def __init__(self, extractor: FeatureExtractor, subsets: int = 100, subset_size: int = 1000, degree: int = 3,
@@ -152,15 +159,6 @@ class KID(KernelInceptionDistance):
 
     row_key, takes_real = "features", True
 
-    @property
-    def row_network(self) -> FeatureExtractor:
-        """The network that makes this metric's rows."""
-        return self.inception
-
-    def rows(self, images: Tensor, captions: Sequence[str] | None = None) -> Tensor:
-        """The extractor's features of `images`, one row per image (ldm.metrics.rows)."""
-        return self.inception(images)
-
     def update(self, imgs: Tensor | Rows, real: bool) -> None:  # type: ignore[override]
         """Store the features of a batch of images, or their precomputed rows."""
         features = rows_or_run(imgs, self.inception)
@@ -176,7 +174,7 @@ class KID(KernelInceptionDistance):
         return {"kid_mean": torch.tensor(mean, dtype=torch.float64), "kid_std": torch.tensor(std, dtype=torch.float64)}
 
 
-class IS(InceptionScore):
+class IS(_ExtractorRows, InceptionScore):
     """torchmetrics' IS states over generated images only, with
     ldm.metrics.inception_score.inception_score as compute. `logits_extractor` must return
     class logits (InceptionV3Features(output='logits') for the standard IS)."""
@@ -187,15 +185,6 @@ class IS(InceptionScore):
         self.add_state("features", [], dist_reduce_fx="cat")  # see KID
 
     row_key, takes_real = "logits", False
-
-    @property
-    def row_network(self) -> FeatureExtractor:
-        """The network that makes this metric's rows."""
-        return self.inception
-
-    def rows(self, images: Tensor, captions: Sequence[str] | None = None) -> Tensor:
-        """The class logits of `images`, one row per image (ldm.metrics.rows)."""
-        return self.inception(images)
 
     def update(self, imgs: Tensor | Rows, real: bool) -> None:  # type: ignore[override]
         """Store the logits of generated batches (or their precomputed rows); real batches do not
@@ -286,10 +275,10 @@ def batch_rows(metrics: MetricCollection, images: Tensor, real: bool,
 
 def update_from_rows(metrics: MetricCollection, rows: Mapping[str, Tensor], real: bool,
                      captions: Sequence[str] | None = None) -> None:
-    """Add rows made by `batch_rows` to the metrics, as `metrics.update(images, real, captions=...)`
-    would add the images themselves."""
+    """Add rows made by `batch_rows` (on any device, e.g. read back from a file) to the metrics, as
+    `metrics.update(images, real, captions=...)` would add the images themselves."""
     for metric in metrics.values():
         if real and not metric.takes_real:
             continue
         extra = {"captions": captions} if isinstance(metric, CaptionedMetric) else {}
-        metric.update(Rows(rows[metric.row_key]), real, **extra)
+        metric.update(Rows(rows[metric.row_key].to(metric.device)), real, **extra)

@@ -337,6 +337,7 @@ def test_a_stopped_evaluation_continues_where_it_stopped(runs, tmp_path, monkeyp
     assert sampled == [4, 4, 2]  # 8 images before the stop, the last 2 after it: none twice
     assert {p: p.stat().st_mtime_ns for p in chunks.glob("real-*.pt")} == real_chunks  # not made again
     assert record["metrics"] == fresh["metrics"] and record["n"] == 10
+    assert not list(chunks.glob(".*.tmp"))  # the half-written file is cleared at the end
     # Finished: another launch only recomputes the metrics (here with other KID subsets) from the chunks.
     again = json.loads(evaluate(eval_cfg(out, *model, "kid_subsets=7")).read_text())
     assert sampled == [4, 4, 2] and again["metrics"]["fid"] == fresh["metrics"]["fid"]

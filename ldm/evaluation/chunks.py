@@ -76,7 +76,8 @@ class ChunkStore:
         return int(marker.read_text()) if marker.is_file() else None
 
     def finish(self, part: str, count: int) -> None:
-        """Check that all `count` chunks of `part` exist, then mark it finished."""
+        """Check that all `count` chunks of `part` exist, then mark it finished (and remove what
+        killed writes left)."""
         missing = [self.path(part, i).name for i in range(count) if not self.has(part, i)]
         if missing:
             raise FileNotFoundError(
@@ -85,6 +86,8 @@ class ChunkStore:
                 "Put the output folder (hydra.run.dir) on a filesystem shared by all nodes; the launch can then be "
                 "repeated, and it makes only the missing chunks")
         (self.folder / f"{part}.done").write_text(str(count))
+        for leftover in self.folder.glob(f".{part}-*.tmp"):  # half-written by a rank that was killed
+            leftover.unlink(missing_ok=True)
 
     def records(self, part: str, count: int) -> Iterator[dict[str, Any]]:
         """The chunks of `part` in order."""

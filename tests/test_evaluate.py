@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -295,8 +296,38 @@ def test_evaluate_py_under_torchrun_scores_the_images_of_one_process(runs, tmp_p
 
     # Ranks that would write into different folders are stopped before any work.
     done = torchrun(2, *model, f"out_dir={tmp_path}/rank" + "${oc.env:RANK}", f"hydra.run.dir={tmp_path / 'h'}")
-    assert done.returncode != 0 and "disagree on the output folder" in done.stderr
+    assert done.returncode != 0 and "write into different run folders" in done.stderr
     assert not (tmp_path / "rank0" / "chunks").exists()
+
+
+@pytest.mark.slurm  # bash scripts/slurm_check.sh tests/test_evaluate.py (a one-node cluster on this machine)
+@pytest.mark.skipif(shutil.which("sbatch") is None, reason="no SLURM (bash scripts/slurm_check.sh)")
+def test_evaluate_py_under_srun_scores_the_images_of_one_process(runs, tmp_path):
+    # A 2-task job: evaluate.py in the batch script itself (no srun: one process, with a warning),
+    # then under srun (2 ranks); both give the images of the in-process run.
+    model = [f"ckpt={runs['ldm']}", f"real={runs['val']}", *SCALE_ARGS, "save_npz=true"]
+    one = json.loads(evaluate(eval_cfg(tmp_path / "one", *model)).read_text())
+    command = " ".join(f"'{a}'" for a in [sys.executable, "evaluate.py", *CLI_DEFAULTS, *model])
+    script = tmp_path / "eval.sh"
+    script.write_text(f"""#!/bin/bash
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=2
+#SBATCH --cpus-per-task=1
+#SBATCH --output={tmp_path / 'eval.out'}
+cd {ROOT}
+{command} hydra.run.dir={tmp_path / 'alone'}
+srun --kill-on-bad-exit=1 {command} hydra.run.dir={tmp_path / 'srun'}
+""")
+    done = subprocess.run(["sbatch", "--wait", str(script)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = (tmp_path / "eval.out").read_text() if (tmp_path / "eval.out").exists() else ""
+    assert done.returncode == 0, done.stderr + log[-3000:]
+    assert "not started by srun: it evaluates alone" in log
+    for name, world in (("alone", 1), ("srun", 2)):
+        record = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert record["world_size"] == world and record["metrics"] == pytest.approx(one["metrics"], rel=1e-9)
+        with np.load(tmp_path / name / "samples.npz") as a, np.load(tmp_path / "one" / "samples.npz") as b:
+            assert np.array_equal(a["arr_0"], b["arr_0"])
 
 
 def test_a_stopped_evaluation_continues_where_it_stopped(runs, tmp_path, monkeypatch):

@@ -39,11 +39,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics import MetricCollection
 from tqdm import tqdm
 
+from ldm.cli import launch
 from ldm.convert.reference import load_reference
 from ldm.data.pipeline import SampleDecoder, ShardStream, make_loader
 from ldm.data.transforms import ImageTransform
@@ -72,11 +74,14 @@ BATCH_TRANSFORM_TARGETS = frozenset({
     "ldm.data.degradations.InpaintingDegradation",
     "ldm.data.degradations.MaskGenerator",
 })
+SHARES = ("Rank 0 computes the metrics from the chunk files every rank writes there; put hydra.run.dir on a shared "
+          "filesystem")
 # Settings a stopped evaluation may change when it continues: where it runs, and how the stored
 # rows are scored. The feature networks are compared by their name and settings (weights
 # fingerprint included), not by their config, whose weight paths may differ between machines.
-CONTINUABLE = frozenset({"out_dir", "paths", "task_name", "device", "rank_timeout_s", "trust_config", "real_stats",
-                         "features", "kid_subsets", "kid_subset_size", "is_splits", "pr_k"})
+CONTINUABLE = frozenset({"out_dir", "paths", "task_name", "device", "rank_timeout_s", "shared_fs_timeout_s",
+                         "trust_config", "real_stats", "features", "kid_subsets", "kid_subset_size", "is_splits",
+                         "pr_k"})
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -485,9 +490,10 @@ def evaluate(cfg: DictConfig) -> Path | None:
 
 def _evaluate(cfg: DictConfig, kind: str, ranks: Ranks) -> Path | None:
     out = Path(cfg.out_dir)
-    ranks.check_same(str(out.resolve()), "the output folder: pass the same absolute hydra.run.dir=<folder> to every "
-                                         "rank, on a filesystem all nodes share (a stopped evaluation continues there)")
     out.mkdir(parents=True, exist_ok=True)
+    if ranks.world > 1:  # train.py's start-up checks (ldm/cli/launch.py)
+        launch.check_same_run_folder(dist.group.WORLD, out)
+        launch.check_shared_run_folder(dist.group.WORLD, out, cfg.shared_fs_timeout_s, SHARES)
     device = rank_device(cfg.device, ranks)
     names = ["fid"] if kind == "real_stats" else list(cfg.metrics)
     extractor, logits = build_extractors(cfg.features, names)

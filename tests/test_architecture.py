@@ -18,7 +18,8 @@ FORBIDDEN = {
     "metrics": {"modules", "callbacks", "cli", "evaluation"},         # metrics score tensors
     "diffusion": {"nets", "modules", "callbacks", "cli", "data"},     # samplers take any denoiser
     "first_stage": {"modules", "callbacks", "cli", "data"},
-    "modules": {"callbacks", "cli"},
+    "modules": {"callbacks", "cli", "evaluation"},
+    "evaluation": {"callbacks", "cli"},                               # the protocol the callback and evaluate.py share
     "utils": {"modules", "callbacks", "cli"},
 }
 

@@ -1,5 +1,6 @@
 """Evaluation end to end: the training callback, evaluate.py on latent diffusion and autoencoder
-runs and on given images, the real-statistics cache, and the paper tables command.
+runs and on given images, the real-statistics cache, evaluate.py on two ranks (torchrun) and
+continuing a stopped evaluation, and the paper tables command.
 
 One tiny KL autoencoder and one tiny text LDM (trained with the evaluation callback) are shared
 by the module; metrics use the seeded ToyFeatures (features=toy), so nothing is downloaded."""
@@ -8,6 +9,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,10 +24,12 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import TINY_RUN, compose
-from ldm.callbacks.evaluation import SamplingProtocol, build_extractors, condition_chunks
 from ldm.cli.evaluate import evaluate
+from ldm.evaluation.protocol import SamplingProtocol, build_extractors, condition_chunks
 from ldm.cli.tables import main as tables_main
 from ldm.cli.train import train
+from ldm.evaluation.distributed import Ranks, launch_environment, rank_device
+from ldm.evaluation.image_files import write_npz
 from ldm.data.pipeline import SampleDecoder, ShardStream
 from ldm.data.transforms import ImageTransform
 from ldm.metrics.features import ToyFeatures
@@ -255,6 +260,187 @@ def test_given_images_and_the_real_statistics_cache(runs, tmp_path):
         evaluate(eval_cfg(tmp_path / "f", *inverted, f"ckpt={runs['ldm']}"))
     with pytest.raises(ValueError, match="conditional: pass real="):
         evaluate(eval_cfg(tmp_path / "g", f"ckpt={runs['ldm']}", f"real_stats={stats}", "metrics=[fid]", "n=2"))
+
+
+# evaluate.py's arguments for the text LDM in the tests below: 10 samples in chunks of 4, 4 and 2.
+SCALE_ARGS = ["n=10", "steps=2", "guidance=3", "metrics=[fid,kid,is,precision_recall]"]
+CLI_DEFAULTS = ["features=toy", "num_workers=0", "batch_size=4", *SMALL]  # what eval_cfg adds
+
+
+def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
+    """evaluate.py under torchrun on one node (a free port), one thread per rank."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                           "evaluate.py", *CLI_DEFAULTS, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_evaluate_py_under_torchrun_scores_the_images_of_one_process(runs, tmp_path):
+    # Two gloo ranks make chunks 0, 2 and chunk 1 of the text LDM's samples, under the conditions
+    # of the real batches; rank 0 scores all of them. Sample i comes from seed i on either count.
+    model = [f"ckpt={runs['ldm']}", f"real={runs['val']}", *SCALE_ARGS, "save_npz=true"]
+    one = json.loads(evaluate(eval_cfg(tmp_path / "one", *model)).read_text())
+    done = torchrun(2, *model, "save_png=true", f"hydra.run.dir={tmp_path / 'two'}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert (one["world_size"], two["world_size"], two["n"], two["real"]["n"]) == (1, 2, 10, 8)
+    with np.load(tmp_path / "one" / "samples.npz") as a, np.load(tmp_path / "two" / "samples.npz") as b:
+        assert a.files == b.files == ["arr_0"]  # the ADM evaluator's layout
+        alone, shared = a["arr_0"], b["arr_0"]
+    assert alone.shape == (10, 32, 32, 3) and alone.dtype == np.uint8 and np.array_equal(alone, shared)
+    assert len(list((tmp_path / "two" / "samples").glob("*.png"))) == 10
+    with Image.open(tmp_path / "two" / "samples" / "000009.png") as png:
+        assert np.array_equal(np.asarray(png), shared[9])
+    assert sorted(two["metrics"]) == sorted(one["metrics"])
+    for key, value in one["metrics"].items():
+        assert two["metrics"][key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+    # Ranks that would write into different folders are stopped before any work.
+    done = torchrun(2, *model, f"out_dir={tmp_path}/rank" + "${oc.env:RANK}", f"hydra.run.dir={tmp_path / 'h'}")
+    assert done.returncode != 0 and "write into different run folders" in done.stderr
+    assert not (tmp_path / "rank0" / "chunks").exists()
+
+
+@pytest.mark.slurm  # bash scripts/slurm_check.sh tests/test_evaluate.py (a one-node cluster on this machine)
+@pytest.mark.skipif(shutil.which("sbatch") is None, reason="no SLURM (bash scripts/slurm_check.sh)")
+def test_evaluate_py_under_srun_scores_the_images_of_one_process(runs, tmp_path):
+    # A 2-task job: evaluate.py in the batch script itself (no srun: one process, with a warning),
+    # then under srun (2 ranks); both give the images of the in-process run.
+    model = [f"ckpt={runs['ldm']}", f"real={runs['val']}", *SCALE_ARGS, "save_npz=true"]
+    one = json.loads(evaluate(eval_cfg(tmp_path / "one", *model)).read_text())
+    command = " ".join(f"'{a}'" for a in [sys.executable, "evaluate.py", *CLI_DEFAULTS, *model])
+    script = tmp_path / "eval.sh"
+    script.write_text(f"""#!/bin/bash
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=2
+#SBATCH --cpus-per-task=1
+#SBATCH --output={tmp_path / 'eval.out'}
+cd {ROOT}
+{command} hydra.run.dir={tmp_path / 'alone'}
+srun --kill-on-bad-exit=1 {command} hydra.run.dir={tmp_path / 'srun'}
+""")
+    done = subprocess.run(["sbatch", "--wait", str(script)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = (tmp_path / "eval.out").read_text() if (tmp_path / "eval.out").exists() else ""
+    assert done.returncode == 0, done.stderr + log[-3000:]
+    assert "not started by srun: it evaluates alone" in log
+    for name, world in (("alone", 1), ("srun", 2)):
+        record = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert record["world_size"] == world and record["metrics"] == pytest.approx(one["metrics"], rel=1e-9)
+        with np.load(tmp_path / name / "samples.npz") as a, np.load(tmp_path / "one" / "samples.npz") as b:
+            assert np.array_equal(a["arr_0"], b["arr_0"])
+
+
+def test_a_stopped_evaluation_continues_where_it_stopped(runs, tmp_path, monkeypatch):
+    import ldm.cli.evaluate as cli
+
+    model = [f"ckpt={runs['ldm']}", f"real={runs['val']}", *SCALE_ARGS]
+    fresh = json.loads(evaluate(eval_cfg(tmp_path / "fresh", *model)).read_text())
+    sampled, real_generate = [], cli.generate
+
+    def generate(model, batch, n, *args):
+        if len(sampled) == stop_after:
+            raise RuntimeError("killed")
+        sampled.append(n)
+        return real_generate(model, batch, n, *args)
+
+    monkeypatch.setattr(cli, "generate", generate)
+    stop_after, out = 2, tmp_path / "stopped"
+    with pytest.raises(RuntimeError, match="killed"):
+        evaluate(eval_cfg(out, *model))
+    chunks = out / "chunks"
+    assert sorted(p.name for p in chunks.glob("samples-*")) == ["samples-000000.pt", "samples-000001.pt"]
+    (chunks / ".samples-000002.pt.k1ll3d.tmp").write_bytes(b"half a chunk")  # a kill during a write leaves this
+    real_chunks = {p: p.stat().st_mtime_ns for p in chunks.glob("real-*.pt")}
+    assert len(real_chunks) == 2 and not (out / "metrics.json").exists()
+    with pytest.raises(ValueError, match=r"other settings \(steps: 2 then, 3 now\)"):
+        evaluate(eval_cfg(out, *model, "steps=3"))
+    ckpt = runs["ldm"] / "checkpoints" / "last.ckpt"
+    stamp = ckpt.stat()
+    os.utime(ckpt, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))  # as if training had rewritten it
+    try:
+        with pytest.raises(ValueError, match="other settings \\(model: "):
+            evaluate(eval_cfg(out, *model))
+    finally:
+        os.utime(ckpt, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+
+    stop_after = None
+    record = json.loads(evaluate(eval_cfg(out, *model)).read_text())
+    assert sampled == [4, 4, 2]  # 8 images before the stop, the last 2 after it: none twice
+    assert {p: p.stat().st_mtime_ns for p in chunks.glob("real-*.pt")} == real_chunks  # not made again
+    assert record["metrics"] == fresh["metrics"] and record["n"] == 10
+    assert not list(chunks.glob(".*.tmp"))  # the half-written file is cleared at the end
+    # Finished: another launch only recomputes the metrics (here with other KID subsets) from the chunks.
+    again = json.loads(evaluate(eval_cfg(out, *model, "kid_subsets=7")).read_text())
+    assert sampled == [4, 4, 2] and again["metrics"]["fid"] == fresh["metrics"]["fid"]
+    assert again["settings"]["kid_subsets"] == 7
+
+
+def test_reference_statistics_alone_and_refused_options(runs, tmp_path):
+    stats = tmp_path / "val-toy.npz"
+    record = json.loads(evaluate(eval_cfg(tmp_path / "a", f"real={runs['val']}", f"real_stats={stats}",
+                                          "image_size=32")).read_text())
+    assert record["kind"] == "real_stats" and record["real"] == {"source": "shards", "n": 8,
+                                                                 "stats": str(stats.resolve())}
+    net = ToyFeatures()
+    expected = FeatureStatistics.from_features(net(val_images(runs["val"])), net.name, net.settings)
+    with np.load(stats) as cached:
+        assert int(cached["n"]) == 8 and np.allclose(cached["mu"], expected.mu, rtol=1e-6)
+        assert np.allclose(cached["sigma"], expected.sigma, rtol=1e-5, atol=1e-9)
+    record = json.loads(evaluate(eval_cfg(tmp_path / "b", f"real={runs['val']}", f"real_stats={stats}",
+                                          "image_size=32")).read_text())
+    assert record["real"]["source"] == "cache"
+    with pytest.raises(ValueError, match="image_size=<px"):
+        evaluate(eval_cfg(tmp_path / "c", f"real={runs['val']}", f"real_stats={stats}"))
+    np.savez(tmp_path / "given.npz", arr_0=np.zeros((2, 32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match="save_png / save_npz keep the images a run makes"):
+        evaluate(eval_cfg(tmp_path / "d", f"images={tmp_path / 'given.npz'}", f"real_stats={stats}",
+                          "metrics=[fid]", "save_npz=true"))
+
+
+def test_ranks_come_from_torchrun_or_slurm(monkeypatch):
+    launcher = ["TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE",
+                "MASTER_ADDR", "MASTER_PORT"]
+    slurm = {"SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
+             "SLURM_NODEID": "1", "SLURM_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "4321", "SLURM_JOB_NAME": "eval",
+             "SLURM_STEP_ID": "0"}  # a task started by srun
+    for name in [*launcher, *slurm]:  # (the environments set MASTER_ADDR / MASTER_PORT themselves)
+        monkeypatch.setenv(name, "")  # recorded, so what the environments set is undone afterwards
+        monkeypatch.delenv(name)
+    assert launch_environment() is None  # one process
+    for name, value in slurm.items():
+        monkeypatch.setenv(name, value)
+    env = launch_environment()
+    assert (env.world_size(), env.global_rank(), env.local_rank(), env.main_address, env.main_port) == \
+        (4, 3, 1, "gpu07", 19321)  # Lightning's port rule: 15000 + the job id's last 4 digits
+    # torchrun inside an allocation: torchrun's ranks
+    for name, value in zip(launcher, ["run1", "1", "2", "1", "0", "2", "127.0.0.1", "29511"]):
+        monkeypatch.setenv(name, value)
+    env = launch_environment()
+    assert (env.world_size(), env.global_rank(), env.main_port) == (2, 1, 29511)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    monkeypatch.delenv("SLURM_STEP_ID")
+    assert launch_environment() is None  # the batch script, without srun: one process, not 4 that never come
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert launch_environment() is None  # a single SLURM task
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.delenv("SLURM_NTASKS_PER_NODE")
+    with pytest.raises(RuntimeError, match="--ntasks-per-node"):
+        launch_environment()
+
+    with pytest.raises(ValueError, match="every rank would use that one GPU"):
+        rank_device("cuda:1", Ranks(0, 2, 0))
+    assert rank_device("cpu", Ranks(1, 2, 1)) == torch.device("cpu")
+
+
+def test_npz_of_sample_batches_is_written_whole_or_not_at_all(tmp_path):
+    batches = [np.full((3, 4, 5, 3), i, np.uint8) for i in range(3)]
+    path = write_npz(tmp_path / "samples.npz", iter(batches), 9, 4, 5)
+    with np.load(path) as data:
+        assert np.array_equal(data["arr_0"], np.concatenate(batches))
+    with pytest.raises(ValueError, match="8 images given for an npz of 9"):
+        write_npz(tmp_path / "short.npz", iter([*batches[:2], batches[2][:2]]), 9, 4, 5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["samples.npz"]
 
 
 def test_condition_chunks_cut_and_cycle_the_real_batches():

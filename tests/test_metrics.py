@@ -21,7 +21,7 @@ from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 
 from conftest import make_random_inception
-from ldm.metrics.collection import FID, IS, KID, build_metrics
+from ldm.metrics.collection import FID, IS, KID, batch_rows, build_metrics, update_from_rows
 from ldm.metrics.features import (
     InceptionV3Features,
     PrecomputedFeatures,
@@ -309,6 +309,28 @@ def test_build_metrics_returns_flat_results_and_checks_names():
         build_metrics(["is"], precomputed(5))
     with pytest.raises(TypeError, match="FeatureExtractor"):
         build_metrics(["fid"], torch.nn.Identity())
+
+
+def test_rows_computed_once_give_the_numbers_of_the_images():
+    # What evaluate.py stores per chunk: each network's per-image outputs, added later.
+    gen = torch.Generator().manual_seed(3)
+    images = [torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=gen) for _ in range(4)]
+    settings = {"kid_subsets": 3, "kid_subset_size": 6, "is_splits": 2}
+    names = ["fid", "kid", "is", "precision_recall"]
+    direct = build_metrics(names, ToyFeatures(), ToyFeatures(output="logits"), **settings)
+    by_rows = build_metrics(names, ToyFeatures(), ToyFeatures(output="logits"), **settings)
+    for i, batch in enumerate(images):
+        real = i < 2
+        direct.update(batch, real=real)
+        rows = batch_rows(by_rows, batch, real=real)
+        assert sorted(rows) == (["features"] if real else ["features", "logits"])  # IS has no real side
+        update_from_rows(by_rows, rows, real=real)
+    assert {k: v.item() for k, v in by_rows.compute().items()} == {k: v.item() for k, v in direct.compute().items()}
+
+    shared = build_metrics(["fid", "kid"], ToyFeatures(), kid_subsets=3, kid_subset_size=6)
+    shared["kid"].inception = ToyFeatures(seed=1)  # not what build_metrics makes
+    with pytest.raises(ValueError, match="must use one extractor"):
+        batch_rows(shared, images[0], real=True)
 
 
 # ---------------------------------------------------------------- DDP

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import TINY_RUN, compose, make_tiny_clip
-from ldm.callbacks.evaluation import check_caption_metrics
+from ldm.evaluation.protocol import check_caption_metrics
 from ldm.cli.evaluate import evaluate
 from ldm.cli.train import train
 from ldm.data.pipeline import SampleDecoder, ShardStream

@@ -1,165 +1,23 @@
-"""Sample-quality evaluation of a latent diffusion model: the generation protocol shared with
-evaluate.py, and a Lightning callback that runs it during training.
-
-The protocol: samples are generated with one sampler setting (`SamplingProtocol`) under the
-conditions of real validation batches (captions, class labels, low-res or masked inputs: whatever
-the model is conditioned on), so text and class models are scored on the data's own conditions;
-sample i uses seed `seed + i`; the real side is the validation images. Metrics come from
-ldm.metrics.collection (one `update(images, real)` for all of them; text models' samples also
-carry the captions they were generated from, for prompt accuracy and CLIP score).
-"""
+"""A Lightning callback that scores a latent diffusion model during training with the evaluation
+protocol of ldm.evaluation.protocol (the one evaluate.py uses)."""
 from __future__ import annotations
 
-import inspect
 import json
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
-from ldm.data.pipeline import BOOKKEEPING_KEYS
-from ldm.first_stage.identity import IdentityFirstStage
-from ldm.first_stage.kl import AutoencoderKL
-from ldm.first_stage.vq import AutoencoderVQ
-from ldm.metrics.collection import CAPTION_METRICS, FEATURE_METRICS, build_metrics
-from ldm.metrics.features import FeatureExtractor
+from ldm.evaluation.describe import describe_model
+from ldm.evaluation.protocol import (SamplingProtocol, build_extractors, check_caption_metrics, condition_chunks,
+                                     generate, sample_captions)
+from ldm.metrics.collection import build_metrics
 from ldm.modules.latent_diffusion import LatentDiffusion
-
-# Batch entries that are never conditions: the target images and the pipeline's bookkeeping.
-_NOT_CONDITIONS = ("image", *BOOKKEEPING_KEYS)
-
-
-@dataclass(frozen=True)
-class SamplingProtocol:
-    """How evaluation samples are drawn: sampler name, steps, guidance scale, DDIM eta, EMA weights."""
-
-    sampler: str = "ddim"
-    steps: int = 50
-    guidance: float = 1.0
-    eta: float = 0.0
-    use_ema: bool = True
-
-    def sample_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of LatentDiffusion.sample for this protocol."""
-        kwargs = {"name": self.sampler, "num_steps": self.steps, "guidance_scale": self.guidance,
-                  "use_ema": self.use_ema}
-        if self.sampler == "ddim":  # eta is DDIM's; the other samplers take no such argument
-            kwargs["eta"] = self.eta
-        return kwargs
-
-    def check(self, model: LatentDiffusion) -> None:
-        """Refuse settings that cannot mean what they say for `model`."""
-        if self.guidance != 1.0 and model.model.conditioning_key in (None, "concat"):
-            raise ValueError(f"guidance={self.guidance} needs a condition to drop, and this model is "
-                             f"{'unconditional' if model.model.conditioning_key is None else 'concat-conditioned'}; "
-                             "use guidance=1 (it would only double the cost)")
-        if self.eta != 0.0 and self.sampler != "ddim":
-            raise ValueError(f"eta is a DDIM setting; sampler={self.sampler!r} does not take it (set eta=0)")
-
-
-def build_extractors(features: Mapping[str, Any], metric_names: Sequence[str]
-                     ) -> tuple[FeatureExtractor | None, FeatureExtractor | None]:
-    """The extractor described by `features` (a configs/features node with `_target_`) and, when
-    IS is among `metric_names`, the same network's class logits (output='logits'). (None, None)
-    when no metric uses a feature network, so none is loaded."""
-    if not set(metric_names) & set(FEATURE_METRICS):
-        return None, None
-    if "is" not in metric_names:
-        return instantiate(features), None
-    target = features["_target_"]
-    if "output" not in inspect.signature(get_class(target)).parameters:  # checked before loading any weights
-        raise ValueError(f"IS needs class logits, which {target} does not give: evaluate IS with "
-                         "features=inception (or features=toy for toy runs), the other metrics separately")
-    return instantiate(features), instantiate(features, output="logits")
-
-
-def first_stage_kind(first_stage: torch.nn.Module) -> str:
-    """'kl', 'vq' or 'identity' (the paper's first-stage families), else the class name."""
-    kinds = {AutoencoderKL: "kl", AutoencoderVQ: "vq", IdentityFirstStage: "identity"}
-    return next((name for cls, name in kinds.items() if isinstance(first_stage, cls)), type(first_stage).__name__)
-
-
-def describe_model(module: pl.LightningModule) -> dict[str, Any]:
-    """What the tables group runs by: downsampling factor f, first-stage kind and, for latent
-    diffusion, the conditioning (key and batch entry)."""
-    if isinstance(module, LatentDiffusion):
-        first_stage = module.first_stage_model
-        key = module.model.conditioning_key
-        return {"f": first_stage.downsampling_factor, "first_stage": first_stage_kind(first_stage),
-                "conditioning": key, "cond_key": module.hparams.cond_stage_key if key else None}
-    first_stage = module.first_stage
-    return {"f": first_stage.downsampling_factor, "first_stage": first_stage_kind(first_stage)}
-
-
-def check_caption_metrics(model: LatentDiffusion, metric_names: Sequence[str]) -> None:
-    """Refuse text-alignment metrics (prompt_accuracy, clip_score) for a model not conditioned on captions."""
-    asked = sorted(set(metric_names) & set(CAPTION_METRICS))
-    if asked and (model.model.conditioning_key is None or model.hparams.cond_stage_key != "caption"):
-        raise ValueError(f"{asked} score samples against the captions they were generated from, and this model "
-                         f"is conditioned on {model.hparams.cond_stage_key if model.model.conditioning_key else 'nothing'}"
-                         "; use them with text-conditional models")
-
-
-def sample_captions(model: LatentDiffusion, batch: Mapping[str, Any] | None) -> list[str] | None:
-    """The captions the samples generated under `batch` are conditioned on (text models), else None."""
-    if batch is None or model.model.conditioning_key is None or model.hparams.cond_stage_key != "caption":
-        return None
-    return list(batch["caption"])
-
-
-def take(batch: Mapping[str, Any], n: int) -> dict[str, Any]:
-    """The first n samples of a batch dict (tensors with a batch dimension and lists)."""
-    return {k: v[:n] for k, v in batch.items()
-            if isinstance(v, list) or (isinstance(v, torch.Tensor) and v.ndim > 0)}
-
-
-def conditions(model: LatentDiffusion, batch: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The condition inputs of a real batch for `model` (everything but the images), or None for
-    an unconditional model. Refuses data that lacks the conditions the model needs."""
-    if model.model.conditioning_key is None:
-        return None
-    cond = {k: v for k, v in batch.items() if k not in _NOT_CONDITIONS}
-    key = model.hparams.cond_stage_key
-    if model.model.conditioning_key != "concat" and key not in cond:
-        raise KeyError(f"the model is conditioned on {key!r}, which the real batches lack")
-    if key == "caption" and not any(cond["caption"]):
-        raise ValueError("the real batches have only empty captions (the null condition): "
-                         "a text model must be evaluated on data with captions (.txt members)")
-    return cond
-
-
-def condition_chunks(batches: Iterable[dict], total: int) -> Iterator[dict]:
-    """Real batches cut so that exactly `total` samples come out, cycling over `batches` (re-iterated)
-    when it holds fewer. Raises when `batches` yields nothing."""
-    produced = 0
-    while produced < total:
-        before = produced
-        for batch in batches:
-            part = take(batch, min(len(batch["image"]), total - produced))
-            produced += len(part["image"])
-            yield part
-            if produced >= total:
-                return
-        if produced == before:
-            raise RuntimeError("the real data yielded no batch: evaluation needs at least one real batch "
-                               "(on every rank) for the conditions")
-
-
-def generate(model: LatentDiffusion, batch: Mapping[str, Any] | None, n: int, image_size: int,
-             seeds: Sequence[int], protocol: SamplingProtocol) -> torch.Tensor:
-    """n images in [-1, 1] under the conditions of the real `batch` (None: unconditional), image i
-    from seeds[i], drawn as `protocol` says."""
-    cond = conditions(model, batch) if batch is not None else None
-    images = model.sample(cond, n=n, image_size=image_size, seeds=list(seeds), progress=False,
-                          **protocol.sample_kwargs())
-    # decoders may overshoot; the images scored are the images one would save (clamped, like PNGs)
-    return images.clamp(-1, 1)
 
 
 class EvaluationCallback(pl.Callback):

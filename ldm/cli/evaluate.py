@@ -2,13 +2,14 @@
 metrics of an autoencoder run, or the scores of given images, written to metrics.json.
 
 - latent diffusion run (`ckpt=`): n samples under the conditions of the real batches
-  (ldm.callbacks.evaluation's protocol), scored against the real images; super-resolution and
+  (ldm.evaluation.protocol), scored against the real images; super-resolution and
   inpainting samples also against their own ground truth (PSNR, SSIM, LPIPS), inpainting
   samples with the known pixels pasted back;
 - autoencoder run (`ckpt=`): the first n real images reconstructed (posterior mode, EMA weights
   when the run kept them); rFID (and the other metrics asked for), PSNR, SSIM, LPIPS;
 - a released checkpoint (`ckpt=` the file, `reference_config=` its YAML): either of the above;
-- `images=`: a folder of PNG/JPEG files or an .npz (N, H, W, 3) uint8 array, scored as they are.
+- `images=`: a folder of PNG/JPEG files or an .npz (N, H, W, 3) uint8 array, scored as they are;
+- neither, with `real=` and `real_stats=`: only the real images' FID statistics, cached there.
 
 Text-alignment metrics (prompt_accuracy, clip_score) score text models' samples against the
 captions of the real batches they were generated under, and autoencoder reconstructions against
@@ -17,100 +18,73 @@ their images' captions; given images carry no captions.
 The real side is `real` (shards) or the FID statistics cached in `real_stats`: read when the file
 exists (FID only: the other real-side metrics need the images), else computed from `real` and
 written there for the next run. A cache from another feature extractor is refused.
+
+Every image is scored where it is made, one batch at a time, into a chunk file of the output
+folder (ldm.evaluation.chunks: the per-image rows of the metrics' networks, ldm.metrics.rows),
+and the metrics are computed from the chunks at the end, by rank 0. So the same command runs on
+one process or on many ranks started by torchrun or srun (ldm.evaluation.distributed; each rank
+makes every world-th batch), with the numbers of one process, and a stopped evaluation continues
+in its folder where it stopped. `save_png` / `save_npz` keep the samples (PNG files,
+`samples.npz` for the ADM evaluator).
 """
 from __future__ import annotations
 
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+import torch.distributed as dist
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
 from torchmetrics import MetricCollection
 from tqdm import tqdm
 
-from ldm.callbacks.evaluation import (SamplingProtocol, build_extractors, check_caption_metrics, condition_chunks,
-                                      describe_model, first_stage_kind, generate, sample_captions)
+from ldm.cli import launch
+from ldm.convert.reference import load_reference
 from ldm.data.pipeline import SampleDecoder, ShardStream, make_loader
 from ldm.data.transforms import ImageTransform
-from ldm.metrics.collection import CAPTION_METRICS, NO_REAL_SIDE, build_metrics
+from ldm.evaluation.chunks import ChunkStore, run_part
+from ldm.evaluation.describe import describe_model, first_stage_kind
+from ldm.evaluation.distributed import Ranks, rank_device, start_ranks
+from ldm.evaluation.image_files import GivenImages, save_pngs, write_npz
+from ldm.evaluation.protocol import (SamplingProtocol, build_extractors, check_caption_metrics, condition_chunks,
+                                     generate, sample_captions)
+from ldm.first_stage.base import FirstStage
+from ldm.metrics.collection import CAPTION_METRICS, NO_REAL_SIDE, batch_rows, build_metrics, update_from_rows
+from ldm.metrics.features import images_to_uint8
 from ldm.metrics.fid import ExtractorMismatchError, load_statistics, save_statistics
 from ldm.metrics.lpips import build_lpips
 from ldm.metrics.reconstruction import psnr, ssim
-from ldm.convert.reference import load_reference
-from ldm.first_stage.base import FirstStage
 from ldm.modules.latent_diffusion import LatentDiffusion
 from ldm.modules.loading import find_checkpoint, load_module
-from ldm.utils.trusted_config import check_trusted
 from ldm.nets.concat import paste_known
+from ldm.utils.trusted_config import check_trusted
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # What a run folder's data.batch_transforms may build without trust_config (configs/cond).
 BATCH_TRANSFORM_TARGETS = frozenset({
     "ldm.data.degradations.SRDegradation",
     "ldm.data.degradations.InpaintingDegradation",
     "ldm.data.degradations.MaskGenerator",
 })
+SHARES = ("Rank 0 computes the metrics from the chunk files every rank writes there; put hydra.run.dir on a shared "
+          "filesystem")
+# Settings a stopped evaluation may change when it continues: where it runs, and how the stored
+# rows are scored. The feature networks are compared by their name and settings (weights
+# fingerprint included), not by their config, whose weight paths may differ between machines.
+CONTINUABLE = frozenset({"out_dir", "paths", "task_name", "device", "rank_timeout_s", "shared_fs_timeout_s",
+                         "trust_config", "real_stats", "features", "kid_subsets", "kid_subset_size", "is_splits",
+                         "pr_k"})
 
 
 # ----------------------------------------------------------------------------- inputs
-
-
-def image_files(folder: Path) -> list[Path]:
-    """The image files of `folder`, sorted by name."""
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise FileNotFoundError(f"no {'/'.join(IMAGE_SUFFIXES)} files in {folder}")
-    return files
-
-
-def _npz_images(path: Path) -> np.ndarray:
-    with np.load(path, allow_pickle=False) as data:
-        key = next((k for k in ("images", "arr_0") if k in data.files), None)
-        if key is None:
-            raise ValueError(f"{path} holds {data.files}; expected the images as `images` or `arr_0` "
-                             "(N, H, W, 3) uint8, the layout of the ADM / guided-diffusion sample files")
-        array = data[key]
-    if array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8:
-        raise ValueError(f"{path}[{key!r}] is {array.dtype} {array.shape}; expected (N, H, W, 3) uint8")
-    return array
-
-
-def count_images(path: str | Path) -> int:
-    """How many images `images=` holds."""
-    path = Path(path)
-    return len(image_files(path)) if path.is_dir() else len(_npz_images(path))
-
-
-def image_batches(path: str | Path, batch_size: int, n: int) -> Iterator[torch.Tensor]:
-    """The first n images of a folder or .npz as uint8 (B, 3, H, W) batches."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"images={path} does not exist; pass a folder of PNG files or an .npz")
-    if path.is_dir():
-        files = image_files(path)[:n]
-        for start in range(0, len(files), batch_size):
-            arrays = []
-            for file in files[start:start + batch_size]:
-                with Image.open(file) as img:
-                    arrays.append(np.asarray(img.convert("RGB")))
-            sizes = {a.shape for a in arrays}
-            if len(sizes) > 1:
-                raise ValueError(f"images in {path} differ in size ({sorted(sizes)}); resize them to one size first")
-            yield torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    else:
-        array = _npz_images(path)[:n]
-        for start in range(0, len(array), batch_size):
-            yield torch.from_numpy(array[start:start + batch_size]).permute(0, 3, 1, 2).contiguous()
 
 
 def run_folder(ckpt: str | Path) -> Path | None:
@@ -185,11 +159,10 @@ class RealSide:
         """True when the metrics need real images fed (a real side that is not cached)."""
         return self.needed and not self.cached
 
-    def update(self, metrics: MetricCollection, images: torch.Tensor) -> None:
-        """Feed real images to the metrics, when they want them."""
-        if self.wants_images:
-            metrics.update(images, real=True)
-            self.n += len(images)
+    def add(self, metrics: MetricCollection, rows: dict[str, torch.Tensor]) -> None:
+        """Feed the rows of real images (ldm.metrics.collection.batch_rows) to the metrics."""
+        update_from_rows(metrics, rows, real=True)
+        self.n += len(next(iter(rows.values())))
 
     def save(self, metrics: MetricCollection) -> None:
         """Write the real statistics to real_stats when it was given but missing."""
@@ -204,7 +177,7 @@ class RealSide:
 
 
 class PairedScores:
-    """Mean per-image PSNR, SSIM and (when a VGG16 trunk is configured) LPIPS between outputs and
+    """Per-image PSNR, SSIM and (when a VGG16 trunk is configured) LPIPS between outputs and
     their ground truth: autoencoder reconstructions, super-resolved or inpainted samples."""
 
     def __init__(self, cfg: DictConfig, device: torch.device, notes: list[str]):
@@ -213,45 +186,85 @@ class PairedScores:
             self.lpips = build_lpips(backbone_weights=cfg.lpips_weights).to(device)
         else:
             notes.append("lpips skipped: set lpips_weights=<torchvision vgg16 .pth> (or LDM_VGG16_WEIGHTS)")
-        self.scores: dict[str, list[torch.Tensor]] = {"psnr": [], "ssim": [], **({"lpips": []} if self.lpips else {})}
 
     @torch.no_grad()
-    def update(self, truth: torch.Tensor, output: torch.Tensor) -> None:
-        """Score a batch of outputs (N, 3, H, W) in [-1, 1] against their ground truth."""
-        self.scores["psnr"].append(psnr(truth, output).cpu())
-        self.scores["ssim"].append(ssim(truth, output).cpu())
+    def rows(self, truth: torch.Tensor, output: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{'psnr', 'ssim'[, 'lpips']}: (N,) scores of outputs (N, 3, H, W) in [-1, 1] against their ground truth."""
+        scores = {"psnr": psnr(truth, output).cpu(), "ssim": ssim(truth, output).cpu()}
         if self.lpips is not None:
-            self.scores["lpips"].append(self.lpips(truth, output.clamp(-1, 1)).flatten().double().cpu())
-
-    def compute(self) -> dict[str, float]:
-        """{'psnr', 'ssim'[, 'lpips']}: means over all images."""
-        return {k: float(torch.cat(v).mean()) for k, v in self.scores.items()}
+            scores["lpips"] = self.lpips(truth, output.clamp(-1, 1)).flatten().double().cpu()
+        return scores
 
 
-def _add_reals(cfg: DictConfig, stream: ShardStream, real: RealSide, metrics: MetricCollection,
-               device: torch.device) -> None:
-    for batch in tqdm(make_loader(stream, cfg.num_workers), total=len(stream), desc="real images", unit="batch"):
-        real.update(metrics, batch["image"].to(device))
+# ----------------------------------------------------------------------------- what a launch makes
 
 
-# ----------------------------------------------------------------------------- the three kinds
+@dataclass
+class Part:
+    """A sequence of chunk inputs (the same on every rank) and the work that makes one chunk of
+    each (ldm.evaluation.chunks); desc / total / unit / size drive rank 0's progress bar."""
+
+    name: str
+    inputs: Iterable[Any]
+    work: Callable[[Any], dict[str, Any]]
+    desc: str
+    total: int
+    unit: str = "batch"
+    size: Callable[[Any], int] = lambda item: 1
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _autocast(cfg: DictConfig, device: torch.device):
+def _autocast_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype | None:
     dtype = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[str(cfg.precision)]
     if dtype is not None and device.type != "cuda":
         raise ValueError(f"precision={cfg.precision} needs a GPU; use precision=32 on the CPU")
+    return dtype
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def _evaluate_ldm(cfg: DictConfig, model: LatentDiffusion, metrics: MetricCollection, real: RealSide,
-                  device: torch.device, run: Path | None, notes: list[str]) -> dict[str, Any]:
+# A chunk's input: (index of its first image, its number of images, its batch or None).
+Item = tuple[int, int, Any]
+
+
+def _numbered(batches: Iterable[dict]) -> Iterator[Item]:
+    """Real batches as chunk inputs, numbered by their first image."""
+    start = 0
+    for batch in batches:
+        yield start, len(batch["image"]), batch
+        start += len(batch["image"])
+
+
+class Samples:
+    """What a chunk of scored images holds besides the rows: `save_png` writes them as PNG files
+    now, `save_npz` keeps their pixels in the chunk for samples.npz."""
+
+    def __init__(self, cfg: DictConfig, out: Path):
+        self.png = out / "samples" if cfg.save_png else None
+        self.npz = bool(cfg.save_npz)
+
+    def keep(self, record: dict[str, Any], images: torch.Tensor) -> None:
+        """Save or keep `images`, the chunk's images from index record['start'] on."""
+        if self.png is None and not self.npz:
+            return
+        pixels = images_to_uint8(images).permute(0, 2, 3, 1).cpu()
+        if self.png is not None:
+            save_pngs(self.png, record["start"], pixels.numpy())
+        if self.npz:
+            record["pixels"] = pixels
+
+
+def _real_part(cfg: DictConfig, stream: ShardStream, metrics: MetricCollection, device: torch.device) -> Part:
+    def work(batch: dict) -> dict[str, Any]:
+        return {"real": batch_rows(metrics, batch["image"].to(device), real=True)}
+
+    return Part("real", make_loader(stream, cfg.num_workers), work, "real images", len(stream))
+
+
+def _ldm_parts(cfg: DictConfig, model: LatentDiffusion, metrics: MetricCollection, real: RealSide,
+               device: torch.device, dtype: torch.dtype | None, run: Path | None, samples: Samples,
+               notes: list[str]) -> tuple[list[Part], dict[str, Any]]:
     if cfg.n is None or cfg.n < 1:
         raise ValueError("a latent diffusion run needs n=<number of samples>")
     protocol = SamplingProtocol(cfg.sampler, cfg.steps, float(cfg.guidance), float(cfg.eta), cfg.use_ema)
@@ -259,49 +272,52 @@ def _evaluate_ldm(cfg: DictConfig, model: LatentDiffusion, metrics: MetricCollec
     check_caption_metrics(model, list(cfg.metrics))
     image_size = cfg.image_size or model.hparams.image_size
     conditional = model.model.conditioning_key is not None
-    stream = None
+    parts = []
     if real.wants_images or conditional:
         if conditional and not cfg.real:
             raise ValueError("this model is conditional: pass real=<validation shards>; their captions / labels / "
                              "low-res or masked inputs condition the samples")
         stream = real_stream(cfg, image_size, batch_transforms(cfg, run))
-    if real.wants_images:
-        _add_reals(cfg, stream, real, metrics, device)
-    if conditional:  # (size, real batch whose conditions the samples take)
-        parts = ((len(p["image"]), p) for p in condition_chunks(make_loader(stream, cfg.num_workers), cfg.n))
+        if real.wants_images:
+            parts.append(_real_part(cfg, stream, metrics, device))
+    if conditional:  # with the real batch whose conditions the samples take
+        inputs = _numbered(condition_chunks(make_loader(stream, cfg.num_workers), cfg.n))
     else:
-        parts = ((min(cfg.batch_size, cfg.n - s), None) for s in range(0, cfg.n, cfg.batch_size))
+        inputs = ((s, min(cfg.batch_size, cfg.n - s), None) for s in range(0, cfg.n, cfg.batch_size))
     # Concat-conditioned models (super-resolution, inpainting) have a ground truth per sample.
     paired = PairedScores(cfg, device, notes) if model.model.conditioning_key == "concat" else None
     mask_key = getattr(model.concat_stage, "mask_key", None)
     if mask_key is not None:
         notes.append("inpainting: the known pixels are pasted back into the samples before scoring")
     model.to(device)
-    seconds, done = 0.0, 0
-    with tqdm(total=cfg.n, desc="generating", unit="img") as bar:
-        for size, part in parts:
-            seeds = range(cfg.seed + done, cfg.seed + done + size)
-            start = time.perf_counter()
-            with _autocast(cfg, device):
-                images = generate(model, part, size, image_size, seeds, protocol)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds += time.perf_counter() - start
-            images = images.float()
-            if paired is not None:
-                truth = part["image"].to(device)
-                if mask_key is not None:
-                    images = paste_known(truth, images, part[mask_key].to(device))
-                paired.update(truth, images)
-            metrics.update(images, real=False, captions=sample_captions(model, part))
-            done += size
-            bar.update(size)
-    record = {"n": done, "image_size": image_size, "samples_per_s": done / seconds}
-    return record if paired is None else {**record, "paired": paired.compute()}
+
+    def work(item: Item) -> dict[str, Any]:
+        start, size, part = item
+        begin = time.perf_counter()
+        with _autocast(device, dtype):
+            images = generate(model, part, size, image_size, range(cfg.seed + start, cfg.seed + start + size),
+                              protocol)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        record: dict[str, Any] = {"start": start, "n": size, "seconds": time.perf_counter() - begin}
+        images = images.float()
+        if paired is not None:
+            truth = part["image"].to(device)
+            if mask_key is not None:
+                images = paste_known(truth, images, part[mask_key].to(device))
+            record["paired"] = paired.rows(truth, images)
+        captions = sample_captions(model, part)
+        record.update(fake=batch_rows(metrics, images, real=False, captions=captions), captions=captions)
+        samples.keep(record, images)
+        return record
+
+    parts.append(Part("samples", inputs, work, "generating", cfg.n, "img", lambda item: item[1]))
+    return parts, {"image_size": image_size}
 
 
-def _evaluate_autoencoder(cfg: DictConfig, module, metrics: MetricCollection, real: RealSide,
-                          device: torch.device, notes: list[str]) -> dict[str, Any]:
+def _autoencoder_parts(cfg: DictConfig, module, metrics: MetricCollection, real: RealSide, device: torch.device,
+                       dtype: torch.dtype | None, samples: Samples, notes: list[str]
+                       ) -> tuple[list[Part], dict[str, Any]]:
     if isinstance(module, FirstStage):  # a released autoencoder (reference_config=)
         first_stage, trained_size = module, module.ddconfig["resolution"]
     else:
@@ -319,37 +335,79 @@ def _evaluate_autoencoder(cfg: DictConfig, module, metrics: MetricCollection, re
         raise ValueError(f"real= holds {stream.samples_per_rank} images (n_real={cfg.n_real}), fewer than n={n} "
                          "to reconstruct: lower n, or n=null for all of them")
     paired = PairedScores(cfg, device, notes)
-    done = 0
-    for batch in tqdm(make_loader(stream, cfg.num_workers), total=len(stream), desc="reconstructing", unit="batch"):
+
+    def inputs() -> Iterator[Item]:  # the real side takes every image, the reconstructions n
+        for item in _numbered(make_loader(stream, cfg.num_workers)):
+            if item[0] >= n and not real.wants_images:
+                return
+            yield item
+
+    def work(item: Item) -> dict[str, Any]:
+        start, _, batch = item
         x = batch["image"].to(device)
-        real.update(metrics, x)
-        x = x[:n - done]
-        if not len(x):
-            continue
-        with torch.no_grad(), _autocast(cfg, device):
-            rec = first_stage.decode(first_stage.encode(x).mode())
-        rec = rec.float().clamp(-1, 1)
-        metrics.update(rec, real=False, captions=batch["caption"][:len(x)])
-        paired.update(x, rec)
-        done += len(x)
-    return {"n": done, "image_size": image_size, "paired": paired.compute()}
+        record: dict[str, Any] = {"start": start, "n": 0}
+        if real.wants_images:
+            record["real"] = batch_rows(metrics, x, real=True)
+        x = x[:max(n - start, 0)]
+        if len(x):
+            with torch.no_grad(), _autocast(device, dtype):
+                rec = first_stage.decode(first_stage.encode(x).mode())
+            rec = rec.float().clamp(-1, 1)
+            captions = batch["caption"][:len(x)]
+            record.update(n=len(x), fake=batch_rows(metrics, rec, real=False, captions=captions), captions=captions,
+                          paired=paired.rows(x, rec))
+            samples.keep(record, rec)
+        return record
+
+    return [Part("samples", inputs(), work, "reconstructing", len(stream))], {"image_size": image_size}
 
 
-def _evaluate_images(cfg: DictConfig, metrics: MetricCollection, real: RealSide,
-                     device: torch.device) -> dict[str, Any]:
-    available = count_images(cfg.images)
-    n = available if cfg.n is None else cfg.n
-    if n > available:
-        raise ValueError(f"images={cfg.images} holds {available} images, fewer than n={n}: lower n, or n=null")
-    done, image_size = 0, cfg.image_size
-    for batch in tqdm(image_batches(cfg.images, cfg.batch_size, n), total=-(-n // cfg.batch_size),
-                      desc="given images", unit="batch"):
-        metrics.update(batch.to(device), real=False)
-        image_size = image_size or batch.shape[-1]
-        done += len(batch)
-    if real.wants_images:
-        _add_reals(cfg, real_stream(cfg, image_size, []), real, metrics, device)
-    return {"n": done, "image_size": image_size}
+def _images_parts(cfg: DictConfig, metrics: MetricCollection, real: RealSide, device: torch.device
+                  ) -> tuple[list[Part], dict[str, Any]]:
+    given = GivenImages(cfg.images)
+    n = len(given) if cfg.n is None else cfg.n
+    if n > len(given):
+        raise ValueError(f"images={cfg.images} holds {len(given)} images, fewer than n={n}: lower n, or n=null")
+    image_size = cfg.image_size or given.width
+    parts = [_real_part(cfg, real_stream(cfg, image_size, []), metrics, device)] if real.wants_images else []
+
+    def work(item: Item) -> dict[str, Any]:
+        start, size, _ = item  # read here: other ranks' batches are never read
+        return {"start": start, "n": size, "fake": batch_rows(metrics, given.batch(start, size).to(device), real=False)}
+
+    inputs = ((s, min(cfg.batch_size, n - s), None) for s in range(0, n, cfg.batch_size))
+    parts.append(Part("samples", inputs, work, "given images", -(-n // cfg.batch_size)))
+    return parts, {"image_size": image_size}
+
+
+def _run_parts(parts: list[Part], store: ChunkStore, ranks: Ranks) -> dict[str, int]:
+    """Make this rank's chunks of every part; {part: number of chunks}."""
+    counts = {}
+    for part in parts:
+        with tqdm(total=part.total, desc=part.desc, unit=part.unit, disable=not ranks.is_zero) as bar:
+            counts[part.name] = run_part(store, part.name, part.inputs, part.work, ranks, bar, part.size)
+    return counts
+
+
+def _reduce(store: ChunkStore, counts: dict[str, int], metrics: MetricCollection, real: RealSide) -> dict[str, Any]:
+    """Feed every chunk's rows to the metrics, in chunk order; the samples' count, generation
+    seconds and paired scores."""
+    n, seconds, paired = 0, 0.0, {}
+    for part, count in counts.items():
+        for record in store.records(part, count):
+            if "real" in record:
+                real.add(metrics, record["real"])
+            if not record.get("n"):
+                continue
+            if record["start"] != n:
+                raise RuntimeError(f"{store.folder}: a {part} chunk starts at image {record['start']}, not {n}: "
+                                   "the folder mixes chunks of different evaluations; evaluate into a new folder")
+            update_from_rows(metrics, record["fake"], real=False, captions=record.get("captions"))
+            n += record["n"]
+            seconds += record.get("seconds", 0.0)
+            for key, values in record.get("paired", {}).items():
+                paired.setdefault(key, []).append(values)
+    return {"n": n, "seconds": seconds, "paired": {k: float(torch.cat(v).mean()) for k, v in paired.items()}}
 
 
 # ----------------------------------------------------------------------------- entry
@@ -360,59 +418,157 @@ def _checkpoint_step(path: Path) -> int | None:
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step")
 
 
-def evaluate(cfg: DictConfig) -> Path:
-    """Evaluate what cfg names (ckpt= or images=) and write metrics.json into cfg.out_dir; returns its path."""
-    if bool(cfg.ckpt) == bool(cfg.images):
+def _load(cfg: DictConfig) -> tuple[Any, dict[str, Any], Path | None]:
+    """The module cfg.ckpt names, metrics.json's `run` entry, and the training run folder (if any)."""
+    if cfg.reference_config:  # a released checkpoint with its YAML (docs/checkpoints.md)
+        ckpt, run = Path(cfg.ckpt), None
+        module = load_reference(ckpt, cfg.reference_config, **dict(cfg.reference_overrides or {}))
+        described = describe_model(module) if isinstance(module, LatentDiffusion) else \
+            {"f": module.downsampling_factor, "first_stage": first_stage_kind(module)}
+        described["reference_config"] = str(Path(cfg.reference_config).resolve())
+    else:
+        ckpt = find_checkpoint(cfg.ckpt)
+        module = load_module(ckpt, trust_config=cfg.trust_config)
+        run = run_folder(cfg.ckpt)
+        described = describe_model(module)
+    if not isinstance(module, (LatentDiffusion, FirstStage)) and not hasattr(module, "first_stage"):
+        raise ValueError(f"{ckpt} holds a {type(module).__name__}; evaluate.py takes latent diffusion and "
+                         "autoencoder runs")
+    info = {"ckpt": str(ckpt.resolve()), "run_dir": None if run is None else str(run),
+            "global_step": _checkpoint_step(ckpt), **described}
+    return module, info, run
+
+
+def _check_arguments(cfg: DictConfig) -> str:
+    """What cfg asks for ('ckpt', 'images' or 'real_stats'), refusing what cannot work."""
+    if cfg.ckpt and cfg.images:
         raise ValueError("pass exactly one of ckpt=<run folder or .ckpt> and images=<folder or .npz>")
-    names = list(cfg.metrics)
-    if cfg.images and set(names) & set(CAPTION_METRICS):
-        raise ValueError(f"{sorted(set(names) & set(CAPTION_METRICS))} need the captions the images were generated "
-                         "from, which images= does not carry: evaluate the text model's run (ckpt=) instead")
+    kind = "ckpt" if cfg.ckpt else "images" if cfg.images else "real_stats"
+    if kind == "real_stats" and not (cfg.real and cfg.real_stats and cfg.image_size):
+        raise ValueError("pass exactly one of ckpt=<run folder or .ckpt> and images=<folder or .npz>, or only "
+                         "real=<shards> real_stats=<.npz> image_size=<px of the samples they will score> to "
+                         "compute and cache the real images' FID statistics")
+    if kind == "images" and set(cfg.metrics) & set(CAPTION_METRICS):
+        raise ValueError(f"{sorted(set(cfg.metrics) & set(CAPTION_METRICS))} need the captions the images were "
+                         "generated from, which images= does not carry: evaluate the text model's run (ckpt=) instead")
+    if kind != "ckpt" and (cfg.save_png or cfg.save_npz):
+        raise ValueError("save_png / save_npz keep the images a run makes (samples, reconstructions); with "
+                         f"{'images=' if kind == 'images' else 'real_stats alone'} there are none: drop them")
+    return kind
+
+
+def _file_identity(path: str | Path) -> dict[str, Any]:
+    """What tells a file (or a folder's files) from a rewritten one: path, bytes, newest modification."""
+    path = Path(path)
+    stats = [p.stat() for p in ([path] if path.is_file() else sorted(path.iterdir())) if p.is_file()]
+    return {"path": str(path.resolve()), "bytes": sum(s.st_size for s in stats),
+            "mtime_ns": max((s.st_mtime_ns for s in stats), default=0)}
+
+
+def _settings(cfg: DictConfig, extractors: list, run: dict[str, Any] | None) -> dict[str, Any]:
+    """What the chunks depend on (a continuing evaluation must match it; see CONTINUABLE): the
+    settings, the feature networks, and the checkpoint or given images as files (a checkpoint
+    rewritten since, e.g. a newer last.ckpt, is another model)."""
+    settings = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in CONTINUABLE}
+    settings["features"] = [None if e is None else {"name": e.name, "settings": e.settings} for e in extractors]
+    settings["model"] = None if run is None else {**_file_identity(run["ckpt"]), "global_step": run["global_step"]}
+    settings["images"] = _file_identity(cfg.images) if cfg.images else None
+    return settings
+
+
+def evaluate(cfg: DictConfig) -> Path | None:
+    """Evaluate what cfg names (ckpt=, images=, or real= with real_stats= alone) and write
+    metrics.json into cfg.out_dir; returns its path (None on ranks other than 0, which only make
+    their share of the chunks)."""
+    kind = _check_arguments(cfg)
+    ranks = start_ranks(cfg.rank_timeout_s)
+    try:
+        return _evaluate(cfg, kind, ranks)
+    finally:
+        ranks.close()
+
+
+def _evaluate(cfg: DictConfig, kind: str, ranks: Ranks) -> Path | None:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    device = _device(cfg.device)
+    if ranks.world > 1:  # train.py's start-up checks (ldm/cli/launch.py)
+        launch.check_same_run_folder(dist.group.WORLD, out)
+        launch.check_shared_run_folder(dist.group.WORLD, out, cfg.shared_fs_timeout_s, SHARES)
+    device = rank_device(cfg.device, ranks)
+    names = ["fid"] if kind == "real_stats" else list(cfg.metrics)
     extractor, logits = build_extractors(cfg.features, names)
     metrics = build_metrics(names, extractor, logits, kid_subsets=cfg.kid_subsets,
                             kid_subset_size=cfg.kid_subset_size, is_splits=cfg.is_splits, pr_k=cfg.pr_k,
                             classifier=cfg.classifier, clip_model=cfg.clip_model).to(device)
     real = RealSide(cfg, metrics, names)
+    ranks.check_same(real.cached, f"whether real_stats={cfg.real_stats} exists: put it on a filesystem all nodes share")
+    record, parts, notes = _plan(cfg, kind, metrics, real, device, out)
+
+    store = ChunkStore(out)
+    settings = _settings(cfg, [extractor, logits], record["run"])
+    ranks.check_same(json.dumps(settings, sort_keys=True), "the evaluation's settings")
+    found = ranks.on_zero(lambda: store.adopt_settings(settings))
+    if found:
+        log.info("continuing the evaluation in %s: %d chunks were made earlier", out, found)
+    counts = _run_parts(parts, store, ranks)
+    ranks.barrier()
+    ranks.close()  # the metrics are computed by rank 0 alone, from the chunks: no synchronisation over ranks
+    if not ranks.is_zero:
+        return None
+    for part, count in counts.items():
+        store.finish(part, count)
+    return _write_results(cfg, out, store, counts, metrics, real, record, notes, extractor, ranks.world)
+
+
+def _plan(cfg: DictConfig, kind: str, metrics: MetricCollection, real: RealSide, device: torch.device, out: Path
+          ) -> tuple[dict[str, Any], list[Part], list[str]]:
+    """metrics.json's record so far (kind, run, image size), the parts to make, and notes."""
+    dtype = _autocast_dtype(cfg, device)
     notes: list[str] = []
-    record: dict[str, Any] = {"run": None}
-    if cfg.images:
-        record.update(kind="images", **_evaluate_images(cfg, metrics, real, device))
+    record: dict[str, Any] = {"run": None, "kind": kind}
+    if kind == "images":
+        parts, info = _images_parts(cfg, metrics, real, device)
+    elif kind == "real_stats":
+        parts = [] if real.cached else [_real_part(cfg, real_stream(cfg, cfg.image_size, []), metrics, device)]
+        info = {"image_size": cfg.image_size}
     else:
-        if cfg.reference_config:  # a released checkpoint with its YAML (docs/checkpoints.md)
-            ckpt, run = Path(cfg.ckpt), None
-            module = load_reference(ckpt, cfg.reference_config, **dict(cfg.reference_overrides or {}))
-            described = describe_model(module) if isinstance(module, LatentDiffusion) else \
-                {"f": module.downsampling_factor, "first_stage": first_stage_kind(module)}
-            described["reference_config"] = str(Path(cfg.reference_config).resolve())
-        else:
-            ckpt = find_checkpoint(cfg.ckpt)
-            module = load_module(ckpt, trust_config=cfg.trust_config)
-            run = run_folder(cfg.ckpt)
-            described = describe_model(module)
-        record["run"] = {"ckpt": str(ckpt.resolve()), "run_dir": None if run is None else str(run),
-                         "global_step": _checkpoint_step(ckpt), **described}
+        module, record["run"], run = _load(cfg)
+        samples = Samples(cfg, out)
         if isinstance(module, LatentDiffusion):
-            record.update(kind="ldm", **_evaluate_ldm(cfg, module, metrics, real, device, run, notes))
-        elif isinstance(module, FirstStage) or hasattr(module, "first_stage"):
-            record.update(kind="autoencoder", **_evaluate_autoencoder(cfg, module, metrics, real, device, notes))
+            record["kind"] = "ldm"
+            parts, info = _ldm_parts(cfg, module, metrics, real, device, dtype, run, samples, notes)
         else:
-            raise ValueError(f"{ckpt} holds a {type(module).__name__}; evaluate.py takes latent diffusion and "
-                             "autoencoder runs")
-    values = {k: float(v) for k, v in metrics.compute().items()}
-    if record["kind"] == "autoencoder":
-        values = {("rfid" if k == "fid" else k): v for k, v in values.items()}  # the paper's name
-    values.update(record.pop("paired", {}))
+            record["kind"] = "autoencoder"
+            parts, info = _autoencoder_parts(cfg, module, metrics, real, device, dtype, samples, notes)
+    return {**record, **info}, parts, notes
+
+
+def _write_results(cfg: DictConfig, out: Path, store: ChunkStore, counts: dict[str, int], metrics: MetricCollection,
+                   real: RealSide, record: dict[str, Any], notes: list[str], extractor, world: int) -> Path:
+    """Compute the metrics from the chunks; write metrics.json (and real_stats, samples.npz)."""
+    totals = _reduce(store, counts, metrics, real)
     real.save(metrics)
+    values: dict[str, float] = {}
+    if record["kind"] != "real_stats":
+        values = {k: float(v) for k, v in metrics.compute().items()}
+        if record["kind"] == "autoencoder":
+            values = {("rfid" if k == "fid" else k): v for k, v in values.items()}  # the paper's name
+        values.update(totals["paired"])
+        record["n"] = totals["n"]
+        if record["kind"] == "ldm":
+            record["samples_per_s"] = totals["n"] / totals["seconds"]  # per rank: seconds of one device
+    if cfg.save_npz:
+        pixels = (r["pixels"].numpy() for r in store.records("samples", counts["samples"]) if r.get("n"))
+        write_npz(out / "samples.npz", pixels, totals["n"], record["image_size"], record["image_size"])
     settings = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "out_dir"}
     record.update(metrics=values, real=real.describe(),
                   features=None if extractor is None else {"name": extractor.name, "settings": extractor.settings},
-                  settings=settings, notes=notes, written=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                  settings=settings, notes=notes, world_size=world,
+                  written=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     path = out / "metrics.json"
     path.write_text(json.dumps(record, indent=1))
     for note in notes:
         log.info(note)
-    log.info("%s", ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+    if values:
+        log.info("%s", ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
     return path

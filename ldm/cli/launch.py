@@ -67,10 +67,16 @@ def check_same_run_folder(group: dist.ProcessGroup, out: Path) -> None:
                            "absolute hydra.run.dir=<folder on a shared filesystem> to every node's command")
 
 
-def check_shared_run_folder(group: dist.ProcessGroup, out: Path, timeout_s: float) -> None:
+TRAINING_SHARES = ("Rank 0 alone writes checkpoints, the tokenizer and the latent cache there; put hydra.run.dir "
+                   "(and paths.data_dir) on a shared filesystem")
+
+
+def check_shared_run_folder(group: dist.ProcessGroup, out: Path, timeout_s: float, shares: str = TRAINING_SHARES
+                            ) -> None:
     """Rank 0 writes a file named for this launch into the run folder; every rank must see it within
     `timeout_s` (network filesystems may show a new file late), else the run folder is not shared
-    and the other nodes would miss rank 0's checkpoints, tokenizer and latent cache."""
+    and the other nodes would miss rank 0's checkpoints, tokenizer and latent cache. `shares`: what
+    the error says the ranks share there, and what to do."""
     name = [None]
     if dist.get_rank() == 0:
         name[0] = f"{MARKER_PREFIX}{uuid.uuid4().hex}"
@@ -86,9 +92,7 @@ def check_shared_run_folder(group: dist.ProcessGroup, out: Path, timeout_s: floa
     blind = [where for ok, where in seen if not ok]
     if blind:
         raise RuntimeError(f"{', '.join(blind)} cannot see {marker}, which rank 0 wrote {timeout_s:g} s earlier: the "
-                           "run folder is not on a filesystem shared by all nodes. Rank 0 alone writes checkpoints, "
-                           "the tokenizer and the latent cache there; put hydra.run.dir (and paths.data_dir) on a "
-                           "shared filesystem")
+                           f"run folder is not on a filesystem shared by all nodes. {shares}")
 
 
 @contextmanager

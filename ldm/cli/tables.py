@@ -34,7 +34,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 _FIRST_STAGE_KINDS = {"autoencoder_kl": "kl", "autoencoder_vq": "vq", "identity": "identity"}
-# What results say about their run (ldm.callbacks.evaluation.describe_model).
+# What results say about their run (ldm.evaluation.describe.describe_model).
 _DESCRIPTION = ("f", "first_stage", "conditioning", "cond_key")
 
 

@@ -13,6 +13,8 @@ processor (resize, crop, CLIP normalisation); captions beyond the text model's l
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -47,6 +49,7 @@ class ClipScore(CaptionedMetric):
     """
 
     label = "clip_score"
+    row_key = "clip_score"
 
     full_state_update = False
     higher_is_better = True
@@ -57,15 +60,19 @@ class ClipScore(CaptionedMetric):
         self.add_state("score", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("n", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def score_batch(self, images: Tensor, captions: list[str]) -> None:
-        """Add the CLIP scores of generated `images` against their `captions`."""
-        inputs = self.processor(text=captions, images=list(images_to_uint8(images).cpu()), return_tensors="pt",
+    def rows(self, images: Tensor, captions: Sequence[str] | None = None) -> Tensor:
+        """(N,) float64: the CLIP score of each generated image against its caption."""
+        inputs = self.processor(text=list(captions), images=list(images_to_uint8(images).cpu()), return_tensors="pt",
                                 padding=True, truncation=True,
                                 max_length=self.model.config.text_config.max_position_embeddings)
         with torch.no_grad():
             out = self.model(**{k: v.to(self.device) for k, v in inputs.items()})
-        self.score += clip_scores(out.image_embeds, out.text_embeds).sum()
-        self.n += len(images)
+        return clip_scores(out.image_embeds, out.text_embeds)
+
+    def add_rows(self, scores: Tensor, captions: list[str]) -> None:
+        """Add per-image CLIP scores to the sums."""
+        self.score += scores.sum()
+        self.n += len(scores)
 
     def compute(self) -> Tensor:
         """The mean CLIP score over all ranks' images."""

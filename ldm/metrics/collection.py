@@ -18,11 +18,13 @@ clip_score.
 
 Each metric runs its extractor itself: with FID, KID and precision/recall on Inception features
 and IS on its logits, a generated batch passes through Inception four times (small next to
-sampling the images).
+sampling the images). `batch_rows` runs each network once and returns its per-image outputs
+(ldm.metrics.rows); `update_from_rows` adds such rows, computed elsewhere or earlier, with the
+numbers `update` on the images would give (evaluate.py stores them per chunk of samples).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
 from torchmetrics.utilities.data import dim_zero_cat
 
+from ldm.metrics.captioned import CaptionedMetric
 from ldm.metrics.clip_score import ClipScore
 from ldm.metrics.features import FeatureExtractor
 from ldm.metrics.fid import FeatureStatistics, check_same_extractor, frechet_distance
@@ -42,6 +45,7 @@ from ldm.metrics.inception_score import inception_score
 from ldm.metrics.kid import kernel_inception_distance
 from ldm.metrics.precision_recall import PrecisionRecall, stored_rows
 from ldm.metrics.prompt_accuracy import PromptAccuracy
+from ldm.metrics.rows import Rows, rows_or_run
 from ldm.metrics.shape_classifier import load_classifier
 
 FEATURE_METRICS = ("fid", "kid", "is", "precision_recall")  # on the feature network
@@ -57,13 +61,46 @@ def _require_extractor(extractor: Any, role: str) -> FeatureExtractor:
     return extractor
 
 
-class FID(FrechetInceptionDistance):
+class _ExtractorRows:
+    """The rows (ldm.metrics.rows) of torchmetrics' image metrics: what their feature module
+    (`inception`, our extractor) makes of each image."""
+
+    inception: FeatureExtractor
+
+    @property
+    def row_network(self) -> FeatureExtractor:
+        """The network that makes this metric's rows."""
+        return self.inception
+
+    def rows(self, images: Tensor, captions: Sequence[str] | None = None) -> Tensor:
+        """The extractor's outputs (features, or IS's logits) for `images`, one row per image."""
+        return self.inception(images)
+
+
+class FID(_ExtractorRows, FrechetInceptionDistance):
     """torchmetrics' FID (float64 running sums of features and outer products) with our
     extractor and our Frechet distance; can export and import the real statistics."""
+
+    row_key, takes_real = "features", True
 
     def __init__(self, extractor: FeatureExtractor, reset_real_features: bool = True, **kwargs: Any):
         super().__init__(feature=_require_extractor(extractor, "extractor"), reset_real_features=reset_real_features,
                          **kwargs)
+
+    def update(self, imgs: Tensor | Rows, real: bool) -> None:  # type: ignore[override]
+        """Add a batch of images, or their precomputed rows, to the running sums (torchmetrics'
+        update, with the extraction skipped for rows)."""
+        features = rows_or_run(imgs, self.inception).double()
+        if features.dim() == 1:
+            features = features.unsqueeze(0)
+        if real:
+            self.real_features_sum += features.sum(dim=0)
+            self.real_features_cov_sum += features.t().mm(features)
+            self.real_features_num_samples += features.shape[0]
+        else:
+            self.fake_features_sum += features.sum(dim=0)
+            self.fake_features_cov_sum += features.t().mm(features)
+            self.fake_features_num_samples += features.shape[0]
 
     def _statistics(self, real: bool) -> tuple[Tensor, Tensor, int]:
         prefix = "real" if real else "fake"
@@ -105,7 +142,7 @@ class FID(FrechetInceptionDistance):
         self.real_features_num_samples = torch.tensor(n, dtype=torch.long, device=self.device)
 
 
-class KID(KernelInceptionDistance):
+class KID(_ExtractorRows, KernelInceptionDistance):
     """torchmetrics' KID states with ldm.metrics.kid.kernel_inception_distance as compute."""
 
     def __init__(self, extractor: FeatureExtractor, subsets: int = 100, subset_size: int = 1000, degree: int = 3,
@@ -120,6 +157,13 @@ class KID(KernelInceptionDistance):
         self.add_state("real_features", [], dist_reduce_fx="cat")
         self.add_state("fake_features", [], dist_reduce_fx="cat")
 
+    row_key, takes_real = "features", True
+
+    def update(self, imgs: Tensor | Rows, real: bool) -> None:  # type: ignore[override]
+        """Store the features of a batch of images, or their precomputed rows."""
+        features = rows_or_run(imgs, self.inception)
+        (self.real_features if real else self.fake_features).append(features)
+
     def compute(self) -> dict[str, Tensor]:
         """{'kid_mean', 'kid_std'} over all ranks' features."""
         if not stored_rows(self.real_features) or not stored_rows(self.fake_features):
@@ -130,7 +174,7 @@ class KID(KernelInceptionDistance):
         return {"kid_mean": torch.tensor(mean, dtype=torch.float64), "kid_std": torch.tensor(std, dtype=torch.float64)}
 
 
-class IS(InceptionScore):
+class IS(_ExtractorRows, InceptionScore):
     """torchmetrics' IS states over generated images only, with
     ldm.metrics.inception_score.inception_score as compute. `logits_extractor` must return
     class logits (InceptionV3Features(output='logits') for the standard IS)."""
@@ -140,10 +184,13 @@ class IS(InceptionScore):
         self.seed = seed
         self.add_state("features", [], dist_reduce_fx="cat")  # see KID
 
-    def update(self, imgs: Tensor, real: bool) -> None:  # type: ignore[override]
-        """Store the logits of generated batches; real batches do not enter the IS."""
+    row_key, takes_real = "logits", False
+
+    def update(self, imgs: Tensor | Rows, real: bool) -> None:  # type: ignore[override]
+        """Store the logits of generated batches (or their precomputed rows); real batches do not
+        enter the IS."""
         if not real:
-            super().update(imgs)
+            self.features.append(rows_or_run(imgs, self.inception))
 
     def compute(self) -> dict[str, Tensor]:
         """{'is_mean', 'is_std'} over all ranks' generated samples."""
@@ -205,3 +252,33 @@ def build_metrics(
     # Each metric keeps its own states: merging look-alike states (compute groups) would make
     # correctness depend on which metrics happen to be configured together.
     return MetricCollection(metrics, compute_groups=False)
+
+
+@torch.no_grad()  # as torchmetrics runs update()
+def batch_rows(metrics: MetricCollection, images: Tensor, real: bool,
+               captions: Sequence[str] | None = None) -> dict[str, Tensor]:
+    """The per-image rows (ldm.metrics.rows) the metrics take from a batch of images, by row key
+    ('features' for FID, KID and precision/recall, which share the extractor; 'logits' for IS;
+    one per caption metric), each network run once. A real batch: only the metrics with a real side."""
+    rows: dict[str, Tensor] = {}
+    networks: dict[str, Any] = {}
+    for metric in metrics.values():
+        if real and not metric.takes_real:
+            continue
+        key = metric.row_key
+        if key not in rows:
+            rows[key], networks[key] = metric.rows(images, captions), metric.row_network
+        elif metric.row_network is not networks[key]:
+            raise ValueError(f"metrics sharing the rows {key!r} must use one extractor (build_metrics does)")
+    return rows
+
+
+def update_from_rows(metrics: MetricCollection, rows: Mapping[str, Tensor], real: bool,
+                     captions: Sequence[str] | None = None) -> None:
+    """Add rows made by `batch_rows` (on any device, e.g. read back from a file) to the metrics, as
+    `metrics.update(images, real, captions=...)` would add the images themselves."""
+    for metric in metrics.values():
+        if real and not metric.takes_real:
+            continue
+        extra = {"captions": captions} if isinstance(metric, CaptionedMetric) else {}
+        metric.update(Rows(rows[metric.row_key].to(metric.device)), real, **extra)

@@ -15,12 +15,15 @@ take about 1 s in either dtype (block_size 10000, 3.4 GiB peak); on a CPU float3
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
+
+from ldm.metrics.rows import Rows, rows_or_run
 
 
 def knn_radii(features: Tensor, k: int = 3, block_size: int = 10000, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -99,9 +102,21 @@ class PrecisionRecall(Metric):
         self.add_state("real_features", [], dist_reduce_fx="cat")
         self.add_state("fake_features", [], dist_reduce_fx="cat")
 
-    def update(self, imgs: Tensor, real: bool) -> None:
-        """Extract and store the features of a batch of real or generated images."""
-        features = self.extractor(imgs).detach()
+    row_key, takes_real = "features", True
+
+    @property
+    def row_network(self) -> nn.Module:
+        """The network that makes this metric's rows."""
+        return self.extractor
+
+    def rows(self, images: Tensor, captions: Sequence[str] | None = None) -> Tensor:
+        """The extractor's features of `images`, one row per image (ldm.metrics.rows)."""
+        return self.extractor(images)
+
+    def update(self, imgs: Tensor | Rows, real: bool) -> None:
+        """Extract and store the features of a batch of real or generated images (or store their
+        precomputed rows)."""
+        features = rows_or_run(imgs, self.extractor).detach()
         (self.real_features if real else self.fake_features).append(features)
 
     def compute(self) -> dict[str, Tensor]:

@@ -15,6 +15,8 @@ penalised.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -58,6 +60,7 @@ class PromptAccuracy(CaptionedMetric):
     """
 
     label = "prompt accuracy"
+    row_key = "prompt_labels"
 
     full_state_update = False
     higher_is_better = True
@@ -73,8 +76,8 @@ class PromptAccuracy(CaptionedMetric):
         self.add_state("predicted_sets", torch.zeros(_NUM_SETS, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("named_sets", torch.zeros(_NUM_SETS, dtype=torch.long), dist_reduce_fx="sum")
 
-    def score_batch(self, images: Tensor, captions: list[str]) -> None:
-        """Score generated `images` against their `captions`."""
+    def rows(self, images: Tensor, captions: Sequence[str] | None = None) -> Tensor:
+        """(N, NUM_LABELS) bool: the labels the classifier finds in each generated image."""
         size = self.classifier.resolution
         if tuple(images.shape[-2:]) != (size, size):
             raise ClassifierMismatchError(
@@ -82,9 +85,12 @@ class PromptAccuracy(CaptionedMetric):
                 f"{tuple(images.shape[-2:])}: train one at their size with "
                 f"`python -m ldm.cli.train_classifier --resolution {images.shape[-1]} --out <folder>`")
         with torch.no_grad():
-            predicted = torch.sigmoid(self.classifier(images).float()) > self.threshold
+            return torch.sigmoid(self.classifier(images).float()) > self.threshold
+
+    def add_rows(self, predicted: Tensor, captions: list[str]) -> None:
+        """Count the hits of the predicted label sets against the labels their captions name."""
         named = caption_labels(captions).to(predicted.device)
-        self.n += len(images)
+        self.n += len(predicted)
         self.prompt_hits += all_named_present(predicted, named).sum()
         self.shape_hits += all_named_present(predicted[:, :NUM_SHAPES], named[:, :NUM_SHAPES]).sum()
         self.color_hits += all_named_present(predicted[:, NUM_SHAPES:], named[:, NUM_SHAPES:]).sum()

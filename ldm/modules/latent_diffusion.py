@@ -253,8 +253,8 @@ class LatentDiffusion(BuildableModule):
         if guidance_scale != 1.0 and key in (None, "concat"):
             kind = "unconditional" if key is None else "conditioned only on concat channels (low-res image, " \
                                                        "masked image, label map)"
-            raise ValueError(f"guidance {guidance_scale} changes nothing for a model {kind}: there is no condition "
-                             "to drop, so it would only double the cost; use guidance 1")
+            raise ValueError(f"guidance {guidance_scale} changes nothing for a model {kind}: guidance needs a "
+                             "condition to drop and there is none, so it would only double the cost; use guidance 1")
 
     def null_condition(self, batch: dict, latent_hw: tuple[int, int]) -> dict | None:
         """The unconditional branch for guidance: the null input in place of the condition;

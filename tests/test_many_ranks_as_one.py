@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate

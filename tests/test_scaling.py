@@ -100,7 +100,7 @@ def test_slurm_sweep_launcher_sizes_jobs_from_the_trainer(tmp_path):
 @pytest.mark.parametrize("key", ["accumulate_grad_batches=2", "gradient_clip_val=1.0"])
 def test_autoencoder_names_its_own_accumulation_and_clipping_for_the_trainers(tmp_path, key):
     """Manual optimisation: the trainer's keys are refused, naming the model's that do the job."""
-    with pytest.raises(ValueError, match=f"use model.accumulate_grad_batches and model.gradient_clip_val"):
+    with pytest.raises(ValueError, match="use model.accumulate_grad_batches and model.gradient_clip_val"):
         train(compose("train", [*AE, f"trainer.{key}"], tmp_path / "run", tmp_path / "data"))
 
 

@@ -5,7 +5,6 @@ SLURM does it (`scancel --signal=USR1`, and `#SBATCH --signal=USR1@<s>` ahead of
 the job saves, requeues itself, and the requeued job resumes where it stopped."""
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess

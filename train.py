@@ -4,8 +4,12 @@
     python train.py -m experiment=toy/ae_kl first_stage.f=4,8   # one run per f
     python train.py --help                               # every config group and key
 """
-import hydra
-from omegaconf import DictConfig
+from ldm.utils.early_signals import hold_early_sigusr1
+
+hold_early_sigusr1()  # first: a SLURM warning during start-up then still saves and requeues
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")

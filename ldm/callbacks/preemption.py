@@ -3,7 +3,14 @@
 The signal handler only notes the signal. At the end of every training batch all ranks agree
 whether any of them got one (one boolean all-reduce); if so every rank takes part in writing
 last.ckpt (atomically, through the trainer's CheckpointIO), and the run ends with exit code 0
-(Lightning's SIGTERMException, a SystemExit). `ckpt_path=last` continues exactly there.
+(Lightning's SIGTERMException, a SystemExit) at the next hook that would start more work (the
+next batch, a validation, the epoch end): raised after Lightning logged that batch, so its metrics
+row is written too. `ckpt_path=last` continues exactly there.
+
+A SIGUSR1 can come before the callback exists (SLURM's `--signal` warning during start-up, while
+the latent cache is encoded): train.py calls `ldm.utils.early_signals.hold_early_sigusr1()` first thing, which only notes
+it, and the callback acts on it after the first batch instead of Python's default (the process
+ending without a checkpoint or a requeue).
 
 Why not Lightning's own handling: its SIGTERM handler broadcasts from inside the handler, and its
 SLURM SIGUSR1 handler saves there, in the middle of a step. A signal reaches the ranks of a job at
@@ -29,6 +36,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ldm.callbacks.last_checkpoint import save_last
+from ldm.utils.early_signals import take_early_signals
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +59,7 @@ class Preemption(pl.Callback):
     def __init__(self, requeue: bool = True):
         self.requeue = requeue
         self._received: set[int] = set()
+        self._stopping = False  # last.ckpt written: end the run at the next hook that starts work
         self._before: dict[int, object] = {}  # the handlers before fit, put back after it
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -67,7 +76,8 @@ class Preemption(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            self._received.clear()
+            self._received = take_early_signals()
+            self._stopping = False
             self._before = {signum: signal.getsignal(signum) for signum in SIGNALS}
             self._install()
 
@@ -98,4 +108,17 @@ class Preemption(pl.Callback):
                 log.info("requeued SLURM job %s", job)
             else:
                 log.error("scontrol requeue %s failed: %s", job, done.stderr.strip())
-        raise SIGTERMException()  # Lightning ends the fit; the process exits with code 0
+        self._stopping = True  # not raised here: Lightning logs this batch's metrics after this hook
+
+    def _stop_if_saved(self) -> None:
+        if self._stopping:
+            raise SIGTERMException()  # Lightning ends the fit; the process exits with code 0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        self._stop_if_saved()
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_if_saved()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_if_saved()

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ldm.data.synthetic import SHAPES
-from ldm.metrics.features import images_to_uint8
+from ldm.metrics.features import FeatureExtractor, images_to_uint8, weights_fingerprint
 from ldm.metrics.prompts import COLOR_NAMES, NUM_LABELS
 from ldm.utils.checkpoint import load_state_dict_file, load_strict, save_safetensors
 
@@ -73,11 +73,14 @@ class ShapeClassifier(nn.Module):
         return {"format": FORMAT, "resolution": self.resolution, "width": self.width, "shapes": list(SHAPES),
                 "colors": list(COLOR_NAMES)}
 
+    def pooled(self, images: Tensor) -> Tensor:
+        """(N, 2 x last width) features before the head: the body's output, average and max pooled."""
+        h = self.body(images_to_uint8(images).float() / 127.5 - 1)
+        return torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)
+
     def forward(self, images: Tensor) -> Tensor:
         """(N, NUM_LABELS) logits; sigmoid > 0.5 means 'present'."""
-        x = images_to_uint8(images).float() / 127.5 - 1
-        h = self.body(x)
-        return self.head(torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1))
+        return self.head(self.pooled(images))
 
 
 def save_classifier(model: ShapeClassifier, folder: str | Path, extra: dict[str, Any]) -> Path:
@@ -116,3 +119,34 @@ def load_classifier(folder: str | Path, resolution: int | None = None) -> ShapeC
     model = ShapeClassifier(settings["resolution"], settings["width"])
     load_strict(model, load_state_dict_file(Path(folder) / WEIGHTS), source=str(Path(folder) / WEIGHTS))
     return model.eval()
+
+
+class ShapeFeatures(FeatureExtractor):
+    """Features that know the shapes data: a trained shape classifier's pooled features (the
+    penultimate layer, average and max pooled: 2 x its last width), as Inception's pool features
+    are for photographs. FID, KID and precision/recall on them measure what the data is about
+    (which shapes, colours, sizes, how sharp), where random-conv features mostly see colour
+    statistics. Low-dimensional (128 for the 64 px classifier), so a few hundred samples give a
+    full-rank covariance. No class logits for IS: the classifier is multi-label.
+
+    classifier: a classifier folder (ldm.cli.train_classifier), e.g. assets/classifiers/shapes-64;
+    images must have its resolution.
+    """
+
+    def __init__(self, classifier: str | Path):
+        model = load_classifier(classifier)
+        width = model.head.in_features
+        super().__init__("shape-classifier-pool", width, {"resolution": model.resolution, "width": model.width,
+                                                          "layer": "pool (mean, max)",
+                                                          "weights": weights_fingerprint(model)})
+        self.classifier = model.requires_grad_(False)
+        self.eval()
+
+    def forward(self, images: Tensor) -> Tensor:
+        """(N, 3, R, R) images (uint8 or float in [-1, 1]) -> (N, num_features) float32."""
+        r = self.classifier.resolution
+        if tuple(images.shape[-2:]) != (r, r):
+            raise ValueError(f"shape-classifier features need {r} x {r} px images (the classifier's resolution), "
+                             f"got {tuple(images.shape[-2:])}; use a classifier trained at this size "
+                             f"(python -m ldm.cli.train_classifier --resolution {images.shape[-1]} --out <folder>)")
+        return self.classifier.pooled(images).float()

@@ -32,8 +32,9 @@ from ldm.evaluation.distributed import Ranks, launch_environment, rank_device
 from ldm.evaluation.image_files import write_npz
 from ldm.data.pipeline import SampleDecoder, ShardStream
 from ldm.data.transforms import ImageTransform
+from ldm.metrics.bootstrap import bootstrap_fid
 from ldm.metrics.features import ToyFeatures
-from ldm.metrics.fid import ExtractorMismatchError, FeatureStatistics, fid_from_statistics
+from ldm.metrics.fid import ExtractorMismatchError, FeatureStatistics, feature_statistics, fid_from_statistics
 from ldm.metrics.lpips import build_lpips
 from ldm.metrics.reconstruction import psnr
 from ldm.modules.loading import load_module
@@ -92,6 +93,11 @@ def test_callback_logs_metrics_that_evaluate_py_reproduces(runs, tmp_path):
         assert (line["n"], line["n_real"], line["f"], line["cond_key"]) == (8, 8, 4, "caption")
         assert (line["sampler"], line["steps"], line["guidance"], line["features"]) == \
             ("ddim", 3, 3.0, "toy-random-conv")
+    # training time without the evaluations, carried in the checkpoint for a resumed run
+    assert 0 < lines[0]["train_seconds"] < lines[1]["train_seconds"]
+    saved = torch.load(runs["ldm"] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    [state] = [v for k, v in saved["callbacks"].items() if k.startswith("EvaluationCallback")]
+    assert state["train_seconds"] >= lines[1]["train_seconds"] - 1e-6
     final = lines[-1]["metrics"]
     run_metrics = json.loads((runs["ldm"] / "metrics.json").read_text())
     assert run_metrics["eval/fid"] == pytest.approx(final["fid"], rel=1e-6)
@@ -247,6 +253,15 @@ def test_given_images_and_the_real_statistics_cache(runs, tmp_path):
     assert cached["metrics"]["fid"] == pytest.approx(fresh["metrics"]["fid"], rel=1e-6)
     expected = toy_fid(x, torch.from_numpy(255 - pixels).permute(0, 3, 1, 2))
     assert cached["metrics"]["fid"] == pytest.approx(expected, rel=1e-4) and expected > 1
+    # fid_bootstrap: the interval of ldm.metrics.bootstrap on the same features (the cache: fake side only)
+    boot = json.loads(evaluate(eval_cfg(tmp_path / "k", *inverted, f"real_stats={stats}", "fid_bootstrap=20"))
+                      .read_text())["metrics"]
+    net = ToyFeatures()
+    interval = bootstrap_fid(net(torch.from_numpy(255 - pixels).permute(0, 3, 1, 2)), *feature_statistics(net(x)),
+                             resamples=20, seed=0)
+    assert boot["fid"] == cached["metrics"]["fid"] and boot["fid_low"] < boot["fid_high"]
+    assert [boot["fid_low"], boot["fid_high"], boot["fid_std"]] == pytest.approx(
+        [interval.low, interval.high, interval.std], rel=1e-4)
 
     with pytest.raises(ValueError, match=r"FID statistics only.*\['kid'\]"):
         evaluate(eval_cfg(tmp_path / "d", *inverted[:2], "metrics=[fid,kid]", f"real_stats={stats}"))
@@ -500,10 +515,10 @@ def test_tables_from_a_sweep_of_results(tmp_path, capsys):
     # evaluate.py outputs, in their own folders below the sweep
     for i, (kind, run, step, metrics, extra) in enumerate([
         ("autoencoder", ae4, 900, {"rfid": 0.58, "psnr": 27.43, "ssim": 0.8}, {}),
-        ("autoencoder", ae8, 900, {"rfid": 1.14, "psnr": 23.07, "ssim": 0.7}, {}),
+        ("autoencoder", ae8, 900, {"rfid": 1.14, "psnr": 23.07, "ssim": 0.7, "lpips": 0.12}, {}),
         ("autoencoder", ae16, 900, {"rfid": 5.15, "psnr": 20.83, "ssim": 0.6}, {}),
         ("ldm", ldm4, 100, {"fid": 30.0, "precision": 0.5, "recall": 0.3}, {"samples_per_s": 1.0}),
-        ("ldm", ldm4, 300, {"fid": 5.11, "precision": 0.72, "recall": 0.49}, {"samples_per_s": 2.5}),
+        ("ldm", ldm4, 300, {"fid": 5.11, "fid_low": 4.2, "fid_high": 6.3, "precision": 0.72, "recall": 0.49}, {"samples_per_s": 2.5}),
         ("ldm", ldm8, 300, {"fid": 12.63, "is_mean": 30.29, "is_std": 0.4, "precision": 0.6, "recall": 0.4,
                             "prompt_accuracy": 0.81, "clip_score": 27.5},
          {"samples_per_s": 7.25, "guidance": 1.5}),
@@ -515,7 +530,8 @@ def test_tables_from_a_sweep_of_results(tmp_path, capsys):
         (run / "metrics").mkdir()
         (run / "metrics" / "eval.jsonl").write_text("".join(
             json.dumps({"global_step": 100 * (i + 1), "metrics": {"fid": f}, "sampler": "ddim", "steps": 50,
-                        "eta": 0.0, "guidance": 1.0, "n": 64, "samples_per_s": 3.0}) + "\n"
+                        "eta": 0.0, "guidance": 1.0, "n": 64, "samples_per_s": 3.0,
+                        "train_seconds": 200.0 * (i + 1)}) + "\n"
             for i, f in enumerate(fids)))
 
     out = tmp_path / "tables"
@@ -524,10 +540,10 @@ def test_tables_from_a_sweep_of_results(tmp_path, capsys):
     assert done.returncode == 0, done.stderr[-3000:]
     text = (out / "tables.md").read_text()
     assert text in done.stdout
-    assert "| ldm_f1 | 1 | identity | - | - | 38.00 | - | - | - | - | 3.00 | 300 |" in text  # from eval.jsonl
-    assert "| ldm_f4 | 4 | kl | 0.58 | 27.43 | 5.11 | - | 0.72 | 0.49 | - | 2.50 | 300 |" in text  # newest step wins
-    assert "| ldm_f8 | 8 | vq | 1.14 | 23.07 | 12.63 | 30.29 | 0.60 | 0.40 | 0.81 | 7.25 | 300 |" in text
-    assert "| ae_f16 | 16 | kl | 5.15 | 20.83 | - | - | - | - | - | - | 900 |" in text  # unused first stage
+    assert "| ldm_f1 | 1 | identity | - | - | - | - | 38.00 | - | - | - | - | - | 3.00 | 0.50 | 300 |" in text  # from eval.jsonl
+    assert "| ldm_f4 | 4 | kl | 0.58 | 27.43 | 0.80 | - | 5.11 | 4.20-6.30 | - | 0.72 | 0.49 | - | 2.50 | 0.50 | 300 |" in text  # newest step wins
+    assert "| ldm_f8 | 8 | vq | 1.14 | 23.07 | 0.70 | 0.12 | 12.63 | - | 30.29 | 0.60 | 0.40 | 0.81 | 7.25 | - | 300 |" in text
+    assert "| ae_f16 | 16 | kl | 5.15 | 20.83 | 0.60 | - | - | - | - | - | - | - | - | - | 900 |" in text  # unused first stage
     assert "| ldm_f4 | 4 | kl | 300 | ddim | 200 | 1.00 | 50 | 5.11 | 0.72 | 0.49 |" in text
     assert "| ldm_f8 | 8 | vq | 300 | ddim | 200 | 1.50 | 50 | 12.63 | 30.29 | 0.81 | 27.50 |" in text
 
@@ -540,9 +556,10 @@ def test_tables_from_a_sweep_of_results(tmp_path, capsys):
     with open(out / "text.csv") as fh:
         assert [(r["run"], r["guidance"], r["IS"], r["prompt acc"], r["CLIP score"]) for r in csv.DictReader(fh)] == \
             [("ldm_f8", "1.5", "30.29", "0.81", "27.5")]
-    png = out / "fid_vs_steps.png"
-    with Image.open(png) as img:
-        assert img.format == "PNG" and img.size[0] > 300
+    for png in (out / "fid_vs_steps.png", out / "fid_vs_time.png"):
+        with Image.open(png) as img:
+            assert img.format == "PNG" and img.size[0] > 300
+    assert "fid_vs_time.png" in text
 
     # In process, with the default output folder
     tables_main([str(sweep)])

@@ -25,6 +25,9 @@ class EvaluationCallback(pl.Callback):
     images (split over the DDP ranks, conditions from each rank's share of the datamodule's
     validation data), compute `metrics` against the validation images synchronised over all ranks,
     log them as `eval/<name>` and append one JSON line per evaluation to <run>/metrics/eval.jsonl.
+    Each line also has `train_seconds`: wall-clock seconds of training so far, these evaluations'
+    own time left out (validation and checkpointing stay in), carried over a resume: the x axis of
+    FID against training time (the paper's efficiency view, python -m ldm.cli.tables).
 
     features: a feature-extractor config (a configs/features node with `_target_`), built here so
         IS can use the same network's logits. The validation images' features are computed once,
@@ -56,6 +59,24 @@ class EvaluationCallback(pl.Callback):
         self._extractor_name: str | None = None  # None: no metric uses a feature network
         self._n_real = 0  # validation images on the real side, all ranks (counted at the first evaluation)
         self._last_step: int | None = None
+        self._seconds_before = 0.0  # training seconds of earlier attempts (a resumed run)
+        self._clock: float | None = None  # perf_counter at this attempt's training start
+        self._eval_seconds = 0.0  # spent in this attempt's evaluations
+
+    def train_seconds(self) -> float:
+        """Seconds spent training so far, over every attempt, without the evaluations."""
+        if self._clock is None:
+            return self._seconds_before
+        return self._seconds_before + time.perf_counter() - self._clock - self._eval_seconds
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_seconds": self.train_seconds()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._seconds_before = float(state_dict.get("train_seconds", 0.0))
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._clock, self._eval_seconds = time.perf_counter(), 0.0
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -105,8 +126,15 @@ class EvaluationCallback(pl.Callback):
                                "write more validation samples than there are ranks")
         return int(counts.sum())
 
-    @torch.no_grad()
     def _run(self, trainer: pl.Trainer, pl_module: LatentDiffusion) -> None:
+        train_seconds, began = self.train_seconds(), time.perf_counter()
+        try:
+            self._evaluate(trainer, pl_module, train_seconds)
+        finally:
+            self._eval_seconds += time.perf_counter() - began
+
+    @torch.no_grad()
+    def _evaluate(self, trainer: pl.Trainer, pl_module: LatentDiffusion, train_seconds: float) -> None:
         self._last_step = trainer.global_step
         device = pl_module.device
         self.metrics.to(device)
@@ -132,10 +160,10 @@ class EvaluationCallback(pl.Callback):
         seconds = trainer.strategy.all_gather(torch.tensor(time.perf_counter() - start, device=device))
         values = {k: float(v) for k, v in self.metrics.compute().items()}  # synchronised over ranks
         self.metrics.reset()
-        self._record(trainer, pl_module, values, self.num_samples / float(seconds.max()))
+        self._record(trainer, pl_module, values, self.num_samples / float(seconds.max()), train_seconds)
 
     def _record(self, trainer: pl.Trainer, pl_module: LatentDiffusion, values: dict[str, float],
-                samples_per_s: float) -> None:
+                samples_per_s: float, train_seconds: float) -> None:
         logged = {f"eval/{k}": v for k, v in values.items()}
         logged["eval/samples_per_s"] = samples_per_s
         # Also for train.py's metrics.json: self.log is not allowed in on_train_end.
@@ -147,6 +175,7 @@ class EvaluationCallback(pl.Callback):
         line = {"global_step": trainer.global_step, "epoch": trainer.current_epoch, "metrics": values,
                 "n": self.num_samples, "n_real": self._n_real, **asdict(self.protocol),
                 "features": self._extractor_name, "samples_per_s": samples_per_s,
+                "train_seconds": train_seconds,
                 "world_size": trainer.world_size, **describe_model(pl_module)}
         path = Path(trainer.default_root_dir) / "metrics" / "eval.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -56,6 +56,7 @@ from ldm.evaluation.image_files import GivenImages, save_pngs, write_npz
 from ldm.evaluation.protocol import (SamplingProtocol, build_extractors, check_caption_metrics, condition_chunks,
                                      generate, sample_captions)
 from ldm.first_stage.base import FirstStage
+from ldm.metrics.bootstrap import bootstrap_fid
 from ldm.metrics.collection import CAPTION_METRICS, NO_REAL_SIDE, batch_rows, build_metrics, update_from_rows
 from ldm.metrics.features import images_to_uint8
 from ldm.metrics.fid import ExtractorMismatchError, load_statistics, save_statistics
@@ -81,7 +82,7 @@ SHARES = ("Rank 0 computes the metrics from the chunk files every rank writes th
 # fingerprint included), not by their config, whose weight paths may differ between machines.
 CONTINUABLE = frozenset({"out_dir", "paths", "task_name", "device", "rank_timeout_s", "shared_fs_timeout_s",
                          "trust_config", "real_stats", "features", "kid_subsets", "kid_subset_size", "is_splits",
-                         "pr_k"})
+                         "pr_k", "fid_bootstrap"})
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -389,25 +390,43 @@ def _run_parts(parts: list[Part], store: ChunkStore, ranks: Ranks) -> dict[str, 
     return counts
 
 
-def _reduce(store: ChunkStore, counts: dict[str, int], metrics: MetricCollection, real: RealSide) -> dict[str, Any]:
+def _reduce(store: ChunkStore, counts: dict[str, int], metrics: MetricCollection, real: RealSide,
+            keep_features: bool = False) -> dict[str, Any]:
     """Feed every chunk's rows to the metrics, in chunk order; the samples' count, generation
-    seconds and paired scores."""
+    seconds and paired scores (and, with keep_features, the per-image FID features of both sides)."""
     n, seconds, paired = 0, 0.0, {}
+    kept: dict[str, list[torch.Tensor]] = {"real": [], "fake": []}
+    key = metrics["fid"].row_key if "fid" in metrics else None
     for part, count in counts.items():
         for record in store.records(part, count):
             if "real" in record:
                 real.add(metrics, record["real"])
+                if keep_features and key in record["real"]:
+                    kept["real"].append(record["real"][key])
             if not record.get("n"):
                 continue
             if record["start"] != n:
                 raise RuntimeError(f"{store.folder}: a {part} chunk starts at image {record['start']}, not {n}: "
                                    "the folder mixes chunks of different evaluations; evaluate into a new folder")
             update_from_rows(metrics, record["fake"], real=False, captions=record.get("captions"))
+            if keep_features and key in record["fake"]:
+                kept["fake"].append(record["fake"][key])
             n += record["n"]
             seconds += record.get("seconds", 0.0)
-            for key, values in record.get("paired", {}).items():
-                paired.setdefault(key, []).append(values)
-    return {"n": n, "seconds": seconds, "paired": {k: float(torch.cat(v).mean()) for k, v in paired.items()}}
+            for name, values in record.get("paired", {}).items():
+                paired.setdefault(name, []).append(values)
+    return {"n": n, "seconds": seconds, "paired": {k: float(torch.cat(v).mean()) for k, v in paired.items()},
+            "features": {side: torch.cat(rows) if rows else None for side, rows in kept.items()}}
+
+
+def _fid_interval(cfg: DictConfig, metrics: MetricCollection, features: dict[str, torch.Tensor | None],
+                  name: str) -> dict[str, float]:
+    """`fid_bootstrap` resamples of the generated (and, when their features are at hand rather than
+    cached statistics, the real) images' features: a 95 % interval of the FID (ldm.metrics.bootstrap)."""
+    mu, sigma, _ = metrics["fid"].statistics(real=True)
+    interval = bootstrap_fid(features["fake"], mu, sigma, real=features["real"], resamples=cfg.fid_bootstrap,
+                             seed=cfg.seed)
+    return {f"{name}_low": interval.low, f"{name}_high": interval.high, f"{name}_std": interval.std}
 
 
 # ----------------------------------------------------------------------------- entry
@@ -546,13 +565,17 @@ def _plan(cfg: DictConfig, kind: str, metrics: MetricCollection, real: RealSide,
 def _write_results(cfg: DictConfig, out: Path, store: ChunkStore, counts: dict[str, int], metrics: MetricCollection,
                    real: RealSide, record: dict[str, Any], notes: list[str], extractor, world: int) -> Path:
     """Compute the metrics from the chunks; write metrics.json (and real_stats, samples.npz)."""
-    totals = _reduce(store, counts, metrics, real)
+    bootstrap = bool(cfg.fid_bootstrap) and "fid" in metrics and record["kind"] != "real_stats"
+    totals = _reduce(store, counts, metrics, real, keep_features=bootstrap)
     real.save(metrics)
     values: dict[str, float] = {}
     if record["kind"] != "real_stats":
         values = {k: float(v) for k, v in metrics.compute().items()}
         if record["kind"] == "autoencoder":
             values = {("rfid" if k == "fid" else k): v for k, v in values.items()}  # the paper's name
+        if bootstrap:
+            values.update(_fid_interval(cfg, metrics, totals["features"], "rfid" if record["kind"] == "autoencoder"
+                                        else "fid"))
         values.update(totals["paired"])
         record["n"] = totals["n"]
         if record["kind"] == "ldm":

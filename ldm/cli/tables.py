@@ -9,10 +9,13 @@ Looks below the given folders for
 - each run's config.yaml, for what the results do not say themselves: f, first-stage kind,
   conditioning, and which autoencoder run an LDM was trained on (`first_stage.path`).
 
-Prints three markdown tables and writes them (tables.md, one CSV each) with fid_vs_steps.png into --out:
+Prints three markdown tables and writes them (tables.md, one CSV each) with fid_vs_steps.png
+(and fid_vs_time.png where the curves carry training time) into --out:
 - compression: the trade-off over f (paper Fig. 6 / Tab. 8): per LDM run its f, its first
-  stage's rFID and PSNR, and its FID, IS, precision, recall, prompt accuracy (text models on the
-  shapes data) and sampling speed; autoencoder runs no LDM uses get a row of their own;
+  stage's rFID, PSNR, SSIM and LPIPS, and its FID with the bootstrap interval of evaluate.py's
+  `fid_bootstrap`, IS, precision, recall, prompt accuracy (text models on the shapes data),
+  sampling speed and training speed (steps per second of training, evaluations left out);
+  autoencoder runs no LDM uses get a row of their own;
 - unconditional (paper Tab. 1): FID, precision, recall with the sampling protocol;
 - text-conditional (paper Tab. 2): FID, IS, prompt accuracy and CLIP score with the guidance scale.
 An LDM's numbers come from its evaluate.py record at the highest step (the newest if several),
@@ -54,6 +57,15 @@ class Run:
         if not self.evaluations:
             return None
         return max(self.evaluations, key=lambda r: (r["run"].get("global_step") or -1, r.get("written", "")))
+
+    def train_steps_per_s(self) -> float | None:
+        """Training steps per second of wall-clock training (evaluations left out), from the last
+        eval.jsonl line that carries `train_seconds` (ldm.callbacks.evaluation)."""
+        timed = [x for x in self.curve if x.get("train_seconds")]
+        if not timed:
+            return None
+        line = max(timed, key=lambda x: x["global_step"])
+        return line["global_step"] / line["train_seconds"]
 
     def results(self) -> dict[str, Any]:
         """Metrics and protocol of the run's headline evaluation (see the module docstring)."""
@@ -147,10 +159,18 @@ def _name(run: Run, roots: Sequence[Path]) -> str:
     return str(run.path)
 
 
-COMPRESSION = ["run", "f", "first_stage", "rFID", "PSNR", "FID", "IS", "precision", "recall", "prompt acc", "samples/s",
-               "step"]
+COMPRESSION = ["run", "f", "first_stage", "rFID", "PSNR", "SSIM", "LPIPS", "FID", "FID 95%", "IS", "precision", "recall",
+               "prompt acc", "samples/s", "train steps/s", "step"]
 UNCONDITIONAL = ["run", "f", "first_stage", "step", "sampler", "steps", "eta", "n", "FID", "precision", "recall"]
 TEXT = ["run", "f", "first_stage", "step", "sampler", "steps", "guidance", "n", "FID", "IS", "prompt acc", "CLIP score"]
+
+
+def _first_stage_columns(res: dict[str, Any]) -> dict[str, Any]:
+    return {"rFID": res.get("rfid"), "PSNR": res.get("psnr"), "SSIM": res.get("ssim"), "LPIPS": res.get("lpips")}
+
+
+def _interval(low: float | None, high: float | None) -> str | None:
+    return None if low is None or high is None else f"{low:.2f}-{high:.2f}"
 
 
 def build_tables(runs: dict[Path, Run], roots: Sequence[Path]) -> dict[str, list[dict[str, Any]]]:
@@ -164,10 +184,11 @@ def build_tables(runs: dict[Path, Run], roots: Sequence[Path]) -> dict[str, list
         ae = runs.get(run.first_stage_run) if run.first_stage_run else None
         ae_res = ae.results() if ae is not None else {}
         base = {"run": _name(run, roots), "f": run.info.get("f"), "first_stage": run.info.get("first_stage")}
-        compression.append({**base, "rFID": ae_res.get("rfid"), "PSNR": ae_res.get("psnr"), "FID": res.get("fid"),
+        compression.append({**base, **_first_stage_columns(ae_res), "FID": res.get("fid"),
+                            "FID 95%": _interval(res.get("fid_low"), res.get("fid_high")),
                             "IS": res.get("is_mean"), "precision": res.get("precision"), "recall": res.get("recall"),
                             "prompt acc": res.get("prompt_accuracy"), "samples/s": res.get("samples_per_s"),
-                            "step": res.get("step")})
+                            "train steps/s": run.train_steps_per_s(), "step": res.get("step")})
         protocol = {k: res.get(k) for k in ("step", "sampler", "steps", "n")}
         if run.info.get("conditioning") is None:
             unconditional.append({**base, **protocol, "eta": res.get("eta"), "FID": res.get("fid"),
@@ -180,8 +201,8 @@ def build_tables(runs: dict[Path, Run], roots: Sequence[Path]) -> dict[str, list
                       key=lambda r: (r.info.get("f") or 0, _name(r, roots))):
         res = run.results()
         compression.append({"run": _name(run, roots), "f": run.info.get("f"),
-                            "first_stage": run.info.get("first_stage"), "rFID": res.get("rfid"),
-                            "PSNR": res.get("psnr"), "step": res.get("step")})
+                            "first_stage": run.info.get("first_stage"), **_first_stage_columns(res),
+                            "step": res.get("step")})
     return {"compression": compression, "unconditional": unconditional, "text": text}
 
 
@@ -228,6 +249,17 @@ def fid_curves(runs: dict[Path, Run], roots: Sequence[Path]) -> list[tuple[str, 
     return [(label if counts[label] == 1 else f"{label} ({name})", steps, fids) for label, steps, fids, name in curves]
 
 
+def fid_time_curves(runs: dict[Path, Run], roots: Sequence[Path]) -> list[tuple[str, list[float], list[float]]]:
+    """(label, training minutes, FIDs) per run, from its eval.jsonl lines that carry train_seconds."""
+    curves = []
+    for run in sorted(runs.values(), key=lambda r: (r.info.get("f") or 0, _name(r, roots))):
+        points = sorted((x["train_seconds"] / 60, x["metrics"]["fid"]) for x in run.curve
+                        if run.kind == "ldm" and x.get("train_seconds") is not None and "fid" in x["metrics"])
+        if points:
+            curves.append((f"f={run.info.get('f', '?')}", [p[0] for p in points], [p[1] for p in points]))
+    return curves
+
+
 def plot_fid_curves(curves: list[tuple[str, list[int], list[float]]], path: Path) -> None:
     """FID against training steps, one line per run (the paper's Fig. 6), as a PNG."""
     plot_curves(curves, path, "training steps", "FID", "FID over training per downsampling factor f")
@@ -257,6 +289,11 @@ def make_tables(roots: Sequence[str | Path], out: str | Path) -> str:
         parts.append("![FID over training steps](fid_vs_steps.png)")
     else:
         parts.append("(no FID evaluations over training: no fid_vs_steps.png)")
+    timed = fid_time_curves(runs, roots)
+    if timed:  # the paper's efficiency view: quality against the compute spent
+        plot_curves(timed, out / "fid_vs_time.png", "training time (min, evaluations left out)", "FID",
+                    "FID against training time per downsampling factor f")
+        parts.append("![FID against training time](fid_vs_time.png)")
     text = "\n\n".join(parts) + "\n"
     (out / "tables.md").write_text(text)
     return text

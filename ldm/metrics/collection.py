@@ -102,7 +102,7 @@ class FID(_ExtractorRows, FrechetInceptionDistance):
             self.fake_features_cov_sum += features.t().mm(features)
             self.fake_features_num_samples += features.shape[0]
 
-    def _statistics(self, real: bool) -> tuple[Tensor, Tensor, int]:
+    def statistics(self, real: bool) -> tuple[Tensor, Tensor, int]:
         prefix = "real" if real else "fake"
         n = int(getattr(self, f"{prefix}_features_num_samples"))
         if n < 2:
@@ -114,14 +114,14 @@ class FID(_ExtractorRows, FrechetInceptionDistance):
 
     def compute(self) -> Tensor:
         """FID between the real and generated images seen so far (all ranks)."""
-        mu_r, sigma_r, _ = self._statistics(real=True)
-        mu_f, sigma_f, _ = self._statistics(real=False)
+        mu_r, sigma_r, _ = self.statistics(real=True)
+        mu_f, sigma_f, _ = self.statistics(real=False)
         return torch.tensor(frechet_distance(mu_r, sigma_r, mu_f, sigma_f), dtype=torch.float64)
 
     def real_statistics(self) -> FeatureStatistics:
         """The real images' statistics over all ranks, tagged with the extractor, for caching."""
         with self.sync_context():
-            mu, sigma, n = self._statistics(real=True)
+            mu, sigma, n = self.statistics(real=True)
         return FeatureStatistics(mu.cpu().numpy(), sigma.cpu().numpy(), n, self.inception.name,
                                  self.inception.settings)
 

@@ -14,13 +14,15 @@
 #   FSWEEP_DIR=runs/fsweep/mine bash scripts/fsweep.sh # the output folder (default runs/fsweep/<time>)
 #   FSWEEP_F="1 4" bash scripts/fsweep.sh              # the factors (default "1 2 4 8 16 32")
 #   FSWEEP_LDM_ARGS="callbacks.evaluation.num_samples=8" bash scripts/fsweep.sh   # overrides for the LDM jobs only
-#   FSWEEP_EVAL_N=64 bash scripts/fsweep.sh            # samples per LDM for evaluate.py (default 64)
+#   FSWEEP_EVAL_N=512 bash scripts/fsweep.sh           # samples per LDM for evaluate.py (default 512)
+#   FSWEEP_BOOTSTRAP=200 bash scripts/fsweep.sh        # bootstrap resamples of the FID interval (default 200)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 export HF_HUB_OFFLINE=1
 OUT=${FSWEEP_DIR:-runs/fsweep/$(date +%Y-%m-%d_%H-%M-%S)}
-EVAL_N=${FSWEEP_EVAL_N:-64}
+EVAL_N=${FSWEEP_EVAL_N:-512}
+BOOT=${FSWEEP_BOOTSTRAP:-200}
 read -r -a ALL_F <<< "${FSWEEP_F:-1 2 4 8 16 32}"
 read -r -a LDM_ARGS <<< "${FSWEEP_LDM_ARGS:-}"
 AE_F=()
@@ -57,11 +59,12 @@ fi
 
 for f in "${AE_F[@]}"; do
   stage "evaluate autoencoder f = $f"
-  $PY evaluate.py ckpt="$OUT/ae/f-$f" real="$REAL" features=toy n=null 'metrics=[fid]' hydra.run.dir="$OUT/ae/f-$f/eval"
+  $PY evaluate.py ckpt="$OUT/ae/f-$f" real="$REAL" features=shapes n=null 'metrics=[fid]' fid_bootstrap="$BOOT" \
+    hydra.run.dir="$OUT/ae/f-$f/eval"
 done
 for f in "${ALL_F[@]}"; do
   stage "evaluate LDM f = $f ($EVAL_N samples)"
-  $PY evaluate.py ckpt="$OUT/ldm/f-$f" real="$REAL" features=toy n="$EVAL_N" steps=20 guidance=3.0 \
+  $PY evaluate.py ckpt="$OUT/ldm/f-$f" real="$REAL" features=shapes n="$EVAL_N" steps=20 guidance=3.0 fid_bootstrap="$BOOT" \
     'metrics=[fid,precision_recall,prompt_accuracy]' classifier="$CLS" hydra.run.dir="$OUT/ldm/f-$f/eval"
 done
 

@@ -55,5 +55,8 @@ def test_fsweep_script_end_to_end(tmp_path):
         rows = list(csv.DictReader(fh))
     assert sorted(int(r["f"]) for r in rows) == [1, 4]
     assert all(r["FID"] for r in rows)
+    # the domain features with a bootstrap interval, and the training speed from the curves
+    assert all(r["FID 95%"] and r["train steps/s"] for r in rows)
+    assert (out / "tables" / "fid_vs_time.png").is_file()
     assert next(r for r in rows if r["f"] == "4")["PSNR"]  # the autoencoder's evaluation joined its LDM
     assert (out / "tables" / "fid_vs_steps.png").is_file()

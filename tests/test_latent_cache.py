@@ -13,16 +13,18 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
-from conftest import TINY_RUN, compose
+from helpers import TINY_RUN, compose
+from ldm.cli.encode_latents import encode_shards
 from ldm.cli.train import train
 from ldm.data.datamodule import default_cache_dir
 from ldm.data.index import ShardIndex
-from ldm.data.latents import encode_shards, posterior_from_moments
+from ldm.data.latents import cached_posterior
 from ldm.data.pipeline import SampleDecoder, ShardStream
 from ldm.data.transforms import ImageTransform
 from ldm.first_stage.distributions import DeterministicLatent
 from ldm.first_stage.identity import IdentityFirstStage
 from ldm.first_stage.kl import AutoencoderKL
+from ldm.first_stage.moments import posterior_from_moments
 from ldm.modules.latent_diffusion import LatentDiffusion
 from ldm.modules.loading import load_first_stage
 
@@ -272,9 +274,9 @@ def test_moments_that_do_not_fit_the_first_stage_are_refused(runs, tmp_path):
     cached = first_batch(str(root / "vq_val"))  # deterministic: 4 channels where KL needs 8
     with pytest.raises(ValueError, match=r"latent cache .*vq_val was encoded by the first stage .*ae_vq.*"
                                          r"'deterministic'.*AutoencoderKL \(kind kl, f = 4, 4 latent channels"):
-        posterior_from_moments(cached["moments"].float(), first_stage, cached["__url__"])
+        cached_posterior(cached["moments"].float(), first_stage, cached["__url__"])
     with pytest.raises(ValueError, match=r"holds moments of shape \(4, 8, 8\).*so 8 moment channels"):
-        posterior_from_moments(cached["moments"].float(), first_stage)  # no index to read: the shape tells
+        cached_posterior(cached["moments"].float(), first_stage)  # no index to read: the shape tells
 
     # same channel count, another f: only the cache's index tells
     other = tmp_path / "kl_f8"
@@ -284,7 +286,7 @@ def test_moments_that_do_not_fit_the_first_stage_are_refused(runs, tmp_path):
     index.save(other)
     cached = first_batch(str(other))
     with pytest.raises(ValueError, match=r"kl_f8 was encoded by the first stage .*ae_kl.*'f': 8.*f = 4"):
-        posterior_from_moments(cached["moments"], first_stage, cached["__url__"])
+        cached_posterior(cached["moments"], first_stage, cached["__url__"])
 
     # identity / VQ first stages: the moments are the latent itself
     x = torch.randn(2, 3, 4, 4)

@@ -12,7 +12,8 @@ which the first stage (kl-f8 shape) encodes images.
    random weights) encodes random 256 px images, `encode(x).sample()` without grad: images/s and
    encoder GFLOP per image (FlopCounterMode on the meta device). With --compile the encoder is
    compiled in place as `model.compile_first_stage` does; the compilation happens in the warm-up
-   batches, whose time is recorded as warmup_s.
+   batches, whose time is recorded as warmup_s. peak_gib (CUDA): the peak above the memory in use
+   before the encoder was built, warm-up included (harness.PeakMemory, as in unet.py).
 
     python benchmarks/data.py                                   # CPU: 512 images, workers 0,1,2
     python benchmarks/data.py --device cuda --precision bf16 --skip-loading --out gpu.jsonl
@@ -23,10 +24,7 @@ JSON lines go to stdout (and are appended to --out); markdown tables end the out
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
 import os
-import platform
 import statistics
 import sys
 import tarfile
@@ -41,14 +39,14 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler
 from torch.utils.flop_counter import FlopCounterMode
 
-from ldm.first_stage.factory import autoencoder_kl
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import (GIB, PeakMemory, autocast, bench_device, environment, fmt, load_average, log,  # noqa: E402
+                     synchronize, write_record)
+
+from ldm.first_stage.factory import autoencoder_kl  # noqa: E402
 
 # The loading side (ldm.data: webdataset, PIL) is imported where it is used, so that --skip-loading
 # runs where only torch is installed (a bare GPU machine).
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # --- data on disk ----------------------------------------------------------------------------------------
@@ -152,54 +150,36 @@ def measure_encoding(args: argparse.Namespace, device: torch.device) -> dict[str
     batch = args.encode_batch or (32 if cuda else 1)
     steps = args.encode_steps or (10 if cuda else 2)
     warmup = args.encode_warmup if args.encode_warmup is not None else (3 if cuda else 1)
+    memory = PeakMemory(device)
+    memory.start()  # before the model: its weights count, as in unet.py
     with torch.device(device):
         model = autoencoder_kl(8, resolution=args.encode_resolution).eval()
     if args.compile:
         model.encoder.compile()  # what LatentDiffusion(compile_first_stage=True) does
     x = torch.randn(batch, 3, args.encode_resolution, args.encode_resolution, device=device).clamp(-1, 1)
-    cast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
 
     def step() -> None:
-        with torch.no_grad(), cast:
+        with torch.no_grad(), autocast(device, args.precision):
             model.encode(x).sample()
 
     begin = time.perf_counter()
     for _ in range(warmup):
         step()
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
+    synchronize(device)
     warmup_s = time.perf_counter() - begin
     begin = time.perf_counter()
     for _ in range(steps):
         step()
-    if cuda:
-        torch.cuda.synchronize(device)
+    synchronize(device)
     elapsed = time.perf_counter() - begin
     flops = encoder_flops(args.encode_resolution)
     return {"kind": "encode", "first_stage": "kl-f8 (ch 128, mult 1,2,4,4, z 4)", "resolution": args.encode_resolution,
             "batch": batch, "precision": args.precision, "compile": args.compile, "steps": steps, "warmup": warmup,
             "warmup_s": warmup_s, "images_per_s": batch * steps / elapsed, "encoder_gflop_per_image": flops / 1e9,
-            "peak_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None}
+            "peak_gib": memory.peak() / GIB if cuda else None}
 
 
 # --- output --------------------------------------------------------------------------------------------
-
-def environment(device: torch.device) -> dict[str, Any]:
-    info: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(), "device": device.type,
-                            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-                            "load_avg": [round(v, 2) for v in os.getloadavg()]}
-    if importlib.util.find_spec("torchvision") is not None:
-        import torchvision
-        info["torchvision"] = torchvision.__version__
-    if device.type == "cuda":
-        info["device_name"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def _fmt(value: Any, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
 
 def markdown_tables(records: list[dict[str, Any]]) -> str:
     lines = []
@@ -212,7 +192,7 @@ def markdown_tables(records: list[dict[str, Any]]) -> str:
             base = folder.get(r["workers"])
             ratio = r["images_per_s"] / base["images_per_s"] if r["pipeline"] == "shards" and base else None
             lines.append(f"| {r['pipeline']} | {r['workers']} | {r['batch']} | {r['images_per_s']:.1f} | "
-                         f"{_fmt(r['steady_images_per_s'], '.1f')} | {_fmt(ratio, '.2f')} |")
+                         f"{fmt(r['steady_images_per_s'], '.1f')} | {fmt(ratio, '.2f')} |")
     for r in records:
         if r["kind"] == "encode":
             lines += ["", "| first stage | resolution | batch | precision | compiled | warm-up s | images/s encoded "
@@ -264,15 +244,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise SystemExit("--device cuda: no CUDA device is visible; use --device cpu")
+    device = bench_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    env = environment(device)
+    env = environment(device, ("torchvision",))
     records = []
     if not args.skip_loading:
         with (nullcontext(str(args.dir)) if args.dir else tempfile.TemporaryDirectory()) as root:
@@ -281,11 +256,7 @@ def main(argv: list[str] | None = None) -> None:
         log(f"encoding on {device}")
         records.append(measure_encoding(args, device))
     for record in records:
-        line = json.dumps({**env, **record, "load_avg_end": [round(v, 2) for v in os.getloadavg()]})
-        print(line)
-        if args.out is not None:
-            with args.out.open("a") as f:
-                f.write(line + "\n")
+        write_record({**env, **record, "load_avg_end": load_average()}, args.out)
     print()
     print(markdown_tables(records))
 

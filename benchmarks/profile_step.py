@@ -23,7 +23,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from unet import VARIANTS, Row, bench_config, make_step, ours_impl, random_weights, resolve_device, synchronize  # noqa: E402
+from harness import bench_device, synchronize  # noqa: E402
+from unet import VARIANTS, Row, bench_config, make_step, ours_impl, random_weights  # noqa: E402
 
 # First match wins; names of cuDNN / cuBLAS / CUTLASS / inductor (triton_*) kernels and of aten ops.
 CATEGORIES: list[tuple[str, re.Pattern]] = [
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, help="append the markdown section to this file (JSON beside it, .jsonl)")
     args = p.parse_args(argv)
     record = profile_step(args.config, args.batch, args.precision, args.ours, args.compile,
-                          resolve_device(args.device), args.warmup, args.top)
+                          bench_device(args.device), args.warmup, args.top)
     text = markdown(record)
     print(text)
     if args.out:

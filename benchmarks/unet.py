@@ -29,18 +29,12 @@ goes to stderr.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
-import gc
 import importlib.util
-import json
-import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,20 +45,23 @@ import yaml
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ldm.convert.diffusers_unet import (
-    _module_map,
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import (GIB, PeakMemory, autocast, bench_device, cleanup, environment, fmt, load_average,  # noqa: E402
+                     log, paired_step_ratios, synchronize, timed_steps, write_record)
+
+from ldm.convert.diffusers_unet import (  # noqa: E402
     diffusers_config_from_unet_kwargs,
+    diffusers_unet2d_config,
     full_unet_kwargs,
     unet_state_dict_to_diffusers,
+    unet_state_dict_to_diffusers_unet2d,
 )
-from ldm.modules.base import fast_optimizer_kwargs
-from ldm.nets.unet import UNetModel
+from ldm.modules.base import fast_optimizer_kwargs  # noqa: E402
+from ldm.nets.unet import UNetModel  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 H100_BF16_DENSE_FLOPS = 989e12
 PRECISIONS = ("fp32", "tf32", "bf16")
-GIB = 2 ** 30
-MIN_TIMED_STEPS = 3  # a phase cut by the time limit still times this many steps (or --steps if fewer)
 
 
 @dataclass(frozen=True)
@@ -137,68 +134,6 @@ def ours_impl(kwargs: Mapping[str, Any], variant: str = "base", checkpoint: bool
                 lambda: UNetModel(**full), dict, lambda m, x, t, c: m(x, t, c), lambda m: m.compile_blocks())
 
 
-def _unet2d_problems(cfg: Mapping[str, Any]) -> list[str]:
-    checks = {
-        "use_spatial_transformer is set (UNet2DConditionModel is the counterpart)": cfg["use_spatial_transformer"],
-        "class or vector conditioning": cfg["num_classes"] is not None or cfg["adm_in_channels"] is not None,
-        "use_scale_shift_norm": cfg["use_scale_shift_norm"],
-        "resblock_updown": cfg["resblock_updown"],
-        "conv_resample is false": not cfg["conv_resample"],
-        "a fixed head count (UNet2DModel fixes the head width: set num_head_channels)": cfg["num_head_channels"] == -1,
-    }
-    return [what for what, bad in checks.items() if bad]
-
-
-def unet2d_config(cfg: Mapping[str, Any], sample_size: int) -> dict[str, Any]:
-    """diffusers UNet2DModel config of an unconditional self-attention UNetModel (full kwargs)."""
-    attn = [2 ** level in cfg["attention_resolutions"] for level in range(len(cfg["channel_mult"]))]
-    return dict(sample_size=sample_size, in_channels=cfg["in_channels"], out_channels=cfg["out_channels"],
-                layers_per_block=cfg["num_res_blocks"],
-                block_out_channels=[cfg["model_channels"] * m for m in cfg["channel_mult"]],
-                down_block_types=["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
-                up_block_types=["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
-                attention_head_dim=cfg["num_head_channels"], norm_num_groups=32, norm_eps=1e-5,
-                flip_sin_to_cos=True, freq_shift=0, dropout=cfg["dropout"], downsample_padding=1,
-                act_fn="silu", mid_block_scale_factor=1, add_attention=True)
-
-
-def _split_qkv(value: torch.Tensor, head_dim: int, new_order: bool) -> tuple[torch.Tensor, ...]:
-    """Our fused Conv1d qkv weight (3C, C, 1) or bias (3C,) as separate q, k, v (C, C) / (C,)."""
-    fused = value.squeeze(-1) if value.ndim == 3 else value
-    c = fused.shape[0] // 3
-    rest = fused.shape[1:]
-    if new_order:  # [q, k, v], each split into heads
-        return tuple(fused.reshape(3, c, *rest).unbind(0))
-    # legacy: per head [q_h, k_h, v_h]
-    per_head = fused.reshape(c // head_dim, 3, head_dim, *rest)
-    return tuple(per_head[:, i].reshape(c, *rest) for i in range(3))
-
-
-def unet2d_state_dict(weights: Mapping[str, torch.Tensor], cfg: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Our weights of an unconditional self-attention UNet in diffusers UNet2DModel's layout:
-    ResBlocks and resamplers as for UNet2DConditionModel; attention norm -> group_norm, fused qkv
-    -> to_q / to_k / to_v, proj_out (Conv1d) -> to_out.0 (Linear)."""
-    modules = _module_map(cfg)
-    out: dict[str, torch.Tensor] = {}
-    for key, value in weights.items():
-        parts = key.split(".")
-        cut = next(c for c in range(len(parts) - 1, 0, -1) if ".".join(parts[:c]) in modules)
-        target, (layer, *leaf) = modules[".".join(parts[:cut])], parts[cut:]
-        if ".attentions." not in target and not target.startswith("mid_block.attentions"):
-            out[".".join([target, layer, *leaf])] = value
-        elif layer == "norm":
-            out[".".join([target, "group_norm", *leaf])] = value
-        elif layer == "qkv":
-            for name, part in zip(("to_q", "to_k", "to_v"),
-                                  _split_qkv(value, cfg["num_head_channels"], cfg["use_new_attention_order"])):
-                out[".".join([target, name, *leaf])] = part
-        elif layer == "proj_out":
-            out[".".join([target, "to_out", "0", *leaf])] = value.squeeze(-1) if value.ndim == 3 else value
-        else:
-            raise ValueError(f"unexpected attention parameter {key}")
-    return out
-
-
 def diffusers_impl(bench: BenchConfig, checkpoint: bool = False) -> tuple[Impl | None, str]:
     """diffusers' counterpart of `bench` (None and the reason when there is none), with its
     gradient checkpointing on if `checkpoint`."""
@@ -225,12 +160,13 @@ def diffusers_impl(bench: BenchConfig, checkpoint: bool = False) -> tuple[Impl |
                     lambda w: unet_state_dict_to_diffusers(w, bench.unet),
                     lambda m, x, t, c: m(x, t, encoder_hidden_states=c, return_dict=False)[0],
                     lambda m: m.compile_repeated_blocks()), ""
-    problems = _unet2d_problems(cfg)
-    if problems:
-        return None, "no diffusers UNet2DModel mapping for " + "; ".join(problems)
-    config = unet2d_config(cfg, bench.size)
+    try:
+        config = diffusers_unet2d_config(bench.unet, sample_size=bench.size)
+    except ValueError as err:
+        return None, str(err)
     return Impl("diffusers", "diffusers.UNet2DModel", build(diffusers.UNet2DModel, config),
-                lambda w: unet2d_state_dict(w, cfg), lambda m, x, t, c: m(x, t, return_dict=False)[0],
+                lambda w: unet_state_dict_to_diffusers_unet2d(w, bench.unet),
+                lambda m, x, t, c: m(x, t, return_dict=False)[0],
                 lambda m: m.compile_repeated_blocks()), ""
 
 
@@ -320,56 +256,6 @@ def cross_check(impls: list[Impl], bench: BenchConfig, weights: Mapping[str, tor
 
 # --- measurement ---------------------------------------------------------------------------------------
 
-def cleanup(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-class PeakMemory:
-    """Peak memory of one phase in bytes, above what was in use at `start` (the model is built
-    after it, so its weights count; the shared master weights and inputs of other phases do not).
-
-    CUDA: torch.cuda.max_memory_allocated. CPU (Linux, glibc): the peak RSS (VmHWM, reset through
-    /proc/self/clear_refs); free heap memory is first handed back (malloc_trim), so memory cached
-    by an earlier phase is not reused unseen.
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.base = 0
-
-    def start(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-        else:
-            ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
-            Path("/proc/self/clear_refs").write_text("5")
-            self.base = _status_kib("VmRSS") * 1024
-
-    def peak(self) -> int:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) - self.base
-        return _status_kib("VmHWM") * 1024 - self.base
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def autocast(device: torch.device, precision: str):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-
-
 @dataclass(frozen=True)
 class Row:
     """One measured setting; both implementations run it."""
@@ -440,47 +326,11 @@ def make_step(impl: Impl, phase: str, row: Row, bench: BenchConfig, weights: Map
 def paired_ratios(impls: list[Impl], phase: str, row: Row, bench: BenchConfig, weights: Mapping[str, torch.Tensor],
                   device: torch.device, steps: int, warmup: int) -> dict[str, float]:
     """Per implementation but the last (diffusers): the median over `steps` step pairs of the last
-    one's step time over its own, with every model resident and the steps interleaved (the order
-    alternating per pair), so both sides of each pair meet the same machine load."""
+    one's step time over its own, with every model resident and the steps interleaved
+    (harness.paired_step_ratios)."""
     step_fns = {impl.name: make_step(impl, phase, row, bench, weights, device) for impl in impls}
-    times: dict[str, list[float]] = {name: [] for name in step_fns}
     with fp32_math(device, tf32=row.precision == "tf32"):
-        for fn in step_fns.values():
-            for _ in range(warmup):
-                fn()
-        for i in range(steps):
-            for name in (list(step_fns) if i % 2 == 0 else list(step_fns)[::-1]):
-                synchronize(device)
-                begin = time.perf_counter()
-                step_fns[name]()
-                synchronize(device)
-                times[name].append(time.perf_counter() - begin)
-    theirs = times[impls[-1].name]
-    return {impl.name: statistics.median(b / a for a, b in zip(times[impl.name], theirs)) for impl in impls[:-1]}
-
-
-def timed_steps(step: Callable[[], None], steps: int, deadline: float,
-                device: torch.device) -> tuple[float, float | None, int]:
-    """(seconds per step, fastest step or None, steps run); stops early past `deadline`, but not
-    before MIN_TIMED_STEPS steps (a single step after compilation can still include a recompile).
-
-    CUDA: the loop's mean with one synchronisation at the end, so the host queues the next step
-    while the device works, as in training. CPU: the median step, because on a shared machine
-    other processes add long, random stalls to some steps.
-    """
-    if device.type == "cuda":
-        begin, done = time.perf_counter(), 0
-        while done < steps and (done < MIN_TIMED_STEPS or time.perf_counter() < deadline):
-            step()
-            done += 1
-        synchronize(device)
-        return (time.perf_counter() - begin) / done, None, done
-    times: list[float] = []
-    while len(times) < steps and (len(times) < MIN_TIMED_STEPS or time.perf_counter() < deadline):
-        begin = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - begin)
-    return statistics.median(times), min(times), len(times)
+        return paired_step_ratios(step_fns, device, steps, warmup)
 
 
 def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
@@ -490,25 +340,6 @@ def peak_flops(device: torch.device, override_tflops: float | None) -> float | N
     if device.type == "cuda" and any(n in torch.cuda.get_device_name(device) for n in ("H100", "H200")):
         return H100_BF16_DENSE_FLOPS
     return None
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    """What the numbers depend on: versions, device, threads, machine load."""
-    info: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(),
-                            "device": device.type, "threads": torch.get_num_threads(),
-                            "cpu_count": os.cpu_count(), "load_avg": [round(v, 2) for v in os.getloadavg()]}
-    if importlib.util.find_spec("diffusers") is not None:
-        import diffusers
-        info["diffusers"] = diffusers.__version__
-    if device.type == "cuda":
-        info["device_name"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    else:
-        cpuinfo = Path("/proc/cpuinfo")
-        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
-                 if ln.startswith("model name")] if cpuinfo.exists() else []
-        info["device_name"] = names[0] if names else platform.processor()
-    return info
 
 
 class Benchmark:
@@ -524,11 +355,7 @@ class Benchmark:
 
     def emit(self, record: dict[str, Any]) -> None:
         self.records.append(record)
-        line = json.dumps(record)
-        print(line, flush=True)
-        if self.out is not None:
-            with self.out.open("a") as f:
-                f.write(line + "\n")
+        write_record(record, self.out)
 
     def run(self, row: Row) -> None:
         bench = bench_config(row.config)
@@ -552,7 +379,7 @@ class Benchmark:
                 "params_m": sum(v.numel() for v in weights.values()) / 1e6, "steps": self.steps,
                 "warmup": self.warmup, "n_rounds": self.rounds,
                 "timing": "mean step, one sync" if self.device.type == "cuda" else "median step",
-                **environment(self.device), "cross_check": self._checked[checked],
+                **environment(self.device, ("diffusers",)), "cross_check": self._checked[checked],
                 "diffusers_unavailable": why_not or None}
         runs: dict[str, dict[str, list[dict[str, float]]]] = {i.name: {p: [] for p in row.phases} for i in impls}
         skipped: list[str] = []
@@ -595,7 +422,7 @@ class Benchmark:
             per_impl[impl.name] = self._impl_record(impl, row.config, bench, runs[impl.name])
             self.emit({**base, "kind": "impl", **per_impl[impl.name], "skipped": skipped or None,
                        "errors": [e for e in errors if e.startswith(impl.name)] or None,
-                       "load_avg_end": [round(v, 2) for v in os.getloadavg()]})
+                       "load_avg_end": load_average()})
         if theirs is not None:
             for ours in impls[:-1]:
                 self.emit({**base, "kind": "ratio", "impl": ours.name, "paired_steps": self.paired or None,
@@ -631,14 +458,10 @@ def ratios(ours: Mapping[str, Any], theirs: Mapping[str, Any]) -> dict[str, floa
             "train_mem_ratio": ratio("train_peak_gib"), "infer_mem_ratio": ratio("infer_peak_gib")}
 
 
-def _fmt(value: Any, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def _with_extras(value: Any, spec: str, bold: bool = False, **extras: Any) -> str:
     """'value', followed by '(label: x; ...)' for the extras that exist (fastest step, paired)."""
-    text = f"**{_fmt(value, spec)}**" if bold else _fmt(value, spec)
-    given = [f"{label.replace('_', ' ')}: {_fmt(v, spec)}" for label, v in extras.items() if v is not None]
+    text = f"**{fmt(value, spec)}**" if bold else fmt(value, spec)
+    given = [f"{label.replace('_', ' ')}: {fmt(v, spec)}" for label, v in extras.items() if v is not None]
     return f"{text} ({'; '.join(given)})" if given else text
 
 
@@ -654,22 +477,18 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
         if r["kind"] == "impl":
             lines.append(head.format(r["impl"]) + " | ".join([
                 " " + _with_extras(r["train_samples_per_s"], ".2f", fastest_step=r.get("train_samples_best_per_s")),
-                _fmt(r["mfu"] and 100 * r["mfu"], ".1f") + ("%" if r["mfu"] else ""),
+                fmt(r["mfu"] and 100 * r["mfu"], ".1f") + ("%" if r["mfu"] else ""),
                 _with_extras(r["infer_evals_per_s"], ".2f", fastest_step=r.get("infer_evals_best_per_s")),
-                _fmt(r["train_peak_gib"], ".2f"),
-                _fmt(r["infer_peak_gib"], ".2f"), f"{r['fwd_gflop_per_sample']:.1f} |"]))
+                fmt(r["train_peak_gib"], ".2f"),
+                fmt(r["infer_peak_gib"], ".2f"), f"{r['fwd_gflop_per_sample']:.1f} |"]))
         else:
             lines.append(head.format(f"**{r['impl']} / diffusers**") + " | ".join([
                 " " + _with_extras(r["train_ratio"], ".3f", True, fastest_step=r.get("train_best_ratio"),
                                    paired=r.get("train_paired_ratio")), "",
                 _with_extras(r["infer_ratio"], ".3f", True, fastest_step=r.get("infer_best_ratio"),
                              paired=r.get("infer_paired_ratio")),
-                _fmt(r["train_mem_ratio"], ".3f"), _fmt(r["infer_mem_ratio"], ".3f"), " |"]))
+                fmt(r["train_mem_ratio"], ".3f"), fmt(r["infer_mem_ratio"], ".3f"), " |"]))
     return "\n".join(lines)
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # --- command line --------------------------------------------------------------------------------------
@@ -756,21 +575,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def resolve_device(name: str) -> torch.device:
-    """--device value -> torch.device, refusing CUDA where there is none."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise SystemExit(f"--device {name}: only cpu and cuda are supported")
-    return device
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    device = resolve_device(args.device)
+    device = bench_device(args.device)
     if args.suite:
         preset = SUITES[args.suite]
         rows = preset["rows"]

@@ -1,4 +1,5 @@
-"""Shared test setup: offline hubs, deterministic torch, fixture paths."""
+"""Shared test setup: offline hubs, deterministic torch, fixtures. Helpers that tests import
+(compose, TINY_RUN, make_tiny_clip, ...) are in tests/helpers.py."""
 import os
 from pathlib import Path
 
@@ -9,8 +10,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-FIXTURES = Path(__file__).parent / "fixtures"
-REFERENCE = FIXTURES / "ldm-reference"
+from helpers import REFERENCE  # noqa: E402
 
 # One thread per process: DDP tests run several processes on two cores.
 torch.set_num_threads(1)
@@ -30,56 +30,3 @@ def _free_master_port(monkeypatch):
 def reference_dir() -> Path:
     """Folder with the reference LDM implementation's checkpoints and outputs."""
     return REFERENCE
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def compose(config_name: str, overrides: list[str], out_dir: Path, data_dir: Path | None = None):
-    """A Hydra config as train.py would get it, with the run folder and data under tmp paths."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    paths = [f"paths.output_dir={out_dir}", f"paths.log_dir={out_dir.parent}"]
-    if data_dir is not None:
-        paths.append(f"paths.data_dir={data_dir}")
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=overrides + paths)
-
-
-# Small data and steps for end-to-end runs of the toy experiments (configs/debug/tiny.yaml).
-TINY_RUN = ["debug=tiny"]
-
-
-def make_tiny_clip(folder: Path) -> dict[str, int]:
-    """A tiny random CLIP text model (hidden size 32) and a BPE tokenizer saved in `folder`
-    as save_pretrained output; returns the vocabulary."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for token in [*letters, *(c + "</w>" for c in letters)]:
-        vocab[token] = len(vocab)
-    merges = [("r", "e"), ("re", "d</w>"), ("b", "l"), ("bl", "u"), ("blu", "e</w>")]
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
-    CLIPTokenizer(vocab=vocab, merges=merges).save_pretrained(folder)
-    torch.manual_seed(0)
-    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                            pad_token_id=1)
-    CLIPTextModel(config).save_pretrained(folder)
-    return vocab
-
-
-def make_random_inception(path: Path) -> Path:
-    """torch-fidelity's Inception-v3 weight file with random weights of the right layout, made
-    without a download (for InceptionV3Features(weights_path=path))."""
-    from unittest import mock
-
-    from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
-
-    with mock.patch.object(tf_inception, "load_state_dict_from_url", lambda *a, **k: None), \
-            mock.patch.object(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None):
-        state = tf_inception.FeatureExtractorInceptionV3("random", ["2048"]).state_dict()
-    torch.save(state, path)
-    return path

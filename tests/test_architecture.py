@@ -34,18 +34,11 @@ def imported_packages(path: Path) -> set[str]:
     return found
 
 
-# The one known break, to be removed (issue #26 item 1): the latent cache builder loads the
-# first-stage run itself. A new break anywhere fails the test; removing this one without deleting
-# the entry fails it too.
-KNOWN = {"ldm/data/latents.py imports ldm.modules"}
-
-
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
 def test_layers_import_downwards_only(package):
     broken = {f"{path.relative_to(ROOT)} imports ldm.{name}"
               for path in (PACKAGE / package).rglob("*.py") for name in imported_packages(path) & FORBIDDEN[package]}
-    known = {k for k in KNOWN if k.startswith(f"ldm/{package}/")}
-    assert broken == known, sorted(broken ^ known)
+    assert not broken, sorted(broken)
 
 
 def test_every_console_script_resolves_to_a_main():

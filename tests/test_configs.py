@@ -6,7 +6,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import CONFIGS, compose
+from helpers import CONFIGS, compose
 from ldm.first_stage.base import FirstStage
 
 EXPERIMENTS = sorted(str(p.relative_to(CONFIGS / "experiment").with_suffix(""))

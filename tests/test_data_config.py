@@ -9,7 +9,7 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import CONFIGS, TINY_RUN, compose
+from helpers import CONFIGS, TINY_RUN, compose
 from ldm.cli.train import train
 from ldm.data.index import ShardIndex
 from ldm.data.sources import SyntheticSource

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import compose, make_tiny_clip
+from helpers import compose, make_tiny_clip
 from ldm.convert.diffusers_pipeline import convert
 from ldm.convert.diffusers_unet import diffusers_config_from_unet_kwargs
 from ldm.convert.diffusers_vae import diffusers_vae_config

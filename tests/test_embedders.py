@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_tiny_clip
+from helpers import make_tiny_clip
 from ldm.data.synthetic import ShapesGenerator
 from ldm.nets.tokenizer import MIN_VOCAB_SIZE, CaptionTokenizer
 from ldm.data.tokenizer import main as tokenizer_main

@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import TINY_RUN, compose
+from helpers import TINY_RUN, compose
 from ldm.cli.evaluate import evaluate
 from ldm.evaluation.protocol import SamplingProtocol, build_extractors, condition_chunks
 from ldm.cli.tables import main as tables_main

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_RUN, compose
+from helpers import TINY_RUN, compose
 from ldm.cli.sample import sample
 from test_launchers import TORCHRUN, TRAIN, assert_same_weights, env, free_port, probe, probes
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import CONFIGS, compose
+from helpers import CONFIGS, compose
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REFERENCE, TINY_RUN, compose, make_random_inception
+from helpers import REFERENCE, TINY_RUN, compose, make_random_inception
+from ldm.cli.encode_latents import encode_shards
 from ldm.cli.evaluate import evaluate
 from ldm.cli.train import train
 from ldm.convert.reference import load_reference_checkpoint
 from ldm.data.index import ShardIndex
-from ldm.data.latents import encode_shards
 from ldm.diffusion.samplers import SAMPLERS
 from ldm.diffusion.schedule import DiffusionSchedule, make_betas
 from ldm.modules.loading import load_module

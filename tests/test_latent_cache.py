@@ -13,16 +13,18 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
-from conftest import TINY_RUN, compose
+from helpers import TINY_RUN, compose
+from ldm.cli.encode_latents import encode_shards, main
 from ldm.cli.train import train
 from ldm.data.datamodule import default_cache_dir
 from ldm.data.index import ShardIndex
-from ldm.data.latents import encode_shards, posterior_from_moments
+from ldm.data.latents import cached_posterior
 from ldm.data.pipeline import SampleDecoder, ShardStream
 from ldm.data.transforms import ImageTransform
 from ldm.first_stage.distributions import DeterministicLatent
 from ldm.first_stage.identity import IdentityFirstStage
 from ldm.first_stage.kl import AutoencoderKL
+from ldm.first_stage.moments import posterior_from_moments
 from ldm.modules.latent_diffusion import LatentDiffusion
 from ldm.modules.loading import load_first_stage
 
@@ -133,6 +135,20 @@ def test_rerun_is_a_noop_and_an_interrupted_job_resumes_where_it_stopped(runs, t
         encode_shards(root / "ae_kl", str(cache), tmp_path / "again", **QUIET)
 
 
+def test_the_command_line_encodes_at_the_first_stage_training_resolution(runs, tmp_path, capsys):
+    """ldm-encode-latents: the run folder's checkpoint and config.yaml give the encoder and the
+    crop size; the cache equals the one encode_shards wrote from Python."""
+    root, images = runs["root"], runs["images"]
+    main(["--first-stage", str(root / "ae_kl"), "--shards", str(images / "val"), "--out", str(tmp_path / "cli"),
+          "--dtype", "float32", "--per-shard", "5", "--workers", "0", "--device", "cpu", "--quiet"])
+    assert "8 samples in 2 shards" in capsys.readouterr().out
+    assert ShardIndex.load(tmp_path / "cli").settings["image_size"] == 32
+    assert_same_cache(tar_members(tmp_path / "cli"), tar_members(root / "kl_val"))
+    with pytest.raises(SystemExit, match="pass --overwrite"):
+        main(["--first-stage", str(root / "ae_kl"), "--shards", str(images / "val"), "--out", str(tmp_path / "cli"),
+              "--per-shard", "5", "--workers", "0", "--device", "cpu", "--quiet"])  # float16 into a float32 cache
+
+
 def test_an_unreadable_image_is_skipped_and_counted_without_shifting_the_others(runs, tmp_path):
     root, images = runs["root"], runs["images"]
     src = tmp_path / "images"
@@ -205,6 +221,7 @@ def test_configured_cache_is_encoded_once_and_training_reads_it(runs, tmp_path, 
     ("data.flip=true", r"centre crops without flips, but data.crop=center and data.flip=True"),
     ("data.crop=random", r"data.crop=random"),
     ("+data.latent_cache.workers=2", r"takes first_stage and .*got \['workers'\]"),
+    ("data.latent_cache.load=null", r"data.latent_cache.load must turn data.latent_cache.first_stage into a first stage"),
 ])
 def test_latent_cache_refuses_what_it_cannot_store(override, message, tmp_path):
     cfg = compose("train", ["experiment=toy/ldm_text", "first_stage.path=/some/ae", override], tmp_path)
@@ -272,9 +289,9 @@ def test_moments_that_do_not_fit_the_first_stage_are_refused(runs, tmp_path):
     cached = first_batch(str(root / "vq_val"))  # deterministic: 4 channels where KL needs 8
     with pytest.raises(ValueError, match=r"latent cache .*vq_val was encoded by the first stage .*ae_vq.*"
                                          r"'deterministic'.*AutoencoderKL \(kind kl, f = 4, 4 latent channels"):
-        posterior_from_moments(cached["moments"].float(), first_stage, cached["__url__"])
+        cached_posterior(cached["moments"].float(), first_stage, cached["__url__"])
     with pytest.raises(ValueError, match=r"holds moments of shape \(4, 8, 8\).*so 8 moment channels"):
-        posterior_from_moments(cached["moments"].float(), first_stage)  # no index to read: the shape tells
+        cached_posterior(cached["moments"].float(), first_stage)  # no index to read: the shape tells
 
     # same channel count, another f: only the cache's index tells
     other = tmp_path / "kl_f8"
@@ -284,7 +301,7 @@ def test_moments_that_do_not_fit_the_first_stage_are_refused(runs, tmp_path):
     index.save(other)
     cached = first_batch(str(other))
     with pytest.raises(ValueError, match=r"kl_f8 was encoded by the first stage .*ae_kl.*'f': 8.*f = 4"):
-        posterior_from_moments(cached["moments"], first_stage, cached["__url__"])
+        cached_posterior(cached["moments"], first_stage, cached["__url__"])
 
     # identity / VQ first stages: the moments are the latent itself
     x = torch.randn(2, 3, 4, 4)

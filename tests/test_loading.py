@@ -50,7 +50,7 @@ def test_a_strangers_stored_config_cannot_run_a_command(tmp_path):
 
 
 def test_every_command_that_loads_a_checkpoint_refuses_it_without_the_opt_in(tmp_path):
-    from conftest import compose
+    from helpers import compose
     from ldm.cli.evaluate import evaluate
     from ldm.cli.sample import sample
     from ldm.cli.word_gap import main as word_gap

@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from pytorch_lightning.strategies import DDPStrategy
 from torch.utils.data import DataLoader
 
-from conftest import TINY_RUN, compose
+from helpers import TINY_RUN, compose
 from ldm.data.pipeline import SampleDecoder, ShardStream, collate
 from ldm.data.transforms import ImageTransform
 

@@ -20,7 +20,7 @@ from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 
-from conftest import make_random_inception
+from helpers import make_random_inception
 from ldm.metrics.collection import FID, IS, KID, batch_rows, build_metrics, update_from_rows
 from ldm.metrics.features import (
     InceptionV3Features,

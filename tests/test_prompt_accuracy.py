@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import TINY_RUN, compose, make_tiny_clip
+from helpers import TINY_RUN, compose, make_tiny_clip
 from ldm.evaluation.protocol import check_caption_metrics
 from ldm.cli.evaluate import evaluate
 from ldm.cli.train import train

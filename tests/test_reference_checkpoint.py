@@ -81,7 +81,7 @@ def test_sample_py_takes_an_original_checkpoint_with_its_yaml(reference_dir, tmp
 
     from omegaconf import OmegaConf
 
-    from conftest import compose
+    from helpers import compose
     from ldm.cli.sample import sample
 
     io = torch.load(reference_dir / "txt_crossattn_f4_io.pt", weights_only=True)

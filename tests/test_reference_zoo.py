@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import FIXTURES, compose
+from helpers import FIXTURES, compose
 from ldm.convert.reference import (export_reference_checkpoint, load_reference_checkpoint,
                                    module_from_reference_config, reference_conditioning_key)
 from ldm.nets.concat import paste_known

@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from conftest import TINY_RUN, compose
+from helpers import TINY_RUN, compose
 from ldm.cli.train import train
 from ldm.diffusion.schedule import BUFFER_NAMES
 from ldm.modules.latent_diffusion import LatentDiffusion

@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from pytorch_lightning.loggers import CSVLogger
 
-from conftest import CONFIGS, TINY_RUN, compose
+from helpers import CONFIGS, TINY_RUN, compose
 from ldm.cli.train import train
 from ldm.modules.autoencoder import AutoencoderModule
 from ldm.modules.latent_diffusion import LatentDiffusion

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import TINY_RUN, compose
+from helpers import TINY_RUN, compose
 from ldm.cli.train import train
 from ldm.modules.loading import load_module
 

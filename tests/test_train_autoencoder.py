@@ -10,7 +10,7 @@ import torch
 import yaml
 from hydra.utils import instantiate
 
-from conftest import TINY_RUN, compose
+from helpers import TINY_RUN, compose
 from ldm.cli.train import train
 from ldm.modules.autoencoder import AutoencoderModule
 from ldm.modules.loading import load_module

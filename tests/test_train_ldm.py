@@ -10,7 +10,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from conftest import TINY_RUN, compose
+from helpers import TINY_RUN, compose
 from ldm.cli.train import train
 from ldm.data.transforms import to_uint8
 from ldm.nets.tokenizer import CaptionTokenizer

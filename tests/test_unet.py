@@ -8,8 +8,10 @@ import torch
 from ldm.convert.diffusers_unet import (
     diffusers_config_from_unet_kwargs,
     diffusers_state_dict_to_unet,
+    diffusers_unet2d_config,
     unet_kwargs_from_diffusers_config,
     unet_state_dict_to_diffusers,
+    unet_state_dict_to_diffusers_unet2d,
 )
 from ldm.nets.attention import SelfAttentionBlock
 from ldm.nets.timestep import timestep_embedding
@@ -274,6 +276,24 @@ def test_diffusers_round_trip_gives_same_outputs(kwargs):
         back = diffusers.UNet2DConditionModel(**config).eval()
         back.load_state_dict(unet_state_dict_to_diffusers(ours.state_dict(), ours_kwargs), strict=True)
         torch.testing.assert_close(back(x, t, ctx, class_labels=y).sample, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("new_order", [False, True], ids=["legacy_qkv", "new_qkv"])
+def test_unconditional_self_attention_unet_gives_diffusers_unet2dmodel_outputs(new_order):
+    """The paper's unconditional UNets (fused-qkv self-attention, e.g. CelebA-HQ LDM-4) in
+    diffusers' UNet2DModel layout: the same network, so the same outputs."""
+    diffusers = pytest.importorskip("diffusers")
+    kwargs = dict(TINY, attention_resolutions=[2], num_head_channels=16, use_new_attention_order=new_order)
+    ours = randomize(UNetModel(**kwargs)).eval()
+    theirs = diffusers.UNet2DModel(**diffusers_unet2d_config(kwargs, sample_size=8)).eval()
+    theirs.load_state_dict(unet_state_dict_to_diffusers_unet2d(ours.state_dict(), kwargs), strict=True)
+    x, t = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x, t).sample, ours(x, t), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="no diffusers UNet2DModel mapping for .*use_spatial_transformer"):
+        diffusers_unet2d_config(CROSS)
+    with pytest.raises(ValueError, match="no diffusers counterpart"):
+        unet_state_dict_to_diffusers_unet2d({"input_blocks.9.0.op.weight": torch.zeros(1)}, kwargs)
 
 
 def test_diffusers_config_maps_heads_and_block_types():

@@ -63,8 +63,10 @@ from ldm.metrics.fid import ExtractorMismatchError, load_statistics, save_statis
 from ldm.metrics.lpips import build_lpips
 from ldm.metrics.reconstruction import psnr, ssim
 from ldm.modules.latent_diffusion import LatentDiffusion
-from ldm.modules.loading import find_checkpoint, load_module
+from ldm.modules.loading import load_module
 from ldm.nets.concat import paste_known
+from ldm.utils.checkpoint import find_checkpoint
+from ldm.utils.device import autocast, autocast_dtype
 from ldm.utils.trusted_config import check_trusted
 
 log = logging.getLogger(__name__)
@@ -214,17 +216,6 @@ class Part:
     size: Callable[[Any], int] = lambda item: 1
 
 
-def _autocast_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype | None:
-    dtype = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[str(cfg.precision)]
-    if dtype is not None and device.type != "cuda":
-        raise ValueError(f"precision={cfg.precision} needs a GPU; use precision=32 on the CPU")
-    return dtype
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
 # A chunk's input: (index of its first image, its number of images, its batch or None).
 Item = tuple[int, int, Any]
 
@@ -295,7 +286,7 @@ def _ldm_parts(cfg: DictConfig, model: LatentDiffusion, metrics: MetricCollectio
     def work(item: Item) -> dict[str, Any]:
         start, size, part = item
         begin = time.perf_counter()
-        with _autocast(device, dtype):
+        with autocast(device, dtype):
             images = generate(model, part, size, image_size, range(cfg.seed + start, cfg.seed + start + size),
                               protocol)
         if device.type == "cuda":
@@ -351,7 +342,7 @@ def _autoencoder_parts(cfg: DictConfig, module, metrics: MetricCollection, real:
             record["real"] = batch_rows(metrics, x, real=True)
         x = x[:max(n - start, 0)]
         if len(x):
-            with torch.no_grad(), _autocast(device, dtype):
+            with torch.no_grad(), autocast(device, dtype):
                 rec = first_stage.decode(first_stage.encode(x).mode())
             rec = rec.float().clamp(-1, 1)
             captions = batch["caption"][:len(x)]
@@ -542,7 +533,7 @@ def _evaluate(cfg: DictConfig, kind: str, ranks: Ranks) -> Path | None:
 def _plan(cfg: DictConfig, kind: str, metrics: MetricCollection, real: RealSide, device: torch.device, out: Path
           ) -> tuple[dict[str, Any], list[Part], list[str]]:
     """metrics.json's record so far (kind, run, image size), the parts to make, and notes."""
-    dtype = _autocast_dtype(cfg, device)
+    dtype = autocast_dtype(cfg.precision, device)
     notes: list[str] = []
     record: dict[str, Any] = {"run": None, "kind": kind}
     if kind == "images":

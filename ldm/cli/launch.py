@@ -124,7 +124,7 @@ def rank_zero_first(group: dist.ProcessGroup | None, is_global_zero: bool, timeo
         raise TimeoutError(f"{_where()} waited {time.monotonic() - start:.0f} s for global rank 0 to prepare the run "
                            f"(synthetic data, latent cache, tokenizer) and heard nothing ({err}). See rank 0's log; "
                            f"if preparing takes longer than launch.prepare_timeout_s={timeout_s:g}, raise it or "
-                           "prepare the data beforehand (python -m ldm.data.write / ldm.data.latents)") from err
+                           "prepare the data beforehand (python -m ldm.data.write / ldm.cli.encode_latents)") from err
     if outcome[0] is not None:
         raise RuntimeError(f"global rank 0 failed while preparing the run: {outcome[0]}")
     yield False

@@ -13,10 +13,12 @@ from tqdm import tqdm
 
 from ldm.data.transforms import ImageTransform, to_uint8
 from ldm.modules.latent_diffusion import LatentDiffusion
-from ldm.modules.loading import find_checkpoint, load_module
+from ldm.modules.loading import load_module
 from ldm.nets.concat import InpaintConcat, LowResConcat, paste_known
 from ldm.nets.embedders import TEXT_ENCODERS, SpatialRescaler
 from ldm.nets.wrapper import CONTEXT_KEYS
+from ldm.utils.checkpoint import find_checkpoint
+from ldm.utils.device import autocast, autocast_dtype, resolve_device
 from ldm.utils.images import captioned_grid, save_grid
 
 log = logging.getLogger(__name__)
@@ -163,8 +165,7 @@ def sample(cfg: DictConfig) -> Path:
     """Generate cfg.n images; writes PNGs, grid.png and samples.json into cfg.out_dir."""
     out = Path(cfg.out_dir)
     (out / "samples").mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+    device = resolve_device(cfg.device)
     model = load_model(cfg).to(device)
     batch, records = condition_inputs(model, cfg)
     guidance = cfg.guidance if cfg.guidance is not None else (3.0 if model.guidable else 1.0)
@@ -183,16 +184,14 @@ def sample(cfg: DictConfig) -> Path:
         # known pixels are pasted back afterwards, as the reference's scripts/inpaint.py does
         batch.update({model.concat_stage.image_key: (known * mask).expand(cfg.n, -1, -1, -1),
                       model.concat_stage.mask_key: mask.expand(cfg.n, -1, -1, -1)})
-    dtype = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[str(cfg.precision)]
-    if dtype is not None and device.type != "cuda":
-        raise ValueError(f"precision={cfg.precision} needs a GPU; use precision=32 on the CPU")
+    dtype = autocast_dtype(cfg.precision, device)
     seeds = [cfg.seed + i for i in range(cfg.n)]
     images = []
     chunks = range(0, cfg.n, cfg.batch_size)
     for start in tqdm(chunks, desc="batches", disable=len(chunks) == 1):
         part = {k: v[start:start + cfg.batch_size] for k, v in batch.items()}
         size = min(cfg.batch_size, cfg.n - start)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with autocast(device, dtype):
             x = model.sample(part or None, n=size, image_size=image_size, name=cfg.sampler, num_steps=cfg.steps,
                              guidance_scale=guidance, seeds=seeds[start:start + size], use_ema=cfg.use_ema,
                              mask=None if mask is None or inpainting_model else mask.expand(size, -1, -1, -1),

@@ -1,14 +1,19 @@
-"""Convert UNet weights between our (reference LDM) layout and diffusers' UNet2DConditionModel.
+"""Convert UNet weights between our (reference LDM) layout and diffusers' UNet2DConditionModel,
+and (one way) to diffusers' UNet2DModel.
 
-Covers the cross-attention family (Stable Diffusion style): spatial transformers wherever
-attention is used, with 1x1-conv `proj_in` / `proj_out` (diffusers: use_linear_projection=False),
-conv resampling, no ResBlock up/down. Levels with attention become CrossAttnDownBlock2D /
-CrossAttnUpBlock2D, the others DownBlock2D / UpBlock2D; the middle block is always
-UNetMidBlock2DCrossAttn. Class labels map to diffusers' `class_embedding` (num_class_embeds), a
-vector y (adm_in_channels) to class_embed_type="projection".
+UNet2DConditionModel covers the cross-attention family (Stable Diffusion style): spatial
+transformers wherever attention is used, with 1x1-conv `proj_in` / `proj_out` (diffusers:
+use_linear_projection=False), conv resampling, no ResBlock up/down. Levels with attention become
+CrossAttnDownBlock2D / CrossAttnUpBlock2D, the others DownBlock2D / UpBlock2D; the middle block is
+always UNetMidBlock2DCrossAttn. Class labels map to diffusers' `class_embedding`
+(num_class_embeds), a vector y (adm_in_channels) to class_embed_type="projection".
+
+UNet2DModel is the counterpart of an unconditional UNet with fused-qkv self-attention (e.g. the
+paper's CelebA-HQ LDM-4): ResBlocks and resamplers map as above, each attention block's fused
+qkv is split into to_q / to_k / to_v (diffusers_unet2d_config, unet_state_dict_to_diffusers_unet2d).
 
 The module works on plain state dicts and config dicts; diffusers itself is not imported.
-Tensors are passed through unchanged (same shapes in both layouts).
+Tensors are passed through unchanged (same shapes in both layouts), except the split qkv.
 """
 from __future__ import annotations
 
@@ -214,22 +219,34 @@ def _module_map(cfg: Mapping[str, Any]) -> dict[str, str]:
     return mapping
 
 
+def _split(key: str, modules: Mapping[str, str]) -> tuple[str, list[str]] | None:
+    """(the module `key`'s longest module prefix maps to in `modules`, the rest of the key's
+    parts), or None when no prefix is in `modules`."""
+    parts = key.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:cut])
+        if prefix in modules:
+            return modules[prefix], parts[cut:]
+    return None
+
+
+def _refuse_unmapped(unmapped: list[str], direction: str) -> None:
+    if unmapped:
+        raise ValueError(f"{len(unmapped)} keys have no {direction} counterpart for this UNet config "
+                         f"(does the config match the weights?): {unmapped[:20]}")
+
+
 def _rename(state_dict: Mapping[str, torch.Tensor], modules: Mapping[str, str],
             direction: str) -> dict[str, torch.Tensor]:
     """Rename keys by their longest module prefix found in `modules`; refuse keys without one."""
     out, unmapped = {}, []
     for key, value in state_dict.items():
-        parts = key.split(".")
-        for cut in range(len(parts) - 1, 0, -1):
-            prefix = ".".join(parts[:cut])
-            if prefix in modules:
-                out[".".join([modules[prefix], *parts[cut:]])] = value
-                break
-        else:
+        found = _split(key, modules)
+        if found is None:
             unmapped.append(key)
-    if unmapped:
-        raise ValueError(f"{len(unmapped)} keys have no {direction} counterpart for this UNet config "
-                         f"(does the config match the weights?): {unmapped[:20]}")
+        else:
+            out[".".join([found[0], *found[1]])] = value
+    _refuse_unmapped(unmapped, direction)
     return out
 
 
@@ -248,3 +265,83 @@ def diffusers_state_dict_to_unet(state_dict: Mapping[str, torch.Tensor],
     cfg = full_unet_kwargs(unet_kwargs)
     _check_convertible(cfg)
     return _rename(state_dict, {v: k for k, v in _module_map(cfg).items()}, "UNetModel")
+
+
+# --- UNet2DModel (unconditional, fused-qkv self-attention) ----------------------------------------
+
+def _unet2d_problems(cfg: Mapping[str, Any]) -> list[str]:
+    checks = {
+        "use_spatial_transformer is set (UNet2DConditionModel is the counterpart)": cfg["use_spatial_transformer"],
+        "class or vector conditioning": cfg["num_classes"] is not None or cfg["adm_in_channels"] is not None,
+        "use_scale_shift_norm": cfg["use_scale_shift_norm"],
+        "resblock_updown": cfg["resblock_updown"],
+        "conv_resample is false": not cfg["conv_resample"],
+        "a fixed head count (UNet2DModel fixes the head width: set num_head_channels)": cfg["num_head_channels"] == -1,
+    }
+    return [what for what, bad in checks.items() if bad]
+
+
+def _check_unet2d(unet_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    cfg = full_unet_kwargs(unet_kwargs)
+    problems = _unet2d_problems(cfg)
+    if problems:
+        raise ValueError("no diffusers UNet2DModel mapping for " + "; ".join(problems))
+    return cfg
+
+
+def diffusers_unet2d_config(unet_kwargs: Mapping[str, Any], sample_size: int | None = None) -> dict[str, Any]:
+    """The diffusers UNet2DModel config of the unconditional self-attention network that
+    UNetModel(**unet_kwargs) builds; refuses the settings UNet2DModel cannot express."""
+    cfg = _check_unet2d(unet_kwargs)
+    attn = _attention_levels(cfg)
+    return dict(sample_size=sample_size, in_channels=cfg["in_channels"], out_channels=cfg["out_channels"],
+                layers_per_block=cfg["num_res_blocks"],
+                block_out_channels=[cfg["model_channels"] * m for m in cfg["channel_mult"]],
+                down_block_types=["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+                up_block_types=["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+                attention_head_dim=cfg["num_head_channels"], norm_num_groups=32, norm_eps=1e-5,
+                flip_sin_to_cos=True, freq_shift=0, dropout=cfg["dropout"], downsample_padding=1,
+                act_fn="silu", mid_block_scale_factor=1, add_attention=True)
+
+
+def _split_qkv(value: torch.Tensor, head_dim: int, new_order: bool) -> tuple[torch.Tensor, ...]:
+    """Our fused Conv1d qkv weight (3C, C, 1) or bias (3C,) as separate q, k, v (C, C) / (C,)."""
+    fused = value.squeeze(-1) if value.ndim == 3 else value
+    c = fused.shape[0] // 3
+    rest = fused.shape[1:]
+    if new_order:  # [q, k, v], each split into heads
+        return tuple(fused.reshape(3, c, *rest).unbind(0))
+    # legacy: per head [q_h, k_h, v_h]
+    per_head = fused.reshape(c // head_dim, 3, head_dim, *rest)
+    return tuple(per_head[:, i].reshape(c, *rest) for i in range(3))
+
+
+def unet_state_dict_to_diffusers_unet2d(state_dict: Mapping[str, torch.Tensor],
+                                        unet_kwargs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Our weights of an unconditional self-attention UNet in diffusers UNet2DModel's layout:
+    ResBlocks and resamplers as for UNet2DConditionModel; attention norm -> group_norm, fused qkv
+    -> to_q / to_k / to_v, proj_out (Conv1d) -> to_out.0 (Linear)."""
+    cfg = _check_unet2d(unet_kwargs)
+    modules = _module_map(cfg)
+    out: dict[str, torch.Tensor] = {}
+    unmapped = []
+    for key, value in state_dict.items():
+        found = _split(key, modules)
+        if found is None:
+            unmapped.append(key)
+            continue
+        target, (layer, *leaf) = found
+        if ".attentions." not in target:
+            out[".".join([target, layer, *leaf])] = value
+        elif layer == "norm":
+            out[".".join([target, "group_norm", *leaf])] = value
+        elif layer == "qkv":
+            for name, part in zip(("to_q", "to_k", "to_v"),
+                                  _split_qkv(value, cfg["num_head_channels"], cfg["use_new_attention_order"])):
+                out[".".join([target, name, *leaf])] = part
+        elif layer == "proj_out":
+            out[".".join([target, "to_out", "0", *leaf])] = value.squeeze(-1) if value.ndim == 3 else value
+        else:
+            raise ValueError(f"unexpected attention parameter {key}")
+    _refuse_unmapped(unmapped, "diffusers")
+    return out

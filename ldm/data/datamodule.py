@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 
-from ldm.data.latents import encode_shards
+from ldm.data.latents import write_latent_cache
 from ldm.data.pipeline import SampleDecoder, ShardStream, check_positive, make_loader
 from ldm.data.sources import SyntheticSource
 from ldm.data.transforms import ImageTransform
@@ -39,8 +39,9 @@ class ShardDataModule(pl.LightningDataModule):
     `latent_cache`, when its first_stage is set, encodes the training shards once with that
     trained first stage (ldm.data.latents, resumable) and trains from the cache, so the encoder
     and image decoding leave the training step: {first_stage: <run folder or .ckpt; null: no
-    cache>, dir: <folder; null: default_cache_dir>, per_shard: 250, dtype: float16,
-    batch_size: 64}. Validation keeps reading images (grids and FID need them). The cache holds
+    cache>, load: <callable first_stage -> FirstStage, e.g. ldm.modules.loading.load_first_stage
+    as a `_partial_` config>, dir: <folder; null: default_cache_dir>, per_shard: 250,
+    dtype: float16, batch_size: 64}. Validation keeps reading images (grids and FID need them). The cache holds
     centre crops without flips, so it is refused with random crops, flips or image degradations.
     """
 
@@ -170,7 +171,7 @@ def _check_synthetic(spec: dict | None, train_urls, val_urls) -> dict | None:
     return spec
 
 
-_CACHE_DEFAULTS = {"dir": None, "per_shard": 250, "dtype": "float16", "batch_size": 64}
+_CACHE_DEFAULTS = {"load": None, "dir": None, "per_shard": 250, "dtype": "float16", "batch_size": 64}
 
 
 def default_cache_dir(first_stage: str | Path, train_urls: str | list[str], image_size: int) -> Path:
@@ -200,14 +201,19 @@ def _check_latent_cache(spec: dict | None, train_urls, image_size: int, crop: st
     if batch_transforms:
         raise ValueError("data.latent_cache holds no images, but data.batch_transforms degrade images (SR, "
                          "inpainting): set data.latent_cache.first_stage=null")
+    if not callable(spec["load"]):
+        raise ValueError(f"data.latent_cache.load must turn data.latent_cache.first_stage into a first stage, got "
+                         f"{spec['load']!r}: set it to {{_target_: ldm.modules.loading.load_first_stage, "
+                         "_partial_: true} (configs/data/shapes.yaml)")
     spec["dir"] = str(spec["dir"] or default_cache_dir(spec["first_stage"], train_urls, image_size))
     return spec
 
 
 def _write_latent_cache(spec: dict, train_urls, image_size: int) -> None:
     try:
-        encode_shards(spec["first_stage"], train_urls, spec["dir"], image_size=image_size,
-                      batch_size=spec["batch_size"], dtype=spec["dtype"], per_shard=spec["per_shard"])
+        write_latent_cache(spec["load"](spec["first_stage"]), spec["first_stage"], train_urls, spec["dir"],
+                           image_size=image_size, batch_size=spec["batch_size"], dtype=spec["dtype"],
+                           per_shard=spec["per_shard"])
     except FileExistsError as err:  # another encoder, dtype or size wrote this folder
         raise FileExistsError(f"{err}\n(from data.latent_cache: delete {spec['dir']} to re-encode, or set "
                               "data.latent_cache.dir to another folder)") from err

@@ -1,83 +1,47 @@
 """The latent cache: image shards encoded once by a trained first stage, for training the latent
-diffusion stage without running the encoder.
-
-    python -m ldm.data.latents --first-stage runs/ae --shards data/train --out data/train-latents
+diffusion stage without running the encoder. The command line is ldm.cli.encode_latents
+(`ldm-encode-latents`); here the first stage comes as an object, loaded by the caller.
 
 Each output sample keeps the input's members except the image (`.txt`, `.cls`, `.json`, ...) and
-adds `moments.npy`: for a KL first stage the (2C, h, w) concatenation of the posterior's mean and
-log-variance, so training still draws a fresh posterior sample every step; for VQ (the
-pre-quantisation latent) and identity first stages the (C, h, w) latent itself. Images are
-centre-cropped at the first stage's training resolution (or --image-size): random crops and flips
-would be frozen into the cache, so there are none.
+adds `moments.npy`, the first stage's moments (ldm.first_stage.moments). Images are centre-cropped
+at the given size: random crops and flips would be frozen into the cache, so there are none.
 
 Shards are written by ldm.data.write.write_shards: atomic, resumable (rerun the same command),
 and `index.json` records the first-stage checkpoint (path and SHA-256), f, latent channels, kind
 ('kl' or 'deterministic') and the stored dtype. A training run reading a cache checks these
-against its own first stage (posterior_from_moments).
+against its own first stage (cached_posterior).
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import functools
-import hashlib
 import io
 import itertools
 import multiprocessing
 import random
-import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 import webdataset as wds
-from omegaconf import OmegaConf
 
 from ldm.data.index import INDEX_NAME, ShardIndex
 from ldm.data.pipeline import IMAGE_KEYS, MOMENTS_KEY, SampleDecoder, count_samples, expand_urls
 from ldm.data.sources import Members
 from ldm.data.transforms import ImageTransform
 from ldm.data.tar import tar_samples
-from ldm.data.write import CLI_EXISTS_ADVICE, write_shards
+from ldm.data.write import write_shards
 from ldm.first_stage.base import FirstStage, Posterior
-from ldm.first_stage.distributions import DeterministicLatent, DiagonalGaussian
-from ldm.first_stage.kl import AutoencoderKL
-from ldm.modules.loading import find_checkpoint, load_first_stage
+from ldm.first_stage.moments import REENCODE, describe, latent_kind, posterior_from_moments, posterior_moments
+from ldm.utils.checkpoint import checkpoint_sha256, find_checkpoint
+from ldm.utils.device import resolve_device
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 PREFETCH_BATCHES = 4  # decoded batches kept ahead of the encoder when decoding in worker processes
 
 
-# --- moments <-> posteriors (pure) -----------------------------------------------------------
-def latent_kind(first_stage: FirstStage) -> str:
-    """'kl' for first stages whose posterior is a diagonal Gaussian, else 'deterministic'
-    (VQ pre-quantisation latents, identity)."""
-    return "kl" if isinstance(first_stage, AutoencoderKL) else "deterministic"
-
-
-def moment_channels(first_stage: FirstStage) -> int:
-    """Channels of the cached moments of `first_stage`: 2C (mean, logvar) for KL, else C."""
-    c = first_stage.latent_channels
-    return 2 * c if latent_kind(first_stage) == "kl" else c
-
-
-def posterior_moments(posterior: Posterior) -> tuple[torch.Tensor, str]:
-    """(moments, kind) of an encoder output: cat(mean, logvar) on channels for a DiagonalGaussian
-    ('kl'), the latent for a DeterministicLatent ('deterministic')."""
-    if isinstance(posterior, DiagonalGaussian):
-        return torch.cat([posterior.mean, posterior.logvar], dim=1), "kl"
-    if isinstance(posterior, DeterministicLatent):
-        return posterior.latent, "deterministic"
-    raise TypeError(f"cannot cache a {type(posterior).__name__} posterior: "
-                    "expected a DiagonalGaussian or a DeterministicLatent")
-
-
-def _describe(first_stage: FirstStage) -> str:
-    return (f"{type(first_stage).__name__} (kind {latent_kind(first_stage)}, f = {first_stage.downsampling_factor}, "
-            f"{first_stage.latent_channels} latent channels, so {moment_channels(first_stage)} moment channels)")
-
-
+# --- cache indices ---------------------------------------------------------------------------
 def cache_settings(folder: str | Path) -> dict | None:
     """The index settings of the latent cache in local `folder`, None when it is not one."""
     path = Path(folder) / INDEX_NAME
@@ -95,17 +59,12 @@ def _is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
 
 
-def posterior_from_moments(moments: torch.Tensor, first_stage: FirstStage,
-                           urls: Iterable[str] | None = None) -> Posterior:
-    """The posterior a latent cache's `moments` (B, 2C or C, h, w) stand for under `first_stage`:
-    a DiagonalGaussian for KL, the latent itself otherwise.
-
-    urls: the shards the moments came from (the batch's `__url__`). The index of each local cache
-    is checked against the first stage (kind, f, channels), so latents of another autoencoder
-    (e.g. same C, another f) are refused instead of silently trained on.
-    """
+def check_cache(urls: Iterable[str] | None, first_stage: FirstStage) -> str:
+    """Refuse moments from the shards `urls` (a batch's `__url__`) when the index of a local cache
+    among them was written by another kind of first stage (kind, f, channels): latents of another
+    autoencoder (e.g. same C, another f) are refused instead of silently trained on. Returns the
+    caches' folders, for the messages of posterior_from_moments."""
     folders = sorted({str(Path(u).parent) if _is_local(u) else u.rsplit("/", 1)[0] for u in urls or [] if u})
-    caches = ", ".join(folders) or "(location unknown)"
     fs = first_stage
     for folder in folders:
         settings = cache_settings(folder) if _is_local(folder) else None
@@ -116,14 +75,15 @@ def posterior_from_moments(moments: torch.Tensor, first_stage: FirstStage,
         if theirs != ours:
             raise ValueError(
                 f"latent cache {folder} was encoded by the first stage {settings.get('first_stage')} ({theirs}), "
-                f"which does not match this model's first stage {_describe(fs)}. Set first_stage.path to the run "
-                "that wrote the cache, or re-encode it with `python -m ldm.data.latents --first-stage <this run>`")
-    if moments.dim() != 4 or moments.shape[1] != moment_channels(fs):
-        raise ValueError(
-            f"latent cache {caches} holds moments of shape {tuple(moments.shape[1:])} per sample, but this model's "
-            f"first stage is {_describe(fs)}. Re-encode the cache with `python -m ldm.data.latents --first-stage "
-            "<this model's first-stage run>` or set first_stage.path to the run that wrote it")
-    return DiagonalGaussian(moments) if latent_kind(fs) == "kl" else DeterministicLatent(moments)
+                f"which does not match this model's first stage {describe(fs)}. Set first_stage.path to the run "
+                f"that wrote the cache, or re-encode it with `{REENCODE}`")
+    return ", ".join(folders) or "(location unknown)"
+
+
+def cached_posterior(moments: torch.Tensor, first_stage: FirstStage, urls: Iterable[str] | None = None) -> Posterior:
+    """The posterior that a latent cache's `moments` stand for under `first_stage`, after checking
+    the caches they came from (`urls`, see check_cache)."""
+    return posterior_from_moments(moments, first_stage, check_cache(urls, first_stage))
 
 
 # --- reading image shards in a fixed, resumable order ------------------------------------------
@@ -176,23 +136,6 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
     return buf.getvalue()
-
-
-def checkpoint_sha256(path: str | Path) -> str:
-    """SHA-256 of the checkpoint of a run folder or .ckpt file (identifies the encoder exactly)."""
-    with open(find_checkpoint(path), "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
-def training_resolution(path: str | Path) -> int:
-    """The image size a first-stage run trained at (data.image_size of its config.yaml)."""
-    path = Path(path)
-    config = path / "config.yaml" if path.is_dir() else path.parent.parent / "config.yaml"
-    size = OmegaConf.select(OmegaConf.load(config), "data.image_size") if config.is_file() else None
-    if size is None:
-        raise ValueError(f"cannot tell the training resolution of {path} (no data.image_size in {config}); "
-                         "pass --image-size")
-    return int(size)
 
 
 class LatentSource:
@@ -306,62 +249,15 @@ class LatentSource:
         return stored.cpu().numpy()
 
 
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> the GPU when there is one, else the CPU; other names pass to torch.device."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def encode_shards(first_stage: str | Path, shards: str | list[str], out: str | Path, *,
-                  image_size: int | None = None, batch_size: int = 64, device: str = "auto",
-                  dtype: str = "float16", workers: int = 0, per_shard: int = 1000, prefix: str = "shard",
-                  overwrite: bool = False, progress: bool = True) -> ShardIndex:
-    """Encode the image shards `shards` with the first stage of the run `first_stage` (folder or
-    .ckpt) into a latent cache under `out`; returns its index. Resumes an interrupted job."""
+def write_latent_cache(first_stage: FirstStage, checkpoint: str | Path, shards: str | list[str], out: str | Path, *,
+                       image_size: int, batch_size: int = 64, device: str | torch.device | None = None,
+                       dtype: str = "float16", workers: int = 0, per_shard: int = 1000, prefix: str = "shard",
+                       overwrite: bool = False, progress: bool = True) -> ShardIndex:
+    """Encode the image shards `shards` with `first_stage` (moved to `device`: None or 'auto' is
+    the GPU when there is one) into a latent cache under `out`; returns its index. `checkpoint`:
+    the run folder or .ckpt the first stage was loaded from, recorded in the index with its
+    SHA-256. Resumes an interrupted job."""
     dev = resolve_device(device)
-    model = load_first_stage(first_stage).to(dev)
-    source = LatentSource(shards, model, first_stage, image_size=image_size or training_resolution(first_stage),
-                          batch_size=batch_size, device=dev, dtype=dtype, workers=workers)
+    source = LatentSource(shards, first_stage.to(dev), checkpoint, image_size=image_size, batch_size=batch_size,
+                          device=dev, dtype=dtype, workers=workers)
     return write_shards(source, out, per_shard=per_shard, prefix=prefix, overwrite=overwrite, progress=progress)
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ldm.data.latents", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--first-stage", required=True, help="first-stage run folder or .ckpt file")
-    p.add_argument("--shards", nargs="+", required=True,
-                   help="image shards: folders with index.json, brace patterns, '::'-separated lists")
-    p.add_argument("--out", required=True, help="output folder for the latent shards and index.json")
-    p.add_argument("--image-size", type=int,
-                   help="centre-crop side in pixels (default: the first stage's training resolution)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per encoder call")
-    p.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="storage type of the moments")
-    p.add_argument("--workers", type=int, default=4, help="image decoding processes (0: in this process)")
-    p.add_argument("--per-shard", type=int, default=1000, help="samples per output shard")
-    p.add_argument("--prefix", default="shard", help="output shard file name prefix")
-    p.add_argument("--overwrite", action="store_true", help="replace a cache written with other settings")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Command-line entry point."""
-    args = _parser().parse_args(argv)
-    t0 = time.time()
-    try:
-        index = encode_shards(args.first_stage, args.shards, args.out, image_size=args.image_size,
-                              batch_size=args.batch_size, device=args.device, dtype=args.dtype, workers=args.workers,
-                              per_shard=args.per_shard, prefix=args.prefix, overwrite=args.overwrite,
-                              progress=not args.quiet)
-    except FileExistsError as err:
-        raise SystemExit(f"{err}: {CLI_EXISTS_ADVICE}") from err
-    s = index.settings
-    print(f"{index.total} samples in {len(index.shards)} shards under {args.out}: {s['kind']} moments of "
-          f"f = {s['f']}, {s['latent_channels']} latent channels, {s['dtype']} "
-          f"({s.get('skipped', 0)} unreadable skipped, {time.time() - t0:.1f} s)")
-
-
-if __name__ == "__main__":
-    main()

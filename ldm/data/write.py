@@ -91,7 +91,7 @@ def write_shards(source: Source, out: str | Path, per_shard: int = 1000, prefix:
     return index
 
 
-# What the command lines (this one and ldm.data.latents) add to write_shards' FileExistsError.
+# What the command lines (this one and ldm.cli.encode_latents) add to write_shards' FileExistsError.
 CLI_EXISTS_ADVICE = "pass --overwrite to replace them, or choose another --out"
 
 

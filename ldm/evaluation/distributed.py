@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
+from ldm.utils.device import resolve_device
+
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
@@ -117,15 +119,15 @@ def start_ranks(timeout_s: float) -> Ranks:
 def rank_device(name: str, ranks: Ranks) -> torch.device:
     """The device of this rank for `device=` (auto | cpu | cuda | cuda:K): with several ranks,
     'auto' and 'cuda' mean the GPU of the local rank, and a fixed GPU index is refused."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    if ranks.world > 1 and name != "auto":
+        fixed = torch.device(name)
+        if fixed.type == "cuda" and fixed.index is not None:
+            raise ValueError(f"device={name} under a launcher with {ranks.world} ranks: every rank would use that "
+                             "one GPU; pass device=auto (or cuda): rank r then uses the GPU of its local rank")
+    device = resolve_device(name)
     if device.type != "cuda":
         return device
     if ranks.world > 1:
-        if device.index is not None:
-            raise ValueError(f"device={name} under a launcher with {ranks.world} ranks: every rank would use that "
-                             "one GPU; pass device=auto (or cuda): rank r then uses the GPU of its local rank")
         count = torch.cuda.device_count()
         if ranks.local_rank >= count:
             raise ValueError(f"rank {ranks.rank} is local rank {ranks.local_rank} of its node, which has {count} "

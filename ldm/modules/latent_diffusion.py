@@ -15,7 +15,7 @@ import torch.distributed as dist
 from lightning_fabric.utilities.throughput import measure_flops
 from torch import nn
 
-from ldm.data.latents import posterior_from_moments
+from ldm.data.latents import cached_posterior
 from ldm.nets.tokenizer import CaptionTokenizer
 from ldm.diffusion.ema import EMA
 from ldm.diffusion.objective import (check_parameterization, logvar_weighted, loss_simple, lvlb_weights,
@@ -193,8 +193,8 @@ class LatentDiffusion(BuildableModule):
         encoding its images. generator: None, one, or one per sample."""
         if "moments" in batch:
             # Stored as float16 or float32: compute in the module's dtype, like encoder outputs.
-            posterior = posterior_from_moments(batch["moments"].to(self.dtype), self.first_stage_model,
-                                               batch.get("__url__"))
+            posterior = cached_posterior(batch["moments"].to(self.dtype), self.first_stage_model,
+                                         batch.get("__url__"))
         else:
             posterior = self.first_stage_model.encode(batch["image"])
         return posterior.sample(generator)

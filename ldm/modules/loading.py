@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 
 from ldm.first_stage.base import FirstStage
 from ldm.modules.base import BuildableModule
-from ldm.utils.checkpoint import load_strict
+from ldm.utils.checkpoint import find_checkpoint, load_strict
 from ldm.utils.trusted_config import check_trusted
 
 # What a stored model config may build without trust_config: this project's modules, networks,
@@ -45,16 +45,6 @@ MODEL_TARGETS = frozenset({
     "ldm.metrics.features.InceptionV3Features",
     "ldm.metrics.features.VGG16Features",
 })
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """A .ckpt file, or a run folder's checkpoints/last.ckpt."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "checkpoints" / "last.ckpt"
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}: pass a .ckpt file or a run folder with checkpoints/last.ckpt")
-    return path
 
 
 def load_module(path: str | Path, map_location: str | torch.device = "cpu",

@@ -5,6 +5,7 @@ the same way: with the list of missing, unexpected and wrongly shaped keys.
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -26,6 +27,22 @@ class CheckpointMismatchError(RuntimeError):
         lines.append("Check that the config (channels, ch_mult, attention, f, ...) is the one the "
                      "checkpoint was trained with.")
         super().__init__("\n".join(lines))
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A .ckpt file, or a run folder's checkpoints/last.ckpt."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}: pass a .ckpt file or a run folder with checkpoints/last.ckpt")
+    return path
+
+
+def checkpoint_sha256(path: str | Path) -> str:
+    """SHA-256 of the checkpoint of a run folder or .ckpt file (identifies its weights exactly)."""
+    with open(find_checkpoint(path), "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:

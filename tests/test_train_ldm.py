@@ -279,3 +279,15 @@ def test_ldm_on_our_autoencoder_ckpt_with_first_stage_from_checkpoint(tmp_path, 
     expected = load_first_stage(ae_run).state_dict()
     for name, value in model.first_stage_model.state_dict().items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_a_semantic_run_with_fewer_classes_than_its_label_maps_stops_before_training(tmp_path, first_stage_run):
+    from ldm.data.pipeline import LabelRangeError
+
+    ae_run, data = first_stage_run
+    cfg = compose("train", ["experiment=toy/ldm_semantic", *TINY_RUN, f"first_stage.path={ae_run}", "cond.n_classes=4"],
+                  tmp_path / "run", data)
+    with pytest.raises(LabelRangeError, match=r"seg.png holds ids 0\.\.\d, but the run takes 4 classes .* set "
+                                              r"cond.n_classes to at least [5-7]"):
+        train(cfg)
+    assert not list((tmp_path / "run").glob("checkpoints/*.ckpt"))

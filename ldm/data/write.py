@@ -2,8 +2,8 @@
 
 Each shard holds a fixed number of samples (`{key}.png|jpg`, `.txt` caption, `.cls` label,
 `.json` metadata, and with --label-maps / --masks `.seg.png` class ids and `.mask.png` inpainting
-masks, one-channel PNGs at the image's size) and is written to a temporary name and renamed when complete, so a killed job
-leaves only whole shards. `index.json` records the settings and each shard's sample count; a
+masks, one-channel PNGs at the image's size) and is written to a temporary name and renamed when
+complete, so a killed job leaves only whole shards. `index.json` records the settings and each shard's sample count; a
 rerun with the same settings resumes after the last complete shard, and a run with different
 settings is refused unless `--overwrite` is given.
 """

@@ -30,9 +30,11 @@ def test_toy_experiments_on_shards_compose_to_a_real_data_config(tmp_path, exper
     plain = compose("train", ["data=shards", "data.train_urls=mine/train"], tmp_path / "run", tmp_path / "data")
     assert cfg.data.synthetic is None
     # only what any data takes may differ from data=shards: the batch, the epoch length, the latent
-    # cache and the degradations of the SR / inpainting conditions (configs/cond)
+    # cache, the degradations of the SR / inpainting conditions and the label maps of the semantic
+    # one (configs/cond)
     changed = {k for k in cfg.data if cfg.data[k] != plain.data[k]}
-    assert changed <= {"batch_size", "batches_per_epoch", "latent_cache", "batch_transforms"}, changed
+    assert changed <= {"batch_size", "batches_per_epoch", "latent_cache", "batch_transforms", "label_maps",
+                       "label_classes"}, changed
 
 
 def test_a_mistyped_train_path_never_creates_data(tmp_path):

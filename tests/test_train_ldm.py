@@ -26,7 +26,7 @@ def first_stage_run(tmp_path_factory) -> tuple[Path, Path]:
     return root / "run", root / "data"
 
 
-@pytest.mark.parametrize("cond", ["uncond", "class", "text", "sr", "inpaint"])
+@pytest.mark.parametrize("cond", ["uncond", "class", "text", "sr", "inpaint", "semantic"])
 def test_toy_ldm_trains_samples_and_reloads(tmp_path, first_stage_run, cond):
     ae_run, data = first_stage_run
     out = tmp_path / "run"
@@ -43,10 +43,37 @@ def test_toy_ldm_trains_samples_and_reloads(tmp_path, first_stage_run, cond):
              "class": {"class_label": torch.tensor([0, 5])},
              "text": {"caption": ["a small red circle on a grey background", "a large blue star on a beige background"]},
              "sr": {"lowres": torch.zeros(2, 3, 8, 8)},
-             "inpaint": {"masked_image": torch.zeros(2, 3, 32, 32), "mask": torch.ones(2, 1, 32, 32)}}[cond]
+             "inpaint": {"masked_image": torch.zeros(2, 3, 32, 32), "mask": torch.ones(2, 1, 32, 32)},
+             "semantic": {"segmentation": torch.randint(0, 7, (2, 32, 32))}}[cond]
     guidance = 2.0 if cond in ("class", "text") else 1.0
     images = model.sample(batch, n=2, num_steps=3, guidance_scale=guidance, image_size=32, progress=False)
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+    if cond == "semantic":
+        assert sorted(p.name for p in (data / "shapes-32-seg").iterdir()) == ["train", "val"]
+        _sample_py_draws_from_a_label_map_png(out, tmp_path)
+
+
+def _sample_py_draws_from_a_label_map_png(run: Path, tmp_path: Path) -> None:
+    """sample.py draws from a synthetic scene's label map saved as a PNG and refuses maps with ids
+    beyond the toy semantic model's 7 classes or of another size than image_size."""
+    import numpy as np
+    from PIL import Image
+
+    from ldm.cli.sample import sample
+    from ldm.data.synthetic import ShapesGenerator
+
+    generator = ShapesGenerator(32, seed=5)
+    Image.fromarray(generator.label_map(generator[0])).save(tmp_path / "seg.png")
+    out = tmp_path / "samples"
+    args = [f"ckpt={run}", "steps=2", "n=2", f"out_dir={out}"]
+    sample(compose("sample", [*args, f"segmentation={tmp_path / 'seg.png'}"], tmp_path / "s"))
+    images = [np.asarray(Image.open(out / "samples" / f"0000{i}.png")) for i in range(2)]
+    assert images[0].shape == (32, 32, 3) and not np.array_equal(images[0], images[1])
+    Image.fromarray(np.full((32, 32), 7, np.uint8)).save(tmp_path / "ids.png")
+    with pytest.raises(ValueError, match=r"label ids must lie in \[0, 7\) .* holds 7\.\.7"):
+        sample(compose("sample", [*args, f"segmentation={tmp_path / 'ids.png'}"], tmp_path / "s"))
+    with pytest.raises(ValueError, match="the label map is 32 px, image_size=64"):
+        sample(compose("sample", [*args, f"segmentation={tmp_path / 'seg.png'}", "image_size=64"], tmp_path / "s"))
 
 
 def test_condition_dropout_rate_and_null_values():
@@ -252,3 +279,15 @@ def test_ldm_on_our_autoencoder_ckpt_with_first_stage_from_checkpoint(tmp_path, 
     expected = load_first_stage(ae_run).state_dict()
     for name, value in model.first_stage_model.state_dict().items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_a_semantic_run_with_fewer_classes_than_its_label_maps_stops_before_training(tmp_path, first_stage_run):
+    from ldm.data.pipeline import LabelRangeError
+
+    ae_run, data = first_stage_run
+    cfg = compose("train", ["experiment=toy/ldm_semantic", *TINY_RUN, f"first_stage.path={ae_run}", "cond.n_classes=4"],
+                  tmp_path / "run", data)
+    with pytest.raises(LabelRangeError, match=r"seg.png holds ids 0\.\.\d, but the run takes 4 classes .* set "
+                                              r"cond.n_classes to at least [5-7]"):
+        train(cfg)
+    assert not list((tmp_path / "run").glob("checkpoints/*.ckpt"))

@@ -115,6 +115,11 @@ def condition_inputs(model: LatentDiffusion, cfg: DictConfig) -> tuple[dict, lis
                          "a semantic synthesis model needs segmentation=<label map PNG>")
     if cfg.segmentation:
         seg = _load_label_map(cfg.segmentation)
+        classes = model.cond_stage_model.in_channels
+        if int(seg.min()) < 0 or int(seg.max()) >= classes:
+            raise ValueError(f"segmentation={cfg.segmentation}: label ids must lie in [0, {classes}) for this model "
+                             f"({classes} classes), the map holds {int(seg.min())}..{int(seg.max())}: draw it with "
+                             "the ids of the model's training data")
         if cfg.image_size and seg.shape[-1] != cfg.image_size:
             raise ValueError(f"the label map is {seg.shape[-1]} px, image_size={cfg.image_size}: they must agree "
                              "(leave image_size unset to take the map's)")

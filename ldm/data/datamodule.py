@@ -21,7 +21,9 @@ class ShardDataModule(pl.LightningDataModule):
     Batches are dicts: `image` (float NCHW in [-1, 1]), `caption` (list of str),
     `class_label` (long, -1 when a sample has none), `skipped` (samples dropped as unusable
     since the previous batch), `skipped_where` (a tuple describing a few of them) and any
-    `extra_keys` ({meta: json}: the .json metadata as dicts). Latent cache shards
+    `extra_keys` ({meta: json}: the .json metadata as dicts) and `label_maps` ({segmentation:
+    seg.png}: per-pixel ids as int64 (B, H, W), resized, cropped and flipped with the image; ids
+    bounded by `label_classes`, {segmentation: 182}; see SampleDecoder). Latent cache shards
     (ldm.data.latents) give `moments` and `__url__` in place of `image`. A stream that skips
     `max_consecutive_skips` samples in a row stops the run with an error (docs/data.md).
 
@@ -31,9 +33,10 @@ class ShardDataModule(pl.LightningDataModule):
     `synthetic`, when given, asks for the built-in shapes dataset to be written before training
     into the folder `dir` (`<dir>/train`, and `<dir>/val` when val_urls is set), e.g.
     {dir: data/shapes-64, train_samples: 2000, val_samples: 256, resolution: 64, seed: 0,
-    per_shard: 100, max_objects: 3, sizes: null} (max_objects 1: single-object scenes; sizes
-    {large: 0.4}: one object size that nearly fills the image, the quickstart's data; null:
-    ldm.data.synthetic.SIZES). `train_urls` / `val_urls` must then be exactly those folders: shapes
+    per_shard: 100, max_objects: 3, sizes: null, label_maps: false} (max_objects 1: single-object
+    scenes; sizes {large: 0.4}: one object size that nearly fills the image, the quickstart's data;
+    null: ldm.data.synthetic.SIZES; label_maps: each scene's seg.png as well). `train_urls` /
+    `val_urls` must then be exactly those folders: shapes
     are written only where the spec says, never into a path given for other data.
 
     `latent_cache`, when its first_stage is set, encodes the training shards once with that
@@ -50,6 +53,7 @@ class ShardDataModule(pl.LightningDataModule):
                  num_workers: int = 2, batches_per_epoch: int = 1000, shuffle_buffer: int = 1000,
                  resampled: bool = False, seed: int = 0, crop: str = "random", flip: bool = False,
                  val_max_samples: int | None = None, extra_keys: dict[str, str] | None = None,
+                 label_maps: dict[str, str] | None = None, label_classes: dict[str, int] | None = None,
                  synthetic: dict | None = None, batch_transforms: list | None = None,
                  latent_cache: dict | None = None, max_consecutive_skips: int = 1000):
         super().__init__()
@@ -69,12 +73,13 @@ class ShardDataModule(pl.LightningDataModule):
         self.max_consecutive_skips = max_consecutive_skips
         self.val_max_samples = val_max_samples
         self.synthetic = _check_synthetic(synthetic, train_urls, val_urls)
-        self.train_decoder = SampleDecoder(ImageTransform(image_size, crop, flip), dict(extra_keys or {}))
-        self.val_decoder = SampleDecoder(ImageTransform(image_size, "center", False), dict(extra_keys or {}))
+        maps = (dict(extra_keys or {}), dict(label_maps or {}), dict(label_classes or {}))
+        self.train_decoder = SampleDecoder(ImageTransform(image_size, crop, flip), *maps)
+        self.val_decoder = SampleDecoder(ImageTransform(image_size, "center", False), *maps)
         self.image_size = image_size
         self.batch_transforms = list(batch_transforms or [])
         self.latent_cache = _check_latent_cache(latent_cache, train_urls, image_size, crop, flip,
-                                                self.batch_transforms)
+                                                self.batch_transforms, maps[1])
 
     def _write_synthetic(self) -> None:
         if self.synthetic is None:
@@ -86,7 +91,8 @@ class ShardDataModule(pl.LightningDataModule):
             splits.append(("val", spec["val_samples"], seed + 1_000_003))  # disjoint from train
         for split, n, split_seed in splits:
             source = SyntheticSource(n, spec["resolution"] or self.image_size, split_seed,
-                                     max_objects=spec["max_objects"], sizes=spec["sizes"])
+                                     max_objects=spec["max_objects"], sizes=spec["sizes"],
+                                     label_maps=spec["label_maps"])
             try:
                 write_shards(source, root / split, per_shard=spec["per_shard"])
             except FileExistsError as err:  # other settings wrote this folder
@@ -141,7 +147,7 @@ def _is_plain_folder(urls) -> bool:
 
 
 _SYNTHETIC_DEFAULTS = {"val_samples": None, "resolution": None, "seed": 0, "per_shard": 100, "max_objects": 3,
-                       "sizes": None}
+                       "sizes": None, "label_maps": False}
 
 
 def _check_synthetic(spec: dict | None, train_urls, val_urls) -> dict | None:
@@ -187,7 +193,7 @@ def default_cache_dir(first_stage: str | Path, train_urls: str | list[str], imag
 
 
 def _check_latent_cache(spec: dict | None, train_urls, image_size: int, crop: str, flip: bool,
-                        batch_transforms: list) -> dict | None:
+                        batch_transforms: list, label_maps: dict) -> dict | None:
     spec = {"first_stage": None, **_CACHE_DEFAULTS, **(spec or {})}
     unknown = set(spec) - set(_CACHE_DEFAULTS) - {"first_stage"}
     if unknown:
@@ -201,6 +207,9 @@ def _check_latent_cache(spec: dict | None, train_urls, image_size: int, crop: st
     if batch_transforms:
         raise ValueError("data.latent_cache holds no images, but data.batch_transforms degrade images (SR, "
                          "inpainting): set data.latent_cache.first_stage=null")
+    if label_maps:
+        raise ValueError(f"data.label_maps ({sorted(label_maps)}) are aligned with each image, which a latent cache "
+                         "does not hold: set data.latent_cache.first_stage=null")
     if not callable(spec["load"]):
         raise ValueError(f"data.latent_cache.load must turn data.latent_cache.first_stage into a first stage, got "
                          f"{spec['load']!r}: set it to {{_target_: ldm.modules.loading.load_first_stage, "

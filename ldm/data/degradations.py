@@ -191,16 +191,27 @@ def stable_index(key: str) -> int:
 
 class InpaintingDegradation:
     """Adds `mask` (B, 1, H, W; 1 = keep, 0 = hole) and `masked_image` = image * mask (holes
-    become 0, mid-grey) to a batch, with masks from `masks`."""
+    become 0, mid-grey) to a batch, with masks from `masks`, or the shards' own masks: with
+    `stored_key`, batch[stored_key] (B, H, W) ids read by data.label_maps from the `mask.png`
+    members (nonzero = keep)."""
 
-    def __init__(self, masks: MaskGenerator):
-        self.masks = masks
+    def __init__(self, masks: MaskGenerator | None = None, stored_key: str | None = None):
+        if (masks is None) == (stored_key is None):
+            raise ValueError("InpaintingDegradation takes masks (a MaskGenerator) or stored_key (the batch entry of "
+                             "the shards' masks, data.label_maps {<key>: mask.png}), exactly one of them")
+        self.masks, self.stored_key = masks, stored_key
 
     def __call__(self, batch: dict, indices: Sequence[int] | None = None) -> dict:
         """`indices`: the mask index of each sample. By default a stable hash of each sample's
         `__key__`, so an image always gets the same mask (what evaluation wants); for new masks
         at every step pass e.g. step * batch_size + arange(batch_size)."""
         image = _batch_images(batch)
+        if self.stored_key is not None:
+            if self.stored_key not in batch:
+                raise KeyError(f"the batch has no stored masks {self.stored_key!r}: set data.label_maps."
+                               f"{self.stored_key}=mask.png")
+            mask = (batch[self.stored_key] > 0)[:, None].to(device=image.device, dtype=image.dtype)
+            return {**batch, "mask": mask, "masked_image": image * mask}
         if indices is None:
             if "__key__" not in batch:
                 raise KeyError("the batch has no '__key__' entry to derive mask indices from; pass indices")

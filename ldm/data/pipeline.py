@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ldm.data.index import ShardIndex, count_from_index, shard_counts
 from ldm.data.tar import DamagedShard, DuplicateMember, tar_samples
-from ldm.data.transforms import ImageTransform
+from ldm.data.transforms import ImageTransform, MapSizeError, read_ids
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp")
 # A latent cache sample (ldm.data.latents) holds first-stage moments in place of the image.
@@ -166,6 +166,15 @@ class SkipCounter:
         return n, where
 
 
+class LabelRangeError(ValueError):
+    """A label map holds ids beyond the classes the run was configured for."""
+
+
+# Errors that say the data and the run do not fit together, not that one sample is damaged: they
+# stop the stream at once instead of being skipped and counted.
+DATA_MISMATCH = (MapSizeError, LabelRangeError)
+
+
 @dataclass
 class SampleDecoder:
     """Raw tar members -> a training sample dict (image tensor, caption, class label).
@@ -175,10 +184,23 @@ class SampleDecoder:
     `extra_keys` maps batch keys to member extensions decoded by type: json -> object,
     txt -> str, cls -> int, npy -> tensor; e.g. {meta: json} for the metadata, which no model
     reads and is therefore not decoded unless asked for.
+    `label_maps` maps batch keys to one-channel PNG members of per-pixel ids at the image's size
+    ({segmentation: seg.png}, {stored_mask: mask.png}): int64 (size, size) tensors that get the
+    image's resize (nearest-neighbour), crop and flip. `label_classes` ({segmentation: 182}) bounds
+    a map's ids. A map of another size than its image, or with an id out of bounds, stops the
+    stream (DATA_MISMATCH); a sample without its map is skipped and counted.
     """
 
     transform: ImageTransform
     extra_keys: dict[str, str] = field(default_factory=dict)
+    label_maps: dict[str, str] = field(default_factory=dict)
+    label_classes: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self):
+        unknown = set(self.label_classes) - set(self.label_maps)
+        if unknown:
+            raise ValueError(f"data.label_classes names {sorted(unknown)}, which data.label_maps does not read "
+                             f"(it reads {sorted(self.label_maps)})")
 
     def __call__(self, raw: dict, rng: random.Random) -> dict:
         key = next((k for k in IMAGE_KEYS if k in raw), None)
@@ -188,7 +210,10 @@ class SampleDecoder:
                              f"({', '.join('.' + k for k in IMAGE_KEYS)}) nor the {MOMENTS_KEY} of a latent "
                              f"cache; its members: {members}")
         sample: dict = {}
-        if key is not None:
+        if key is not None and self.label_maps:
+            sample["image"], maps = self._aligned(raw, key, rng)
+            sample.update(maps)
+        elif key is not None:
             sample["image"] = _member(raw, key, lambda data: self.transform.decode(data, rng))
         if MOMENTS_KEY in raw:
             sample["moments"] = _member(raw, MOMENTS_KEY, lambda data: _decode_member("npy", data))
@@ -203,6 +228,28 @@ class SampleDecoder:
                 raise KeyError(f"sample {raw['__key__']} lacks member .{ext} (data.extra_keys.{name})")
             sample[name] = _member(raw, ext, lambda data, ext=ext: _decode_member(ext, data))
         return sample
+
+
+    def _aligned(self, raw: dict, key: str, rng: random.Random) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The image and its label maps, transformed alike."""
+        where = f"{raw.get('__url__', '?')}: sample {raw['__key__']}"
+        maps = {}
+        for name, member in self.label_maps.items():
+            if member not in raw:
+                raise KeyError(f"sample {raw['__key__']} lacks member .{member} (data.label_maps.{name})")
+            maps[name] = _member(raw, member, lambda data, m=member: read_ids(data, f"{raw['__key__']}.{m}"))
+            high = self.label_classes.get(name)
+            if high is not None and maps[name].size and (maps[name].min() < 0 or maps[name].max() >= high):
+                raise LabelRangeError(
+                    f"{where}: {member} holds ids {int(maps[name].min())}..{int(maps[name].max())}, but the run "
+                    f"takes {high} classes (ids 0..{high - 1}, data.label_classes.{name}, from cond.n_classes for a "
+                    f"semantic model): set cond.n_classes to at least {int(maps[name].max()) + 1}, or remap the ids")
+        try:
+            return _member(raw, key, lambda data: self.transform.decode_aligned(data, maps, rng))
+        except ValueError as err:
+            if isinstance(err.__cause__, MapSizeError):
+                raise MapSizeError(f"{where}: {err.__cause__}") from err.__cause__
+            raise
 
 
 def _member(raw: dict, ext: str, decode: Callable[[bytes], object]):
@@ -342,6 +389,8 @@ class ShardStream(IterableDataset):
         for raw in samples:
             try:
                 sample = self.decoder(raw, rng)
+            except DATA_MISMATCH:  # the data does not fit the run: skipping would drop every sample
+                raise
             except Exception as exn:  # an undecodable sample is skipped and counted, never fatal alone
                 counter.skip(1, f"{raw.get('__url__', '?')}: {exn}")
                 continue

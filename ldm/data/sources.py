@@ -12,11 +12,17 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 from PIL import Image
 
 from ldm.data.synthetic import SIZES, ShapesGenerator
+from ldm.data.transforms import ID_MODES, read_ids
 
 IMAGE_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp", ".bmp": "bmp"}
+# Per-pixel members aligned with the image (docs/data.md): a label map of class ids and an
+# inpainting mask (255 = known pixel kept, 0 = hole), each a one-channel PNG at the image's size.
+LABEL_MAP_MEMBER = "seg.png"
+MASK_MEMBER = "mask.png"
 
 Members = dict[str, bytes | str]
 
@@ -49,14 +55,27 @@ def encode_image(image: Image.Image, fmt: str, quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
+def encode_label_map(ids: np.ndarray) -> bytes:
+    """Lossless PNG of a (H, W) map of non-negative integer ids: 8-bit when every id is below 256,
+    else 16-bit."""
+    if ids.ndim != 2 or ids.dtype.kind not in "iub":
+        raise ValueError(f"a label map is a (H, W) array of integer ids, got {ids.dtype} {ids.shape}")
+    if ids.size and (ids.min() < 0 or ids.max() > 65535):
+        raise ValueError(f"label ids must lie in [0, 65535], got {ids.min()}..{ids.max()}")
+    buf = io.BytesIO()
+    Image.fromarray(ids.astype(np.uint8 if ids.size == 0 or ids.max() < 256 else np.uint16)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 class SyntheticSource:
-    """`n` samples of the built-in shapes dataset."""
+    """`n` samples of the built-in shapes dataset; with `label_maps`, each with its `seg.png`
+    (ShapesGenerator.label_map: 0 background, 1..6 the shapes)."""
 
     classes = None
 
     def __init__(self, n: int, resolution: int = 64, seed: int = 0, image_format: str = "png",
-                 max_objects: int = 3, sizes: Mapping[str, float] | None = None):
-        self.n, self.image_format = n, image_format
+                 max_objects: int = 3, sizes: Mapping[str, float] | None = None, label_maps: bool = False):
+        self.n, self.image_format, self.label_maps = n, image_format, label_maps
         self.generator = ShapesGenerator(resolution, seed, max_objects, sizes)
 
     def __len__(self) -> int:
@@ -68,13 +87,18 @@ class SyntheticSource:
                     "max_objects": g.max_objects, "format": self.image_format}
         if g.sizes != SIZES:  # recorded only when set, so folders written before sizes existed still match
             settings["sizes"] = g.sizes
+        if self.label_maps:  # likewise
+            settings["label_maps"] = True
         return settings
 
     def iter_from(self, start: int) -> Iterator[Members | None]:
         for i in range(start, self.n):
             s = self.generator[i]
-            yield {self.image_format: encode_image(s.image, self.image_format), "txt": s.caption,
-                   "cls": str(s.labels["class_label"]), "json": json.dumps(s.metadata())}
+            members: Members = {self.image_format: encode_image(s.image, self.image_format), "txt": s.caption,
+                                "cls": str(s.labels["class_label"]), "json": json.dumps(s.metadata())}
+            if self.label_maps:
+                members[LABEL_MAP_MEMBER] = encode_label_map(self.generator.label_map(s))
+            yield members
 
 
 def _read_caption_table(path: Path) -> dict[str, str]:
@@ -99,15 +123,30 @@ def _read_caption_table(path: Path) -> dict[str, str]:
 class FolderSource:
     """Images under a folder (recursively, sorted). Captions from a side file `name.txt` or a
     CSV/JSONL table keyed by the path relative to the folder (or the file name); class labels
-    from the first-level sub-folder names when `labels_from_folders`."""
+    from the first-level sub-folder names when `labels_from_folders`.
 
-    def __init__(self, root: str | Path, captions: str | Path | None = None, labels_from_folders: bool = False):
+    `label_maps` / `masks`: folders of one-channel PNGs with the images' relative paths and stems
+    (`<src>/a/cat.jpg` -> `<label_maps>/a/cat.png`), stored as `seg.png` / `mask.png` members.
+    Every image must have one, one channel at its size (checked from the files' headers before
+    the first shard is written); a mask must be binary (0 = hole, 255 or 1 = kept; checked as it
+    is written)."""
+
+    def __init__(self, root: str | Path, captions: str | Path | None = None, labels_from_folders: bool = False,
+                 label_maps: str | Path | None = None, masks: str | Path | None = None):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
         self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if label_maps is not None or masks is not None:
+            # a map folder inside src must not be taken for images
+            skip = [Path(d).resolve() for d in (label_maps, masks) if d is not None]
+            self.files = [p for p in self.files if not any(d in p.resolve().parents for d in skip)]
         if not self.files:
             raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {self.root}")
+        self.maps = {member: Path(folder) for member, folder in ((LABEL_MAP_MEMBER, label_maps), (MASK_MEMBER, masks))
+                     if folder is not None}
+        for member, folder in self.maps.items():
+            self._check_maps(member, folder)
         self.caption_table = _read_caption_table(Path(captions)) if captions else {}
         self.captions_path = str(captions) if captions else None
         self.classes = None
@@ -120,9 +159,55 @@ class FolderSource:
     def __len__(self) -> int:
         return len(self.files)
 
+    def map_file(self, image: Path, folder: Path) -> Path:
+        """The label map or mask of `image` in `folder`: the same relative path, with .png."""
+        return (folder / image.relative_to(self.root)).with_suffix(".png")
+
+    def _check_maps(self, member: str, folder: Path) -> None:
+        """Refuse, before anything is written, images without their map or with one of another size
+        (only the files' headers are read)."""
+        option = "--label-maps" if member == LABEL_MAP_MEMBER else "--masks"
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{option} {folder} is not a folder")
+        missing = [p for p in self.files if not self.map_file(p, folder).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} of {len(self.files)} images have no {option} file, e.g. {missing[0]} needs "
+                f"{self.map_file(missing[0], folder)}: every image needs a PNG with its relative path and stem "
+                f"in {folder} (remove the images that have none, or draw their maps)")
+        for image in self.files:
+            try:
+                with Image.open(image) as img:
+                    size = img.size
+            except (OSError, SyntaxError):  # an unreadable image is skipped (and counted) when written
+                continue
+            path = self.map_file(image, folder)
+            with Image.open(path) as ids:
+                if ids.size != size:
+                    raise ValueError(f"{path} is {ids.size[0]}x{ids.size[1]} px but its image {image} is "
+                                     f"{size[0]}x{size[1]} px: a {option} file must have its image's size "
+                                     "(resize it with nearest-neighbour, never a smoothing filter)")
+                if ids.mode not in ID_MODES:
+                    raise ValueError(f"{path} is a {ids.mode} image; {option} files are one channel of ids "
+                                     f"(PNG mode {', '.join(ID_MODES)}): convert colours to ids first")
+
     def settings(self) -> dict:
-        return {"source": "folder", "root": str(self.root.resolve()), "n": len(self.files),
-                "captions": self.captions_path, "labels_from_folders": self.classes is not None}
+        settings = {"source": "folder", "root": str(self.root.resolve()), "n": len(self.files),
+                    "captions": self.captions_path, "labels_from_folders": self.classes is not None}
+        for member, folder in self.maps.items():  # recorded only when given: older folders still match
+            settings[member] = str(folder.resolve())
+        return settings
+
+    def _map_member(self, member: str, image: Path) -> bytes:
+        path = self.map_file(image, self.maps[member])
+        ids = read_ids(path.read_bytes(), str(path))
+        if member == MASK_MEMBER and not np.isin(ids, (0, 255)).all():
+            if ids.max() <= 1:  # mode 1, or a 0/1 mask
+                ids = ids * 255
+            else:
+                raise ValueError(f"{path} holds values {np.unique(ids)[:6].tolist()}...; a mask is binary: 0 for the "
+                                 "hole to fill, 255 (or 1) for the pixels kept")
+        return encode_label_map(ids)
 
     def _caption(self, path: Path) -> str | None:
         rel = path.relative_to(self.root).as_posix()
@@ -142,6 +227,8 @@ class FolderSource:
                 yield None
                 continue
             members: Members = {IMAGE_EXTENSIONS[path.suffix.lower()]: data}
+            for member in self.maps:
+                members[member] = self._map_member(member, path)
             meta: dict = {"source_file": path.relative_to(self.root).as_posix()}
             caption = self._caption(path)
             if caption is not None:

@@ -33,6 +33,8 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 }
 SIZES: dict[str, float] = {"small": 0.16, "large": 0.30}  # radius as a share of the image side
 NUM_CLASSES = len(SHAPES) * len(COLORS)
+LABEL_BACKGROUND = 0  # the label maps' id of the background; each shape has label_id(shape)
+NUM_LABEL_IDS = len(SHAPES) + 1  # ids in a label map: the background and one per shape
 _SUPERSAMPLE = 4  # draw large, then downscale: smooth edges at every resolution
 _COLOR_NAMES = tuple(COLORS)
 
@@ -75,6 +77,11 @@ class ShapeSample:
 def class_label(shape: str, color: str) -> int:
     """The single integer class of a (shape, colour) pair, in [0, NUM_CLASSES)."""
     return SHAPES.index(shape) * len(COLORS) + _COLOR_NAMES.index(color)
+
+
+def label_id(shape: str) -> int:
+    """The id of a shape in the label maps (ShapesGenerator.label_map): 1 + its index in SHAPES."""
+    return SHAPES.index(shape) + 1
 
 
 def describe_class(label: int) -> str:
@@ -172,20 +179,40 @@ class ShapesGenerator:
                 return size, float(cx), float(cy)
         return None
 
+    def _draw(self, objects: list[ShapeObject], mode: str, background, fill) -> Image.Image:
+        """The scene at _SUPERSAMPLE x the resolution, each object filled with `fill(object)`."""
+        side = self.resolution * _SUPERSAMPLE
+        canvas = Image.new(mode, (side, side), background)
+        draw = ImageDraw.Draw(canvas)
+        for o in objects:
+            cx, cy, r = o.cx * side, o.cy * side, self.sizes[o.size] * side
+            if o.shape == "circle":
+                draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill(o))
+            else:
+                draw.polygon(_polygon(o.shape, cx, cy, r), fill=fill(o))
+        return canvas
+
+    def label_map(self, sample: ShapeSample) -> np.ndarray:
+        """The sample's label map: (resolution, resolution) uint8 ids, LABEL_BACKGROUND (0) for the
+        background and label_id(shape) (1..6) for each object's shape.
+
+        Drawn from the same polygons as the image, on the same supersampled canvas; each pixel
+        takes the id that covers most of its _SUPERSAMPLE^2 sub-pixels (ties: the lower id). The
+        image downsamples that canvas with an antialiasing filter, so an edge pixel of the image
+        blends the two colours while the map gives it one id, the majority's."""
+        ids = np.asarray(self._draw(sample.objects, "L", LABEL_BACKGROUND, lambda o: label_id(o.shape)))
+        n, k = self.resolution, _SUPERSAMPLE
+        blocks = ids.reshape(n, k, n, k).transpose(0, 2, 1, 3).reshape(n, n, k * k)
+        present = np.unique(ids)
+        votes = np.stack([(blocks == i).sum(-1) for i in present])  # (ids present, n, n)
+        return present[votes.argmax(0)].astype(np.uint8)
+
     def __getitem__(self, index: int) -> ShapeSample:
         if index < 0:
             raise IndexError(index)
         rng = np.random.default_rng([self.seed, index])
         objects, background = self._layout(rng)
-        side = self.resolution * _SUPERSAMPLE
-        canvas = Image.new("RGB", (side, side), BACKGROUNDS[background])
-        draw = ImageDraw.Draw(canvas)
-        for o in objects:
-            cx, cy, r = o.cx * side, o.cy * side, self.sizes[o.size] * side
-            if o.shape == "circle":
-                draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=COLORS[o.color])
-            else:
-                draw.polygon(_polygon(o.shape, cx, cy, r), fill=COLORS[o.color])
+        canvas = self._draw(objects, "RGB", BACKGROUNDS[background], lambda o: COLORS[o.color])
         image = canvas.resize((self.resolution, self.resolution), Image.Resampling.LANCZOS)
         first = objects[0]
         labels = {

@@ -10,12 +10,34 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
 
 
+# PIL modes of one-channel images whose values are the ids themselves (P: palette indices).
+ID_MODES = ("L", "P", "I", "I;16", "1")
+
+
+class MapSizeError(ValueError):
+    """A label map or mask whose size is not its image's: the shards are wrong, not one sample."""
+
+
+def read_ids(data: bytes, what: str) -> np.ndarray:
+    """The (H, W) int64 ids of a one-channel image file's bytes (a label map, a mask); `what`
+    names it in errors."""
+    with Image.open(io.BytesIO(data)) as img:
+        if img.mode not in ID_MODES:
+            raise ValueError(f"{what} is a {img.mode} image; label maps and masks are one channel of ids "
+                             f"(PNG mode {', '.join(ID_MODES)}), not colours: convert it to ids first")
+        return np.array(img).astype(np.int64)
+
+
 class ImageTransform:
     """PIL image or encoded image bytes -> float tensor CHW in [-1, 1] at `size` x `size`.
 
     The shorter side is resized to `size` (bicubic, antialiased), then a square is cropped
     (centre, or random for training) and optionally flipped. Randomness comes from the `rng`
     passed per call, so a stream seeded per rank and worker is reproducible.
+
+    `decode_aligned` also takes per-pixel maps of the image (label maps, masks: integer ids at the
+    image's size) and gives them the same geometry: resized with nearest-neighbour (ids are never
+    blended), the same crop box and the same flip draw.
     """
 
     def __init__(self, size: int, crop: str = "center", flip: bool = False):
@@ -24,7 +46,7 @@ class ImageTransform:
         self.size, self.crop, self.flip = size, crop, flip
 
     def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
-        return to_float(self._pil_pixels(image, rng))
+        return to_float(self._place(_rgb_pixels(image), {}, rng)[0])
 
     def decode(self, data: bytes, rng: random.Random | None = None) -> torch.Tensor:
         """Encoded image bytes (PNG, JPEG, ...) -> float CHW in [-1, 1], equal to decoding with PIL
@@ -37,40 +59,65 @@ class ImageTransform:
         images; others are resized by PIL's bicubic, as in the reference pipeline. Formats
         torchvision does not read (and 16-bit PNGs) are decoded by PIL.
         """
-        try:
-            pixels = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        except RuntimeError:  # a format torchvision lacks, or damaged bytes: PIL reads or rejects it
-            pixels = None
-        if pixels is None or pixels.dtype != torch.uint8:
-            with Image.open(io.BytesIO(data)) as img:
-                img.load()
-                return self(img, rng)
-        if min(pixels.shape[1:]) != self.size:  # resize with PIL, as the reference pipeline does
-            return self(Image.fromarray(pixels.permute(1, 2, 0).numpy()), rng)
-        return to_float(self._crop_flip(pixels, rng))
+        return self.decode_aligned(data, {}, rng)[0]
 
-    def _pil_pixels(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
-        """The transformed PIL image as uint8 CHW (before scaling to [-1, 1])."""
-        image = image.convert("RGB")
-        w, h = image.size
+    def decode_aligned(self, data: bytes, maps: dict[str, np.ndarray], rng: random.Random | None = None
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """decode(data), and each (H, W) integer map of `maps` (at the image's size, else
+        MapSizeError) as an int64 (size, size) tensor with the image's resize, crop and flip."""
+        pixels = _decode_pixels(data)
+        h, w = pixels.shape[1:]
+        for name, ids in maps.items():
+            if tuple(ids.shape) != (h, w):
+                raise MapSizeError(f"{name} is {ids.shape[1]}x{ids.shape[0]} px but its image {w}x{h} px: a label "
+                                   "map or mask must have its image's size (rewrite the shards with python -m "
+                                   "ldm.data.write, which checks this)")
+        image, placed = self._place(pixels, maps, rng)
+        return to_float(image), placed
+
+    def _place(self, pixels: torch.Tensor, maps: dict[str, np.ndarray], rng: random.Random | None
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Resize uint8 CHW pixels (bicubic) and their maps (nearest) to the shorter side `size`,
+        then crop and flip them alike."""
+        h, w = pixels.shape[1:]
         scale = self.size / min(w, h)
-        if scale != 1:
-            image = image.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))),
-                                 Image.Resampling.BICUBIC)
-        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-        return self._crop_flip(pixels, rng)
-
-    def _crop_flip(self, pixels: torch.Tensor, rng: random.Random | None) -> torch.Tensor:
-        """Square crop and optional flip of uint8 CHW pixels whose shorter side is `size`."""
+        out = {name: torch.from_numpy(np.asarray(ids, dtype=np.int64)) for name, ids in maps.items()}
+        if scale != 1:  # resize with PIL, as the reference pipeline does
+            shape = (max(self.size, round(w * scale)), max(self.size, round(h * scale)))
+            image = Image.fromarray(pixels.permute(1, 2, 0).numpy()).resize(shape, Image.Resampling.BICUBIC)
+            pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+            out = {name: torch.from_numpy(np.array(Image.fromarray(ids.numpy().astype(np.int32)).resize(
+                shape, Image.Resampling.NEAREST), dtype=np.int64)) for name, ids in out.items()}
         h, w = pixels.shape[1:]
         if self.crop == "random" and rng is not None:
             left, top = rng.randint(0, w - self.size), rng.randint(0, h - self.size)
         else:
             left, top = (w - self.size) // 2, (h - self.size) // 2
-        pixels = pixels[:, top:top + self.size, left:left + self.size]
-        if self.flip and rng is not None and rng.random() < 0.5:
-            pixels = pixels.flip(2)
-        return pixels
+        flip = self.flip and rng is not None and rng.random() < 0.5
+        window = (slice(top, top + self.size), slice(left, left + self.size))
+        pixels = pixels[(slice(None), *window)]
+        out = {name: ids[window] for name, ids in out.items()}
+        if flip:
+            pixels, out = pixels.flip(2), {name: ids.flip(1) for name, ids in out.items()}
+        return pixels, out
+
+
+def _rgb_pixels(image: Image.Image) -> torch.Tensor:
+    """uint8 CHW of a PIL image in RGB."""
+    return torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
+
+
+def _decode_pixels(data: bytes) -> torch.Tensor:
+    """uint8 RGB CHW of encoded image bytes: torchvision, or PIL for what it does not read."""
+    try:
+        pixels = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError:  # a format torchvision lacks, or damaged bytes: PIL reads or rejects it
+        pixels = None
+    if pixels is None or pixels.dtype != torch.uint8:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return _rgb_pixels(img)
+    return pixels
 
 
 def to_float(pixels: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """Write WebDataset tar shards: `python -m ldm.data.write {synthetic,folder,shards} ...`.
 
 Each shard holds a fixed number of samples (`{key}.png|jpg`, `.txt` caption, `.cls` label,
-`.json` metadata) and is written to a temporary name and renamed when complete, so a killed job
-leaves only whole shards. `index.json` records the settings and each shard's sample count; a
+`.json` metadata, and with --label-maps / --masks `.seg.png` class ids and `.mask.png` inpainting
+masks, one-channel PNGs at the image's size) and is written to a temporary name and renamed when
+complete, so a killed job leaves only whole shards. `index.json` records the settings and each shard's sample count; a
 rerun with the same settings resumes after the last complete shard, and a run with different
 settings is refused unless `--overwrite` is given.
 """
@@ -115,11 +116,19 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--size", action="append", metavar="WORD=RADIUS", dest="sizes",
                    help="a size word of the captions and its object radius as a share of the image side "
                         "(repeat for several; default small=0.16 large=0.30)")
+    s.add_argument("--label-maps", action="store_true",
+                   help="add each scene's label map as seg.png (0 background, 1-6 the shapes)")
 
     f = sub.add_parser("folder", parents=[common], help="an image folder")
     f.add_argument("--src", required=True, help="folder with images (searched recursively)")
     f.add_argument("--captions", help="CSV (file,caption) or JSONL with captions; default: side .txt files")
     f.add_argument("--labels-from-folders", action="store_true", help="class label = first sub-folder name")
+    f.add_argument("--label-maps", metavar="DIR",
+                   help="folder of one-channel PNG label maps (class ids) with the images' relative paths and "
+                        "stems, stored as seg.png")
+    f.add_argument("--masks", metavar="DIR",
+                   help="folder of binary PNG inpainting masks (0 = hole, 255 = kept) named like --label-maps, "
+                        "stored as mask.png")
 
     t = sub.add_parser("shards", parents=[common], help="img2dataset-style tar shards (re-sharded, not re-encoded)")
     t.add_argument("--src", nargs="+", required=True, help="input tar files (brace patterns allowed)")
@@ -147,9 +156,12 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.source == "synthetic":
         source: Source = SyntheticSource(args.n, args.resolution, args.seed, args.format, args.max_objects,
-                                         parse_sizes(args.sizes))
+                                         parse_sizes(args.sizes), args.label_maps)
     elif args.source == "folder":
-        source = FolderSource(args.src, args.captions, args.labels_from_folders)
+        try:
+            source = FolderSource(args.src, args.captions, args.labels_from_folders, args.label_maps, args.masks)
+        except (FileNotFoundError, ValueError) as err:  # a missing or mismatched map: nothing written
+            raise SystemExit(f"error: {err}") from err
     else:
         from braceexpand import braceexpand
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import compose
+from conftest import assert_diffusers_pipeline_matches, compose
 from ldm.convert import reference
 from ldm.convert.reference import export_reference_checkpoint, load_reference, module_from_reference_config
 from ldm.utils.checkpoint import CheckpointMismatchError, load_state_dict_file
@@ -193,3 +193,25 @@ def test_sample_py_draws_from_sd2_with_v_prediction(sd2, tiny_arch, tmp_path):
     assert record["settings"]["guidance"] == 7.5 and record["settings"]["image_size"] == 32
     assert [r["prompt"] for r in record["images"]] == ["a red circle"] * 2
     assert len(list((out / "samples").glob("*.png"))) == 2
+
+
+def test_sd2_exports_to_diffusers_and_samples_the_same(sd2, tiny_arch, tmp_path):
+    """As diffusers' own SD-2 folders: a CLIPTextModel without the last block (its final LayerNorm
+    output is the penultimate condition), pad token "!", a v_prediction DDIMScheduler."""
+    pytest.importorskip("diffusers")
+    from transformers import CLIPTextModel
+
+    from ldm.convert.diffusers_pipeline import export_diffusers, load_diffusers_pipeline
+
+    module = _load(sd2)
+    folder = export_diffusers(module, tmp_path / "pipe")
+    assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
+    text = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    assert text.config.num_hidden_layers == TOWER["layers"] - 1
+    prompts = ["a photograph of an astronaut riding a horse", "red, blue & green"]  # no "!": see the encoder's doc
+    assert_diffusers_pipeline_matches(module, folder, prompts, guidance=7.5)
+    back = load_diffusers_pipeline(folder)  # and back: the same condition and weights, one block shorter
+    with torch.no_grad():
+        torch.testing.assert_close(back.encode_condition(prompts), module.encode_condition(prompts))
+    ours = {k: v for k, v in module.state_dict().items() if not k.startswith("cond_stage_model.")}
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in ours.items())

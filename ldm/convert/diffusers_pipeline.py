@@ -149,10 +149,9 @@ def _export_text_encoder(enc: FrozenCLIPTextEncoder, folder: Path) -> None:
         load_strict(model, {k: v for k, v in enc.transformer.state_dict().items() if not k.startswith(drop)},
                     "the OpenCLIP text tower")
     model.save_pretrained(folder / "text_encoder")
-    tokenizer = enc.tokenizer
-    if isinstance(enc, FrozenOpenCLIPTextEncoder):
-        # the pipeline pads with the tokenizer's pad token; id 0 ("!") is open_clip's padding
-        tokenizer = type(tokenizer).from_pretrained(tokenizer.name_or_path, pad_token="!")
+    # The pipeline pads to model_max_length with the pad token; open_clip's padding is id 0 ("!").
+    pad = {"pad_token": "!"} if isinstance(enc, FrozenOpenCLIPTextEncoder) else {}
+    tokenizer = type(enc.tokenizer).from_pretrained(enc.tokenizer.name_or_path, model_max_length=enc.max_length, **pad)
     tokenizer.save_pretrained(folder / "tokenizer")
 
 

@@ -215,3 +215,22 @@ def test_sd2_exports_to_diffusers_and_samples_the_same(sd2, tiny_arch, tmp_path)
         torch.testing.assert_close(back.encode_condition(prompts), module.encode_condition(prompts))
     ours = {k: v for k, v in module.state_dict().items() if not k.startswith("cond_stage_model.")}
     assert all(torch.equal(v, back.state_dict()[k]) for k, v in ours.items())
+
+
+def test_ldm_convert_makes_an_sd2_checkpoint_of_ours_that_sample_py_takes(sd2, tiny_arch, tmp_path):
+    from ldm.cli.convert import main
+    from ldm.cli.sample import sample
+    from ldm.modules.loading import load_module
+
+    folder, _, tokenizer = sd2
+    out = tmp_path / "sd2-ours.ckpt"
+    main([str(folder / "model.ckpt"), "--config", str(folder / "v2-inference-v.yaml"), "--tokenizer", tokenizer,
+          "--to", "ours", "--out", str(out)])
+    module = load_module(out)
+    assert module.parameterization == "v"
+    with torch.no_grad():
+        torch.testing.assert_close(module.encode_condition(PROMPTS), _load(sd2).encode_condition(PROMPTS), rtol=0,
+                                   atol=0)
+    sample(compose("sample", [f"ckpt={out}", "prompt=a red circle", "n=1", "steps=2", f"out_dir={tmp_path / 's'}"],
+                   tmp_path / "h"))
+    assert (tmp_path / "s" / "samples" / "00000.png").is_file()

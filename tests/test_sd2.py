@@ -175,6 +175,12 @@ def test_sd2_bad_inputs_are_refused(sd2, tiny_arch, tmp_path, monkeypatch):
         **v2_params()["unet_config"]["params"], "use_linear_in_transformer": False}}}
     with pytest.raises(CheckpointMismatchError, match=r"proj_in.weight: checkpoint \(32, 32\) vs model \(32, 32, 1, 1\)"):
         reference.load_reference_checkpoint(ckpt, conv, text_encoder=tokenizer)
+    # SD 2.x's x4 upscaler (and the inpainting / depth models) are other classes: refused by name
+    upscaler = tmp_path / "x4-upscaling.yaml"
+    OmegaConf.save({"model": {"target": "ldm.models.diffusion.ddpm.LatentUpscaleDiffusion", "params": v2_params()}},
+                   upscaler)
+    with pytest.raises(ValueError, match="LatentUpscaleDiffusion: only the reference's LatentDiffusion loads"):
+        load_reference(ckpt, upscaler, text_encoder=tokenizer)
     # offline without the tokenizer folder: what to pass
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError, match=r"laion/CLIP-ViT-H-14-laion2B-s32B-b79K.*HF_HUB_OFFLINE.*save_pretrained"):

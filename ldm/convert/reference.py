@@ -252,6 +252,10 @@ def load_reference(ckpt: str | Path, config_path: str | Path, **overrides: Any) 
     node = yaml.get("model", yaml)
     params = node.get("params", node)
     if "unet_config" in params:
+        target = node.get("target", "ldm.models.diffusion.ddpm.LatentDiffusion")
+        if target.rsplit(".", 1)[-1] != "LatentDiffusion":
+            raise ValueError(f"{config_path} describes a {target}: only the reference's LatentDiffusion loads here "
+                             "(not SD's upscaling, inpainting or depth variants; docs/checkpoints.md)")
         return load_reference_checkpoint(ckpt, params, **overrides)
     if "ddconfig" in params:
         if overrides:

@@ -62,3 +62,25 @@ def make_random_inception(path: Path) -> Path:
         state = tf_inception.FeatureExtractorInceptionV3("random", ["2048"]).state_dict()
     torch.save(state, path)
     return path
+
+
+def _diffusers_pipeline_images(folder, prompts: list[str], x_T: torch.Tensor, steps: int, guidance: float) -> torch.Tensor:
+    """What diffusers' own StableDiffusionPipeline draws from `folder` (images in [0, 1])."""
+    import diffusers
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder)
+    assert isinstance(pipe.scheduler, diffusers.DDIMScheduler)
+    size = x_T.shape[-1] * pipe.vae_scale_factor
+    return pipe(prompts, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance, eta=0.0,
+                latents=x_T.clone(), output_type="pt").images
+
+
+def assert_diffusers_pipeline_matches(module, folder, prompts: list[str], steps: int = 4, guidance: float = 3.0) -> None:
+    """Same initial latents, DDIM steps, guidance, eta 0: diffusers' images equal ours (fp32)."""
+    x_T = torch.randn(len(prompts), *module.latent_shape(module.hparams.image_size),
+                      generator=torch.Generator().manual_seed(1))
+    ours = module.sample({"caption": prompts}, name="ddim", num_steps=steps, guidance_scale=guidance, x_T=x_T,
+                         compat=True, eta=0.0, progress=False)
+    theirs = _diffusers_pipeline_images(folder, prompts, x_T, steps, guidance)
+    torch.testing.assert_close(theirs, ((ours + 1) / 2).clamp(0, 1), rtol=0, atol=1e-4)
+    assert theirs.std() > 0.01  # not a constant image

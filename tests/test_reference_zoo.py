@@ -177,9 +177,9 @@ def test_conditioning_key_as_the_reference_derives_it():
     assert reference_conditioning_key({"cond_stage_config": "__is_unconditional__", "conditioning_key": "concat"}) \
         is None
     io = _io("sr_identity_vq4")
-    with pytest.raises(ValueError, match="OpenCLIP text encoder is not supported yet"):
+    with pytest.raises(ValueError, match="unsupported reference condition encoder .*FrozenT5Embedder.*supported: "):
         module_from_reference_config({**io["config"], "cond_stage_config": {
-            "target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder"}})
+            "target": "ldm.modules.encoders.modules.FrozenT5Embedder"}})
     with pytest.raises(ValueError, match="used with conditioning_key 'concat'"):
         module_from_reference_config({**io["config"], "conditioning_key": "crossattn"})
 

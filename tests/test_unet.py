@@ -229,6 +229,8 @@ def test_head_count_rule_follows_the_reference():
     (dict(TINY, attention_resolutions=[], num_heads=1, num_classes=10, adm_in_channels=4), "not both"),
     (dict(TINY, attention_resolutions=[], num_heads=1, num_classes="sequential"), "adm_in_channels"),
     (dict(CROSS, use_new_attention_order=True), "only applies to self-attention"),
+    (dict(TINY, attention_resolutions=[1], num_heads=2, use_linear_in_transformer=True),
+     "use_linear_in_transformer applies to spatial transformers"),
     (dict(CROSS, transformer_depth=0), "transformer_depth"),
     (dict(TINY, attention_resolutions=[], num_heads=1, dropout=1.0), "dropout"),
     (dict(TINY, attention_resolutions=[], num_heads=1, channel_mult=[]), "channel_mult"),
@@ -253,10 +255,12 @@ DIFFUSERS_CASES = [
          transformer_depth=2, num_classes=5),
     dict(TINY, num_res_blocks=2, attention_resolutions=[2], num_heads=2, use_spatial_transformer=True,
          context_dim=16, use_scale_shift_norm=True, adm_in_channels=7),
+    # SD 2.x: Linear proj_in / proj_out (diffusers' use_linear_projection), 64-wide heads as num_head_channels
+    dict(CROSS, num_heads=-1, num_head_channels=16, use_linear_in_transformer=True, legacy=False),
 ]
 
 
-@pytest.mark.parametrize("kwargs", DIFFUSERS_CASES, ids=["class_headwidth", "adm_scaleshift"])
+@pytest.mark.parametrize("kwargs", DIFFUSERS_CASES, ids=["class_headwidth", "adm_scaleshift", "sd2_linear"])
 def test_diffusers_round_trip_gives_same_outputs(kwargs):
     diffusers = pytest.importorskip("diffusers")
     config = diffusers_config_from_unet_kwargs(kwargs)
@@ -267,7 +271,9 @@ def test_diffusers_round_trip_gives_same_outputs(kwargs):
 
     x, t = _inputs()
     ctx = torch.randn(2, 3, 16)
-    y = torch.tensor([1, 4]) if kwargs.get("num_classes") else torch.randn(2, 7)
+    y = torch.tensor([1, 4]) if kwargs.get("num_classes") else torch.randn(2, 7) if kwargs.get("adm_in_channels") \
+        else None
+    assert ours_kwargs.get("use_linear_in_transformer", False) == kwargs.get("use_linear_in_transformer", False)
     with torch.no_grad():
         expected = theirs(x, t, ctx, class_labels=y).sample
         torch.testing.assert_close(ours(x, t, ctx, y), expected, rtol=1e-5, atol=1e-5)
@@ -310,7 +316,5 @@ def test_diffusers_conversion_refuses_other_layouts():
         diffusers_config_from_unet_kwargs(dict(TINY, attention_resolutions=[2], num_heads=2))
     with pytest.raises(ValueError, match="resblock_updown"):
         unet_state_dict_to_diffusers({}, dict(CROSS, resblock_updown=True))
-    with pytest.raises(ValueError, match="use_linear_projection"):
-        unet_kwargs_from_diffusers_config(dict(diffusers_config_from_unet_kwargs(CROSS), use_linear_projection=True))
     with pytest.raises(ValueError, match="no diffusers counterpart"):
         unet_state_dict_to_diffusers({"input_blocks.9.0.op.weight": torch.zeros(1)}, CROSS)

@@ -2,8 +2,9 @@
 and (one way) to diffusers' UNet2DModel.
 
 UNet2DConditionModel covers the cross-attention family (Stable Diffusion style): spatial
-transformers wherever attention is used, with 1x1-conv `proj_in` / `proj_out` (diffusers:
-use_linear_projection=False), conv resampling, no ResBlock up/down. Levels with attention become
+transformers wherever attention is used, with 1x1-conv `proj_in` / `proj_out` (SD 1.x; diffusers:
+use_linear_projection=False) or Linear ones (SD 2.x's use_linear_in_transformer;
+use_linear_projection=True), conv resampling, no ResBlock up/down. Levels with attention become
 CrossAttnDownBlock2D / CrossAttnUpBlock2D, the others DownBlock2D / UpBlock2D; the middle block is
 always UNetMidBlock2DCrossAttn. Class labels map to diffusers' `class_embedding`
 (num_class_embeds), a vector y (adm_in_channels) to class_embed_type="projection".
@@ -33,7 +34,7 @@ _DIFFUSERS_FIXED: dict[str, Any] = {
     "center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0,
     "mid_block_type": "UNetMidBlock2DCrossAttn", "only_cross_attention": False, "downsample_padding": 1,
     "mid_block_scale_factor": 1, "act_fn": "silu", "norm_num_groups": 32, "norm_eps": 1e-5,
-    "dual_cross_attention": False, "use_linear_projection": False,
+    "dual_cross_attention": False,
     "num_attention_heads": None, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
     "addition_embed_type": None, "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
     "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
@@ -113,6 +114,7 @@ def diffusers_config_from_unet_kwargs(unet_kwargs: Mapping[str, Any], sample_siz
         num_class_embeds=cfg["num_classes"],
         class_embed_type="projection" if cfg["adm_in_channels"] is not None else None,
         projection_class_embeddings_input_dim=cfg["adm_in_channels"],
+        use_linear_projection=cfg["use_linear_in_transformer"],
         upcast_attention=False,  # a precision setting only; accepted either way on import
     )
     return config
@@ -180,6 +182,7 @@ def unet_kwargs_from_diffusers_config(config: Mapping[str, Any]) -> dict[str, An
         use_spatial_transformer=True,
         transformer_depth=single["transformer_layers_per_block"],
         context_dim=single["cross_attention_dim"],
+        use_linear_in_transformer=bool(config.get("use_linear_projection", False)),
     )
 
 

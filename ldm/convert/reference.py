@@ -1,15 +1,18 @@
-"""Original LDM checkpoints (CompVis/latent-diffusion, Stable Diffusion 1.x) in and out.
+"""Original LDM checkpoints (CompVis/latent-diffusion, Stable Diffusion 1.x and 2.x) in and out.
 
 Our LatentDiffusion keeps the reference's parameter names, so a reference checkpoint loads with
 strict key checking once the module is built from the reference's model config (the
 `model.params` block of its YAML: unet_config, first_stage_config, cond_stage_config, ...), and
 our state dict is already a reference state dict. The one mapping is explicit: SD-1 files were
 written with transformers 4, whose CLIP text model has a `text_model.` level and a
-`position_ids` buffer that transformers 5 no longer has (map_text_model_keys).
+`position_ids` buffer that transformers 5 no longer has (map_text_model_keys); SD 2.x's OpenCLIP
+text tower (`cond_stage_model.model.*`, open_clip's names) runs as a transformers CLIPTextModel,
+its keys mapped by ldm.convert.openclip, in and out.
 
 The condition encoders of the released models (REFERENCE.md section 12) become ours:
   ClassEmbedder -> ClassEmbedder; BERTEmbedder -> TransformerTextEncoder with the BERT tokenizer;
-  FrozenCLIPEmbedder -> FrozenCLIPTextEncoder; torch.nn.Identity (super-resolution) -> LowResConcat;
+  FrozenCLIPEmbedder -> FrozenCLIPTextEncoder; FrozenOpenCLIPEmbedder -> FrozenOpenCLIPTextEncoder;
+  torch.nn.Identity (super-resolution) -> LowResConcat;
   SpatialRescaler -> SpatialRescaler (semantic synthesis); __is_first_stage__ (inpainting) -> the
   first stage itself as cond stage, with an InpaintConcat in the reference's mask convention.
 The batch keys are ours whatever the YAML names them (the YAML's cond_stage_key is the key of the
@@ -25,12 +28,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ldm.convert.openclip import openclip_to_ours, ours_to_openclip
 from ldm.diffusion.ema import EMA
 from ldm.first_stage.base import FirstStage
 from ldm.modules.latent_diffusion import LatentDiffusion
 from ldm.nets.concat import InpaintConcat, LowResConcat
-from ldm.nets.embedders import (BertCaptionTokenizer, ClassEmbedder, FrozenCLIPTextEncoder, SpatialRescaler,
-                                TransformerTextEncoder)
+from ldm.nets.embedders import (BertCaptionTokenizer, ClassEmbedder, FrozenCLIPTextEncoder,
+                                FrozenOpenCLIPTextEncoder, SpatialRescaler, TransformerTextEncoder)
 from ldm.nets.unet import UNetModel
 from ldm.utils.checkpoint import load_state_dict_file, load_strict, sub_state_dict
 
@@ -44,7 +48,16 @@ _REFERENCE_DEFAULTS = {"linear_start": 1e-4, "linear_end": 2e-2, "cond_stage_tra
 _CLIP_HUB = "openai/clip-vit-large-patch14"  # FrozenCLIPEmbedder's default version
 _BERT_HUB = "bert-base-uncased"  # the reference BERTTokenizer's hard-coded tokenizer
 _SUPPORTED = ("__is_unconditional__", "__is_first_stage__", "ClassEmbedder", "BERTEmbedder", "FrozenCLIPEmbedder",
-              "torch.nn.Identity", "SpatialRescaler")
+              "FrozenOpenCLIPEmbedder", "torch.nn.Identity", "SpatialRescaler")
+# The text towers of open_clip archs (open_clip's model_configs/<arch>.json) released models use;
+# FrozenOpenCLIPEmbedder builds them by name. embed_dim: the width of text_projection.
+OPENCLIP_TEXT_TOWERS: dict[str, dict[str, int]] = {
+    "ViT-H-14": {"width": 1024, "heads": 16, "layers": 24, "embed_dim": 1024, "vocab_size": 49408,
+                 "context_length": 77},  # SD 2.x
+}
+# The reference FrozenOpenCLIPEmbedder tokenizes with open_clip's copy of CLIP's BPE; this hub
+# model (the ViT-H-14 weights' own repository) holds the same vocabulary in transformers' format.
+_OPENCLIP_TOKENIZER_HUB = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 
 
 def _target(node: Mapping[str, Any] | str | None) -> str | None:
@@ -93,25 +106,27 @@ def build_condition(config: Mapping[str, Any], first_stage: FirstStage,
 
     text_encoder: a local folder (or hub name) standing in for the hub model the YAML's text
     encoder names: the BERT tokenizer of a BERTEmbedder (default bert-base-uncased), the CLIP
-    tokenizer and text model of a FrozenCLIPEmbedder (default its `version`, openai/clip-vit-large-patch14).
+    tokenizer and text model of a FrozenCLIPEmbedder (default its `version`, openai/clip-vit-large-patch14),
+    the tokenizer of a FrozenOpenCLIPEmbedder (default laion/CLIP-ViT-H-14-laion2B-s32B-b79K; its
+    text tower is built from `arch` and loaded from the checkpoint).
     """
     node = config.get("cond_stage_config")
     target, key = _target(node), reference_conditioning_key(config)
     params = dict(node.get("params", {})) if isinstance(node, Mapping) else {}
     yaml_key = config.get("cond_stage_key", "image")  # the reference's default
     out: dict[str, Any] = {"conditioning_key": key, "cond_stage": None, "concat_stage": None, "cond_stage_key": None}
-    is_text = target is not None and target.endswith(("BERTEmbedder", "FrozenCLIPEmbedder"))
+    is_text = target is not None and target.endswith(("BERTEmbedder", "FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder"))
     if text_encoder is not None and not is_text:
         raise ValueError(f"text_encoder={text_encoder!r} given, but this model's condition ({target}) has no text "
                          "encoder: drop it")
     if key is None:
         return out
     wants = {"ClassEmbedder": "crossattn", "BERTEmbedder": "crossattn", "FrozenCLIPEmbedder": "crossattn",
-             "torch.nn.Identity": "concat", "SpatialRescaler": "concat", "__is_first_stage__": "concat"}
+             "FrozenOpenCLIPEmbedder": "crossattn", "torch.nn.Identity": "concat", "SpatialRescaler": "concat",
+             "__is_first_stage__": "concat"}
     kind = next((name for name in wants if target == name or target.endswith("." + name)), None)
     if kind is None:
-        hint = " (SD 2.x's OpenCLIP text encoder is not supported yet)" if "OpenCLIP" in str(target) else ""
-        raise ValueError(f"unsupported reference condition encoder {target!r}{hint}; supported: {list(_SUPPORTED)}")
+        raise ValueError(f"unsupported reference condition encoder {target!r}; supported: {list(_SUPPORTED)}")
     if key != wants[kind]:
         raise ValueError(f"the reference's {kind} is used with conditioning_key {wants[kind]!r}, this config "
                          f"gives {key!r}: check the YAML's conditioning_key / concat_mode")
@@ -133,6 +148,14 @@ def build_condition(config: Mapping[str, Any], first_stage: FirstStage,
             raise ValueError(f"FrozenCLIPEmbedder layer {params['layer']!r} is not supported (only 'last', SD 1.x's)")
         out.update(cond_stage_key="caption", uncond_value="", cond_stage=FrozenCLIPTextEncoder(
             text_encoder or params.get("version", _CLIP_HUB), max_length=params.get("max_length", 77)))
+    elif kind == "FrozenOpenCLIPEmbedder":
+        arch, layer = params.get("arch", "ViT-H-14"), params.get("layer", "last")
+        if arch not in OPENCLIP_TEXT_TOWERS:
+            raise ValueError(f"FrozenOpenCLIPEmbedder arch {arch!r} is not known here; known: "
+                             f"{sorted(OPENCLIP_TEXT_TOWERS)} (add its text_cfg to OPENCLIP_TEXT_TOWERS)")
+        out.update(cond_stage_key="caption", uncond_value="", cond_stage=FrozenOpenCLIPTextEncoder(
+            **OPENCLIP_TEXT_TOWERS[arch], tokenizer=text_encoder or _OPENCLIP_TOKENIZER_HUB,
+            max_length=params.get("max_length", 77), layer=layer))
     elif kind == "torch.nn.Identity":
         out.update(cond_stage_key="lowres", concat_stage=LowResConcat(key="lowres"))
     elif kind == "SpatialRescaler":
@@ -208,7 +231,9 @@ def load_reference_checkpoint(path: str | Path, config: Mapping[str, Any], text_
     `overrides` as in module_from_reference_config."""
     module = module_from_reference_config(config, text_encoder=text_encoder, **overrides)
     state = load_state_dict_file(path)
-    if isinstance(module.cond_stage_model, FrozenCLIPTextEncoder):
+    if isinstance(module.cond_stage_model, FrozenOpenCLIPTextEncoder):
+        state = openclip_to_ours(state)
+    elif isinstance(module.cond_stage_model, FrozenCLIPTextEncoder):
         state = map_text_model_keys(state, module, str(path))
     if module.cond_stage_model is module.first_stage_model:
         _check_first_stage_copy(state, str(path))
@@ -227,6 +252,10 @@ def load_reference(ckpt: str | Path, config_path: str | Path, **overrides: Any) 
     node = yaml.get("model", yaml)
     params = node.get("params", node)
     if "unet_config" in params:
+        target = node.get("target", "ldm.models.diffusion.ddpm.LatentDiffusion")
+        if target.rsplit(".", 1)[-1] != "LatentDiffusion":
+            raise ValueError(f"{config_path} describes a {target}: only the reference's LatentDiffusion loads here "
+                             "(not SD's upscaling, inpainting or depth variants; docs/checkpoints.md)")
         return load_reference_checkpoint(ckpt, params, **overrides)
     if "ddconfig" in params:
         if overrides:
@@ -237,11 +266,17 @@ def load_reference(ckpt: str | Path, config_path: str | Path, **overrides: Any) 
                      "autoencoder) under model.params: pass the YAML that came with the checkpoint")
 
 
+def reference_state_dict(module: LatentDiffusion) -> dict[str, torch.Tensor]:
+    """`module`'s state dict in the reference layout: ours, with an OpenCLIP text tower in open_clip's names."""
+    state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    return ours_to_openclip(state) if isinstance(module.cond_stage_model, FrozenOpenCLIPTextEncoder) else state
+
+
 def export_reference_checkpoint(module: LatentDiffusion, path: str | Path) -> Path:
     """Write `module` as a reference-style Lightning checkpoint ({'state_dict': ...})."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()}}, path)
+    torch.save({"state_dict": reference_state_dict(module)}, path)
     return path
 
 

@@ -23,6 +23,7 @@ from ldm.utils.trusted_config import check_trusted
 MODEL_TARGETS = frozenset({
     "ldm.modules.latent_diffusion.LatentDiffusion",
     "ldm.modules.autoencoder.AutoencoderModule",
+    "ldm.convert.reference.module_from_reference_config",  # a released model's YAML params (ldm-convert --to ours)
     "ldm.nets.unet.UNetModel",
     "ldm.nets.concat.LowResConcat",
     "ldm.nets.concat.InpaintConcat",

@@ -197,25 +197,33 @@ class SpatialTransformer(nn.Module):
     """Transformer over the H*W positions of a feature map, with cross-attention to a context.
 
     norm (GroupNorm eps 1e-6) -> 1x1 `proj_in` to n_heads * d_head -> `transformer_blocks` ->
-    zero-initialised 1x1 `proj_out`, added to the input.
+    zero-initialised 1x1 `proj_out`, added to the input. With `use_linear` (SD 2.x's
+    use_linear_in_transformer) `proj_in` / `proj_out` are Linear layers on the token view instead
+    of 1x1 convs: the same map, weights (out, in) instead of (out, in, 1, 1).
     """
 
     def __init__(self, in_channels: int, n_heads: int, d_head: int, depth: int = 1, dropout: float = 0.0,
-                 context_dim: int | None = None):
+                 context_dim: int | None = None, use_linear: bool = False):
         super().__init__()
         if depth < 1:
             raise ValueError(f"transformer depth must be >= 1, got {depth}")
         inner = n_heads * d_head
         self.norm = GroupNorm32(in_channels, eps=1e-6)
-        self.proj_in = nn.Conv2d(in_channels, inner, 1)
+        self.use_linear = use_linear
+        self.proj_in = nn.Linear(in_channels, inner) if use_linear else nn.Conv2d(in_channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, n_heads, d_head, context_dim=context_dim, dropout=dropout)
             for _ in range(depth))
-        self.proj_out = zero_init(nn.Conv2d(inner, in_channels, 1))
+        self.proj_out = zero_init(nn.Linear(inner, in_channels) if use_linear else nn.Conv2d(inner, in_channels, 1))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         b, _, h, w = x.shape
-        tokens = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)  # (B, HW, inner)
+        if self.use_linear:
+            tokens = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))  # (B, HW, inner)
+        else:
+            tokens = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)
         for block in self.transformer_blocks:
             tokens = block(tokens, context)
+        if self.use_linear:
+            return x + self.proj_out(tokens).transpose(1, 2).reshape(b, -1, h, w)
         return x + self.proj_out(tokens.transpose(1, 2).reshape(b, -1, h, w))

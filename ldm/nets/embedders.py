@@ -4,6 +4,8 @@ Each encoder maps the batch values under its `key` to what the UNet consumes:
 - ClassEmbedder: integer labels (B,) -> (B, 1, D), one cross-attention token per sample.
 - TransformerTextEncoder: captions -> (B, L, D), the paper's trainable BERT-like text model.
 - FrozenCLIPTextEncoder: captions -> (B, L, D) from a frozen Hugging Face CLIP text model.
+- FrozenOpenCLIPTextEncoder: captions -> (B, L, D) from a frozen OpenCLIP text tower (SD 2.x), run
+  as a transformers CLIPTextModel.
 - SpatialRescaler: semantic label maps (B, H, W) -> (B, C, h, w) channels for the concat condition.
 `null_condition(batch_size, device)` gives the batch values of the unconditional input for
 classifier-free guidance: the null class, or the empty caption "".
@@ -67,15 +69,15 @@ def _check_captions(captions: Sequence[str]) -> list[str]:
     return list(captions)
 
 
-def _from_pretrained(loader, name: str, what: str, probe: str):
-    """`loader.from_pretrained(name)` for a local folder or a hub name, refused with what to do when
+def _from_pretrained(loader, name: str, what: str, probe: str, **kwargs):
+    """`loader.from_pretrained(name, **kwargs)` for a local folder or a hub name, refused with what to do when
     `name` is neither a folder nor a hub model available here (checked through its file `probe`
     first: transformers 5 builds an empty tokenizer from a name it cannot find instead of failing)."""
     from transformers.utils import cached_file
 
     try:
         cached_file(str(name), probe)
-        return loader.from_pretrained(str(name))
+        return loader.from_pretrained(str(name), **kwargs)
     except OSError as exc:
         offline = " (HF_HUB_OFFLINE is set, so hub names cannot be downloaded)" if os.environ.get("HF_HUB_OFFLINE") else ""
         raise OSError(f"cannot load {what} from {str(name)!r}{offline}: pass a folder written by save_pretrained, "
@@ -206,10 +208,13 @@ class FrozenCLIPTextEncoder(nn.Module):
         super().__init__()
         from transformers import CLIPTextModel, CLIPTokenizer
 
+        self._setup(_from_pretrained(CLIPTokenizer, tokenizer or version, "a CLIP tokenizer", "tokenizer_config.json"),
+                    _from_pretrained(CLIPTextModel, version, "a CLIP text model", "config.json"), max_length, layer, key)
+
+    def _setup(self, tokenizer, transformer: nn.Module, max_length: int, layer: str, key: str) -> None:
         if layer not in self.LAYERS:
             raise ValueError(f"layer must be one of {self.LAYERS}, got {layer!r}")
-        self.tokenizer = _from_pretrained(CLIPTokenizer, tokenizer or version, "a CLIP tokenizer", "tokenizer_config.json")
-        self.transformer = _from_pretrained(CLIPTextModel, version, "a CLIP text model", "config.json")
+        self.tokenizer, self.transformer = tokenizer, transformer
         positions = self.transformer.config.max_position_embeddings
         if max_length > positions:
             raise ValueError(f"max_length {max_length} exceeds the model's {positions} positions")
@@ -238,16 +243,77 @@ class FrozenCLIPTextEncoder(nn.Module):
         return [self.tokenizer.decode(k, skip_special_tokens=True).strip() if len(f) > self.max_length else None
                 for f, k in zip(full, kept)]
 
+    def encode(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, L) -> the hidden states of `layer` (B, L, hidden size)."""
+        out = self.transformer(input_ids=ids, output_hidden_states=self.layer == "penultimate")
+        return out.last_hidden_state if self.layer == "last" else out.hidden_states[-2]
+
     @torch.no_grad()
     def forward(self, captions: Sequence[str]) -> torch.Tensor:
         """Captions -> cross-attention context (B, max_length, hidden size)."""
-        out = self.transformer(input_ids=self.tokenize(captions), output_hidden_states=self.layer == "penultimate")
-        return out.last_hidden_state if self.layer == "last" else out.hidden_states[-2]
+        return self.encode(self.tokenize(captions))
 
     def null_condition(self, batch_size: int, device: torch.device | str | None = None) -> list[str]:
         """The empty caption for every sample (`device` is unused: captions are host strings;
         it is accepted so every encoder's null_condition is called the same way)."""
         return [""] * batch_size
+
+
+class FrozenOpenCLIPTextEncoder(FrozenCLIPTextEncoder):
+    """Frozen OpenCLIP text tower (SD 2.x's FrozenOpenCLIPEmbedder, open_clip ViT-H-14), run as a
+    transformers CLIPTextModel of the tower's dimensions (pre-norm, exact GELU, causal attention,
+    LayerNorm eps 1e-5: the same network). The weights come from the checkpoint: SD 2.x files
+    store open_clip's layout under `cond_stage_model.model.*`, which
+    ldm.convert.openclip maps onto this module's keys and back.
+
+    `layer='penultimate'` (SD 2.x): every block but the last, then the final LayerNorm (what
+    diffusers' `clip_skip=1` computes); `'last'`: all blocks, then the final LayerNorm.
+    Tokenized as open_clip.tokenize does: CLIP's BPE, start token, caption, end token, then
+    padding with id 0 ("!") to `max_length` (SD-1's CLIP pads with the end token), no attention
+    mask. `tokenizer`: a folder written by save_pretrained or a hub name holding CLIP's BPE
+    (open_clip's vocabulary is OpenAI CLIP's). The padding is written here rather than by making
+    "!" the tokenizer's pad token (diffusers' SD-2 tokenizer does), which would also split a "!"
+    inside a caption off as that special token, unlike open_clip.
+    `text_projection` and `logit_scale` are kept as buffers only so that a checkpoint converts
+    back to the reference layout unchanged; the condition does not use them.
+    """
+
+    def __init__(self, width: int, heads: int, layers: int, embed_dim: int,
+                 tokenizer: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", vocab_size: int = 49408,
+                 context_length: int = 77, max_length: int = 77, layer: str = "penultimate", key: str = "caption"):
+        nn.Module.__init__(self)
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+        if width % heads:
+            raise ValueError(f"width {width} does not split into {heads} heads")
+        config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=4 * width,
+                                num_hidden_layers=layers, num_attention_heads=heads,
+                                max_position_embeddings=context_length, hidden_act="gelu", layer_norm_eps=1e-5,
+                                projection_dim=embed_dim, pad_token_id=0, bos_token_id=vocab_size - 2,
+                                eos_token_id=vocab_size - 1)
+        backend = _from_pretrained(CLIPTokenizer, tokenizer, "a CLIP BPE tokenizer (OpenCLIP's vocabulary)",
+                                   "tokenizer_config.json")
+        if backend.convert_tokens_to_ids("!") != 0 or len(backend) != vocab_size:
+            raise ValueError(f"the tokenizer at {tokenizer!r} is not CLIP's BPE vocabulary ('!' = id 0, {vocab_size} "
+                             "tokens), which OpenCLIP's text towers are trained with")
+        self._setup(backend, CLIPTextModel(config), max_length, layer, key)
+        self.register_buffer("text_projection", torch.zeros(width, embed_dim))
+        self.register_buffer("logit_scale", torch.zeros(()))
+
+    def tokenize(self, captions: Sequence[str]) -> torch.Tensor:
+        """Token ids (B, max_length) as open_clip.tokenize gives them, on the model's device."""
+        rows = self.tokenizer(_check_captions(captions), truncation=True, max_length=self.max_length)["input_ids"]
+        ids = torch.zeros(len(rows), self.max_length, dtype=torch.long)  # open_clip's padding: id 0
+        for i, row in enumerate(rows):
+            ids[i, :len(row)] = torch.tensor(row)
+        return ids.to(self.transformer.device)
+
+    def encode(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, L) -> the hidden states after `layer`, through the final LayerNorm (B, L, width)."""
+        if self.layer == "last":
+            return self.transformer(input_ids=ids).last_hidden_state
+        hidden = self.transformer(input_ids=ids, output_hidden_states=True).hidden_states[-2]
+        return self.transformer.final_layer_norm(hidden)
 
 
 # The encoders that take captions (sample.py routes prompts to them, whatever the batch key).

@@ -150,7 +150,8 @@ class UNetModel(nn.Module):
     required) set the attention heads, see `attention_head_count`. Conditioning: `num_classes`
     adds a learned class embedding (y: (B,) integer labels); `adm_in_channels` adds an embedding of
     a vector (y: (B, adm_in_channels)) through `label_emb.0.{0,2}` as in SD2 / sgm; cross-attention
-    needs `use_spatial_transformer` with `context_dim` (context: (B, M, context_dim)); concat
+    needs `use_spatial_transformer` with `context_dim` (context: (B, M, context_dim);
+    `use_linear_in_transformer`: Linear proj_in / proj_out, SD 2.x's layout); concat
     conditioning is `in_channels` > `out_channels`. `use_checkpoint` recomputes each block's
     activations in the backward pass (torch.utils.checkpoint, non-reentrant). `dropout` acts
     in the ResBlocks, as in the reference. `config` holds every argument (defaults filled in,
@@ -187,6 +188,7 @@ class UNetModel(nn.Module):
         use_spatial_transformer: bool = False,
         transformer_depth: int = 1,
         context_dim: int | None = None,
+        use_linear_in_transformer: bool = False,
         legacy: bool = True,
         channels_last: bool = False,
         fp32_norms: bool = True,
@@ -203,7 +205,8 @@ class UNetModel(nn.Module):
             num_head_channels=num_head_channels, num_heads_upsample=num_heads_upsample,
             use_scale_shift_norm=use_scale_shift_norm, resblock_updown=resblock_updown,
             use_new_attention_order=use_new_attention_order, use_spatial_transformer=use_spatial_transformer,
-            transformer_depth=transformer_depth, context_dim=context_dim, legacy=legacy,
+            transformer_depth=transformer_depth, context_dim=context_dim,
+            use_linear_in_transformer=use_linear_in_transformer, legacy=legacy,
             channels_last=channels_last, fp32_norms=fp32_norms)
         check_unet_config(self.config)
         self.model_channels = model_channels
@@ -227,7 +230,8 @@ class UNetModel(nn.Module):
                 num_heads_upsample=num_heads_upsample, legacy=legacy,
                 spatial_transformer=use_spatial_transformer, decoder=decoder)
             if use_spatial_transformer:
-                return SpatialTransformer(ch, heads, ch // heads, depth=transformer_depth, context_dim=context_dim)
+                return SpatialTransformer(ch, heads, ch // heads, depth=transformer_depth, context_dim=context_dim,
+                                          use_linear=use_linear_in_transformer)
             return SelfAttentionBlock(ch, heads, use_new_attention_order=use_new_attention_order)
 
         def resblock(ch_in: int, ch_out: int, **updown: bool) -> ResBlock:
@@ -395,6 +399,9 @@ def check_unet_config(cfg: Mapping[str, Any]) -> None:
                          "use_spatial_transformer=true for cross-attention, or drop context_dim")
     if st and cfg["transformer_depth"] < 1:
         raise ValueError(f"transformer_depth must be >= 1, got {cfg['transformer_depth']}")
+    if not st and cfg["use_linear_in_transformer"]:
+        raise ValueError("use_linear_in_transformer applies to spatial transformers: set use_spatial_transformer=true "
+                         "or drop it")
     if st and cfg["use_new_attention_order"]:
         raise ValueError("use_new_attention_order only applies to self-attention blocks; "
                          "drop it with use_spatial_transformer")

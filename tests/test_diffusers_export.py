@@ -73,7 +73,7 @@ def test_diffusers_round_trip_gives_identical_state_dicts(tmp_path):
 
 def test_models_the_pipeline_cannot_represent_are_refused(tmp_path):
     from ldm.convert.reference import load_reference_checkpoint
-    from conftest import FIXTURES
+    from helpers import FIXTURES
 
     zoo = FIXTURES / "ldm-reference-zoo"
     for name, reason in [("text_bert_kl8", "TransformerTextEncoder"), ("sr_identity_vq4", "'concat'"),
@@ -92,7 +92,7 @@ def test_models_the_pipeline_cannot_represent_are_refused(tmp_path):
 
 
 def test_released_sd1_checkpoint_exports_to_diffusers(tmp_path):
-    from conftest import FIXTURES
+    from helpers import FIXTURES
     from ldm.convert.reference import load_reference_checkpoint
 
     zoo = FIXTURES / "ldm-reference-zoo"

@@ -8,7 +8,8 @@ export back unchanged.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
 import torch
@@ -25,13 +26,17 @@ from ldm.diffusion.samplers import get_sampler, noise_for_seeds
 from ldm.diffusion.samplers.noise import NoiseGenerator, draw_noise, draw_uniforms
 from ldm.diffusion.schedule import DiffusionSchedule, make_betas, q_sample
 from ldm.first_stage.base import FirstStage
-from ldm.modules.base import BuildableModule, fast_optimizer_kwargs
+from ldm.modules.base import BuildableModule, make_optimizer
 from ldm.modules.fsdp import ema_to_checkpoint, fsdp_root, root_params_gathered, shard_ema
 from ldm.modules.nonfinite import NonFiniteGuard
 from ldm.nets.wrapper import CONTEXT_KEYS, DiffusionWrapper
 from ldm.utils.compile import compile_denoiser, compile_encoder
 from ldm.utils.images import log_grid
-from ldm.utils.lr import LR_SCHEDULES, lr_factor, trainer_effective_lr
+from ldm.utils.lr import LR_SCHEDULES, trainer_effective_lr, warmup_scheduler
+
+# Constructor arguments that moved: old name -> new place. Stored checkpoints still carry the old
+# names (ldm.modules.loading drops them: they are training-only); a config that sets one is refused.
+MOVED_ARGUMENTS = {"weight_decay": "optimizer.weight_decay"}
 
 def _batch_len(batch: dict) -> int:
     """Samples in a training batch (of images or of latent-cache moments)."""
@@ -64,8 +69,13 @@ class LatentDiffusion(BuildableModule):
         (ldm.diffusion.loss.DiffusionLoss, the module's `loss`).
     learn_logvar / logvar_init: the per-timestep log-variance of the loss (`logvar`, a parameter
         in the checkpoint when learned, as in the reference).
-    lr_schedule: "constant" or "cosine" after `warmup_steps` (ldm.utils.lr.lr_factor; cosine ends
-        at trainer.max_steps).
+    optimizer: the optimiser without its parameters and learning rate, e.g. a Hydra `_partial_`
+        config {_target_: torch.optim.AdamW, _partial_: true, weight_decay: 0.01} (None: that one);
+        it is called as optimizer(params, lr=...) with torch's fastest implementation for the device.
+    base_lr / scale_lr: its learning rate, x batch x GPUs x accumulation when scale_lr
+        (ldm.utils.lr.trainer_effective_lr, docs/scaling.md).
+    lr_schedule: "constant" or "cosine" after `warmup_steps` (ldm.utils.lr.warmup_scheduler; cosine
+        ends at trainer.max_steps).
     """
 
     def __init__(self, unet: nn.Module, first_stage: FirstStage, cond_stage: nn.Module | None = None,
@@ -78,12 +88,23 @@ class LatentDiffusion(BuildableModule):
                  timestep_focus: dict | None = None, learn_logvar: bool = False,
                  logvar_init: float = 0.0,
                  scale_factor: float = 1.0, scale_by_std: bool = False, ema_decay: float | None = 0.9999,
-                 base_lr: float = 1e-4, scale_lr: bool = True, weight_decay: float = 0.01, warmup_steps: int = 0,
+                 optimizer: Callable[..., torch.optim.Optimizer] | None = None, base_lr: float = 1e-4,
+                 scale_lr: bool = True, warmup_steps: int = 0,
                  lr_schedule: str = "constant", image_size: int = 256, val_sampler: dict | None = None,
                  log_images: int = 8, compile: bool | str = False, compile_mode: str | None = None,
-                 compile_first_stage: bool = False, nonfinite_loss: str = "stop"):
+                 compile_first_stage: bool = False, nonfinite_loss: str = "stop", **moved):
+        for name in moved:
+            if name not in MOVED_ARGUMENTS:
+                raise TypeError(f"LatentDiffusion got an unexpected argument {name!r}")
+            raise TypeError(f"model.{name} is now model.{MOVED_ARGUMENTS[name]} (configs/model/ldm.yaml): "
+                            f"move it there")
         super().__init__()
-        self.save_hyperparameters(ignore=["unet", "first_stage", "cond_stage", "concat_stage"])
+        # the optimiser factory is code, not a value: it stays out of the checkpoint's hparams
+        self.save_hyperparameters(ignore=["unet", "first_stage", "cond_stage", "concat_stage", "optimizer"])
+        # default: the reference's AdamW (its weight decay is AdamW's default)
+        self._optimizer_factory = optimizer or functools.partial(torch.optim.AdamW, weight_decay=0.01)
+        if "lr" in getattr(self._optimizer_factory, "keywords", {}):
+            raise ValueError("the optimizer config sets lr: set model.base_lr instead (scaled by model.scale_lr)")
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
         if not 0.0 <= p_uncond < 1.0:
@@ -345,15 +366,11 @@ class LatentDiffusion(BuildableModule):
             params += list(self.cond_stage_model.parameters())
         if self.hparams.learn_logvar:
             params.append(self.logvar)
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=self.hparams.weight_decay,
-                                      **fast_optimizer_kwargs(params))
-        warmup, lr_schedule = self.hparams.warmup_steps, self.hparams.lr_schedule
-        if not warmup and lr_schedule == "constant":
-            return optimizer
+        optimizer = make_optimizer(self._optimizer_factory, params, lr)
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else None
-        # LambdaLR evaluates step 0 here, so a cosine decay without trainer.max_steps is refused before training
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
-                                                      lambda step: lr_factor(step, warmup, total, lr_schedule))
+        scheduler = warmup_scheduler(optimizer, self.hparams.warmup_steps, total, self.hparams.lr_schedule)
+        if scheduler is None:
+            return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -84,7 +84,8 @@ def test_paper_ldm_composes_from_first_stage_and_unet_files_as_before(name):
         cfg = hydra_compose(config_name="train", overrides=[f"experiment=paper/{name}", *PLACEHOLDERS])
     before = dict(PAPER_LDM_BEFORE[name])
     # the one key that moved since: weight_decay into the optimizer config
-    before["optimizer"] = {"_target_": "torch.optim.AdamW", "_partial_": True, "weight_decay": before.pop("weight_decay")}
+    before["optimizer"] = {"_target_": "torch.optim.AdamW", "_partial_": True,
+                           "weight_decay": before.pop("weight_decay")}
     assert OmegaConf.to_container(cfg.model, resolve=True) == before
 
 

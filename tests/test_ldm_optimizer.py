@@ -19,7 +19,8 @@ LDM = ["experiment=toy/ldm_uncond", "first_stage=identity", "unet.in_channels=3"
 def test_the_configured_optimizer_trains_with_the_scaled_base_lr(tmp_path):
     out = tmp_path / "run"
     train(compose("train", [*LDM, "model.optimizer._target_=torch.optim.SGD", "+model.optimizer.momentum=0.9",
-                            "model.base_lr=1e-3", "model.scale_lr=true", "trainer.max_steps=2"], out, tmp_path / "data"))
+                            "model.base_lr=1e-3", "model.scale_lr=true", "trainer.max_steps=2"],
+                  out, tmp_path / "data"))
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     (group,) = ckpt["optimizer_states"][0]["param_groups"]
     assert group["momentum"] == 0.9 and group["weight_decay"] == 0.01 and "betas" not in group  # SGD

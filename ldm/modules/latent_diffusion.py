@@ -1,10 +1,10 @@
 """The latent diffusion stage as a LightningModule: a denoiser trained on frozen first-stage latents.
 
 Thin glue over ldm.diffusion (schedule, the training loss, condition dropout, EMA, samplers) and
-ldm.nets (UNet, wrapper, condition encoders). Submodule and buffer names are those of the reference LatentDiffusion
-(`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*`, `model_ema.*`, schedule
-buffers, `scale_factor` when scale_by_std), so original LDM checkpoints load strictly and ours
-export back unchanged.
+ldm.nets (UNet, wrapper, condition encoders). Submodule and buffer names are those of the
+reference LatentDiffusion (`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*`,
+`model_ema.*`, schedule buffers, `scale_factor` when scale_by_std, `logvar` when learned), so
+original LDM checkpoints load strictly and ours export back unchanged.
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ from ldm.utils.lr import LR_SCHEDULES, trainer_effective_lr, warmup_scheduler
 # Constructor arguments that moved: old name -> new place. Stored checkpoints still carry the old
 # names (ldm.modules.loading drops them: they are training-only); a config that sets one is refused.
 MOVED_ARGUMENTS = {"weight_decay": "optimizer.weight_decay"}
+
 
 def _batch_len(batch: dict) -> int:
     """Samples in a training batch (of images or of latent-cache moments)."""
@@ -93,11 +94,10 @@ class LatentDiffusion(BuildableModule):
                  lr_schedule: str = "constant", image_size: int = 256, val_sampler: dict | None = None,
                  log_images: int = 8, compile: bool | str = False, compile_mode: str | None = None,
                  compile_first_stage: bool = False, nonfinite_loss: str = "stop", **moved):
-        for name in moved:
-            if name not in MOVED_ARGUMENTS:
-                raise TypeError(f"LatentDiffusion got an unexpected argument {name!r}")
-            raise TypeError(f"model.{name} is now model.{MOVED_ARGUMENTS[name]} (configs/model/ldm.yaml): "
-                            f"move it there")
+        for name in moved:  # refused: a moved argument is named with its new place
+            new = MOVED_ARGUMENTS.get(name)
+            raise TypeError(f"model.{name} is now model.{new} (configs/model/ldm.yaml): move it there" if new
+                            else f"LatentDiffusion got an unexpected argument {name!r}")
         super().__init__()
         # the optimiser factory is code, not a value: it stays out of the checkpoint's hparams
         self.save_hyperparameters(ignore=["unet", "first_stage", "cond_stage", "concat_stage", "optimizer"])
@@ -367,10 +367,11 @@ class LatentDiffusion(BuildableModule):
         if self.hparams.learn_logvar:
             params.append(self.logvar)
         optimizer = make_optimizer(self._optimizer_factory, params, lr)
-        total = self.trainer.max_steps if self.trainer.max_steps > 0 else None
-        scheduler = warmup_scheduler(optimizer, self.hparams.warmup_steps, total, self.hparams.lr_schedule)
-        if scheduler is None:
+        warmup, lr_schedule = self.hparams.warmup_steps, self.hparams.lr_schedule
+        if not warmup and lr_schedule == "constant":
             return optimizer
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else None
+        scheduler = warmup_scheduler(optimizer, warmup, total, lr_schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

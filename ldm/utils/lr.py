@@ -53,10 +53,7 @@ def lr_factor(step: int, warmup: int, total: int | None = None, schedule: str = 
 
 
 def warmup_scheduler(optimizer: torch.optim.Optimizer, warmup: int, total: int | None = None,
-                     schedule: str = "constant") -> torch.optim.lr_scheduler.LambdaLR | None:
-    """A per-step LambdaLR of lr_factor(step, warmup, total, schedule), or None when it would
-    always be 1 (no warm-up, constant). LambdaLR evaluates step 0 at once, so a cosine decay
-    without `total` is refused here, before training starts."""
-    if not warmup and schedule == "constant":
-        return None
+                     schedule: str = "constant") -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step LambdaLR of lr_factor(step, warmup, total, schedule). LambdaLR evaluates step 0
+    at once, so a cosine decay without `total` is refused here, before training starts."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total, schedule))

@@ -1,12 +1,14 @@
 """Every experiment config composes, and its modules instantiate (no training)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from helpers import CONFIGS, compose
+from helpers import CONFIGS, FIXTURES, compose
 from ldm.first_stage.base import FirstStage
 
 EXPERIMENTS = sorted(str(p.relative_to(CONFIGS / "experiment").with_suffix(""))
@@ -59,6 +61,47 @@ def test_paper_ldm_builds_at_reduced_width(tmp_path, caption_shards, name):
     out = model.model(x, torch.tensor([10]), cond)
     assert out.shape == x.shape
     assert OmegaConf.select(cfg, "model.linear_start") > 0
+
+
+# The composed model config of each paper LDM as configs/experiment/paper/ spelled it out in full
+# (first-stage ddconfig and UNet written in each experiment), saved from that commit (b95e7e2).
+PAPER_LDM_BEFORE = json.loads((FIXTURES / "paper_ldm_model_configs.json").read_text())
+PLACEHOLDERS = ["first_stage.path=FS", "paths.output_dir=/OUT", "paths.log_dir=/LOG", "paths.data_dir=/DATA",
+                "data.train_urls=/TRAIN", "data.val_urls=/VAL"]
+
+
+@pytest.mark.parametrize("name", PAPER_LDMS)
+def test_paper_ldm_composes_from_first_stage_and_unet_files_as_before(name):
+    """Each paper LDM takes its first stage from configs/first_stage/paper/ and its UNet from
+    configs/unet/paper/ through its defaults list, and composes to the model config it had when
+    it spelled both out."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    text = (CONFIGS / "experiment" / "paper" / f"{name}.yaml").read_text()
+    assert "ddconfig" not in text and "\nunet:" not in text  # no re-spelled architecture left
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = hydra_compose(config_name="train", overrides=[f"experiment=paper/{name}", *PLACEHOLDERS])
+    before = dict(PAPER_LDM_BEFORE[name])
+    # the one key that moved since: weight_decay into the optimizer config
+    before["optimizer"] = {"_target_": "torch.optim.AdamW", "_partial_": True,
+                           "weight_decay": before.pop("weight_decay")}
+    assert OmegaConf.to_container(cfg.model, resolve=True) == before
+
+
+def test_cond_groups_set_only_cross_attention_unet_keys_and_compose_after_unet(tmp_path):
+    """The cond groups are `_global_` and may write `unet:` keys; they write only what the
+    condition alone decides (cross-attention on, its context width), and train.yaml composes them
+    after `unet`, so those two keys follow the condition whatever UNet file is chosen."""
+    for path in sorted((CONFIGS / "cond").glob("*.yaml")):
+        keys = set(OmegaConf.load(path).get("unet", {}))
+        assert keys <= {"use_spatial_transformer", "context_dim"}, (path.name, keys)
+    defaults = OmegaConf.to_container(OmegaConf.load(CONFIGS / "train.yaml").defaults)
+    groups = [next(iter(d)) if isinstance(d, dict) else d for d in defaults]
+    assert groups.index("unet") < groups.index("cond")
+    cfg = compose("train", ["model=ldm", "unet=sd1", "cond=class", "cond.encoder.embed_dim=96"],
+                  tmp_path / "run", tmp_path / "data")
+    assert cfg.unet.model_channels == 320 and cfg.unet.context_dim == 96 and cfg.unet.use_spatial_transformer
 
 
 @pytest.mark.parametrize("experiment", AUTOENCODERS)

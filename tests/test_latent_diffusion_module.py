@@ -121,7 +121,7 @@ def test_min_snr_gamma_weights_each_sample_of_the_loss(parameterization):
     z, noise = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
     t = torch.tensor([0, 200, 600, 999])
     _, plain = model.diffusion_loss(z, None, t, noise)
-    model.hparams.min_snr_gamma = 5.0
+    model.loss.min_snr_gamma = 5.0
     weighted_loss, weighted = model.diffusion_loss(z, None, t, noise)
     assert torch.equal(weighted["loss_simple"], plain["loss_simple"])  # the logged unweighted loss is unchanged
     # Recompute per sample: min(SNR, 5) in x0 terms, converted to the parameterisation's error.

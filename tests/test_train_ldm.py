@@ -14,7 +14,8 @@ from helpers import TINY_RUN, compose
 from ldm.cli.train import train
 from ldm.data.transforms import to_uint8
 from ldm.nets.tokenizer import CaptionTokenizer
-from ldm.modules.latent_diffusion import LatentDiffusion, drop_conditions
+from ldm.diffusion.guidance import drop_conditions
+from ldm.modules.latent_diffusion import LatentDiffusion
 from ldm.modules.loading import load_first_stage, load_module
 
 

@@ -1,4 +1,5 @@
-"""Classifier-free guidance: out = out_u + s (out_c - out_u).
+"""Classifier-free guidance: out = out_u + s (out_c - out_u), and the condition dropout that
+trains the unconditional branch it needs.
 
 The unconditional and conditional predictions come from one call on a doubled batch
 [uncond, cond], as in the reference samplers. The combination is linear, so it applies to the
@@ -56,3 +57,19 @@ def guided_output(denoiser: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: Co
                          "pass one or use guidance_scale=1")
     out_u, out_c = denoiser(torch.cat([x, x]), torch.cat([t, t]), concat_conditions(uncond, cond)).chunk(2)
     return out_u + scale * (out_c - out_u)
+
+
+def dropout_mask(uniforms: torch.Tensor, p_uncond: float) -> torch.Tensor | None:
+    """Which samples of a training batch get the null condition: uniforms[b] < p_uncond, with
+    `uniforms` (B,) in [0, 1) drawn by the caller (e.g. one per sample from its own generator);
+    None when p_uncond is 0 (nothing dropped)."""
+    return uniforms < p_uncond if p_uncond > 0 else None
+
+
+def drop_conditions(values, drop: torch.Tensor, null):
+    """Replace the entries where `drop` is True by `null` (classifier-free guidance training).
+    values: a list of strings or a tensor with the batch first."""
+    if isinstance(values, torch.Tensor):
+        null_t = torch.as_tensor(null, dtype=values.dtype, device=values.device)
+        return torch.where(drop.view(-1, *([1] * (values.ndim - 1))).to(values.device), null_t, values)
+    return [null if d else v for v, d in zip(values, drop.tolist())]

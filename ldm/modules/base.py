@@ -2,8 +2,9 @@
 its optimisers use torch's fastest Adam implementation for the device."""
 from __future__ import annotations
 
+import inspect
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import pytorch_lightning as pl
 import torch
@@ -50,3 +51,15 @@ def fast_optimizer_kwargs(params: Iterable[torch.Tensor]) -> dict[str, bool]:
     if len(devices) == 1 and devices <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params):
         return {"fused": True}
     return {"foreach": True}
+
+
+def make_optimizer(factory: Callable[..., torch.optim.Optimizer], params: Iterable[torch.Tensor],
+                   lr: float) -> torch.optim.Optimizer:
+    """factory(params, lr=lr) (e.g. a functools.partial of an optimiser class, as Hydra's `_partial_`
+    builds it), with fast_optimizer_kwargs where the optimiser takes them and the factory does not
+    set them itself."""
+    params = list(params)
+    accepted = inspect.signature(getattr(factory, "func", factory)).parameters
+    given = getattr(factory, "keywords", {})
+    fast = {k: v for k, v in fast_optimizer_kwargs(params).items() if k in accepted and k not in given}
+    return factory(params, lr=lr, **fast)

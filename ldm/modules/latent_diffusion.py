@@ -1,14 +1,16 @@
 """The latent diffusion stage as a LightningModule: a denoiser trained on frozen first-stage latents.
 
-Thin glue over ldm.diffusion (schedule, objective, EMA, samplers) and ldm.nets (UNet, wrapper,
-condition encoders). Submodule and buffer names are those of the reference LatentDiffusion
-(`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*`, `model_ema.*`, schedule
-buffers, `scale_factor` when scale_by_std), so original LDM checkpoints load strictly and ours
-export back unchanged.
+Thin glue over ldm.diffusion (schedule, the training loss, condition dropout, EMA, samplers) and
+ldm.nets (UNet, wrapper, condition encoders). Submodule and buffer names are those of the
+reference LatentDiffusion (`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*`,
+`model_ema.*`, schedule buffers, `scale_factor` when scale_by_std, `logvar` when learned), so
+original LDM checkpoints load strictly and ours export back unchanged.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -18,31 +20,23 @@ from torch import nn
 from ldm.data.latents import cached_posterior
 from ldm.nets.tokenizer import CaptionTokenizer
 from ldm.diffusion.ema import EMA
-from ldm.diffusion.objective import (check_parameterization, logvar_weighted, loss_simple, lvlb_weights,
-                                     min_snr_weight, training_target, vlb_term)
+from ldm.diffusion.guidance import drop_conditions, dropout_mask
+from ldm.diffusion.loss import DiffusionLoss
 from ldm.diffusion.samplers import get_sampler, noise_for_seeds
 from ldm.diffusion.samplers.noise import NoiseGenerator, draw_noise, draw_uniforms
 from ldm.diffusion.schedule import DiffusionSchedule, make_betas, q_sample
-from ldm.diffusion.timesteps import TimestepFocus, sample_timesteps
 from ldm.first_stage.base import FirstStage
-from ldm.modules.base import BuildableModule, fast_optimizer_kwargs
+from ldm.modules.base import BuildableModule, make_optimizer
 from ldm.modules.fsdp import ema_to_checkpoint, fsdp_root, root_params_gathered, shard_ema
 from ldm.modules.nonfinite import NonFiniteGuard
 from ldm.nets.wrapper import CONTEXT_KEYS, DiffusionWrapper
+from ldm.utils.compile import compile_denoiser, compile_encoder
 from ldm.utils.images import log_grid
-from ldm.utils.lr import LR_SCHEDULES, lr_factor, trainer_effective_lr
+from ldm.utils.lr import LR_SCHEDULES, trainer_effective_lr, warmup_scheduler
 
-# model.compile: off, the whole UNet, or its attention blocks (regional compilation)
-COMPILE_CHOICES = (False, True, "blocks")
-
-
-def drop_conditions(values, drop: torch.Tensor, null):
-    """Replace the entries where `drop` is True by `null` (classifier-free guidance training).
-    values: a list of strings or a tensor with the batch first."""
-    if isinstance(values, torch.Tensor):
-        null_t = torch.as_tensor(null, dtype=values.dtype, device=values.device)
-        return torch.where(drop.view(-1, *([1] * (values.ndim - 1))).to(values.device), null_t, values)
-    return [null if d else v for v, d in zip(values, drop.tolist())]
+# Constructor arguments that moved: old name -> new place. Stored checkpoints still carry the old
+# names (ldm.modules.loading drops them: they are training-only); a config that sets one is refused.
+MOVED_ARGUMENTS = {"weight_decay": "optimizer.weight_decay"}
 
 
 def _batch_len(batch: dict) -> int:
@@ -68,18 +62,21 @@ class LatentDiffusion(BuildableModule):
     scale_factor / scale_by_std: latents are scale_factor * z; with scale_by_std it becomes
         1/std of the first training batch's latents (all DDP ranks pooled) and is saved.
     compile / compile_mode: torch.compile the denoiser (training and sampling) with that mode
-        (None: torch's default; e.g. "max-autotune"): True compiles the whole UNet, "blocks" only
-        its attention blocks (UNetModel.compile_blocks: a short warm-up, convolutions eager). It is
-        compiled in place (nn.Module.compile), so parameter names and checkpoints are unchanged;
-        compilation happens at the first call.
+        (None: torch's default; e.g. "max-autotune"): True the whole UNet, "blocks" only its
+        attention blocks (ldm.utils.compile); in place, so checkpoints are unchanged.
     compile_first_stage: also compile the first stage's encoder (latents computed from images).
     nonfinite_loss: "stop" or "skip" on a NaN/inf training loss (ldm.modules.nonfinite).
-    min_snr_gamma: None (uniform weights, as the reference) or gamma of min-SNR-gamma loss weights
-        (ldm.diffusion.objective.min_snr_weight).
-    lr_schedule: "constant" or "cosine" after `warmup_steps` (ldm.utils.lr.lr_factor; cosine ends
-        at trainer.max_steps).
-    timestep_focus: None (training timesteps uniform, as the reference) or {low, high, share}:
-        that share of them drawn from [low, high) (ldm.diffusion.timesteps).
+    parameterization, loss_type, min_snr_gamma, timestep_focus: the training loss
+        (ldm.diffusion.loss.DiffusionLoss, the module's `loss`).
+    learn_logvar / logvar_init: the per-timestep log-variance of the loss (`logvar`, a parameter
+        in the checkpoint when learned, as in the reference).
+    optimizer: the optimiser without its parameters and learning rate, e.g. a Hydra `_partial_`
+        config {_target_: torch.optim.AdamW, _partial_: true, weight_decay: 0.01} (None: that one);
+        it is called as optimizer(params, lr=...) with torch's fastest implementation for the device.
+    base_lr / scale_lr: its learning rate, x batch x GPUs x accumulation when scale_lr
+        (ldm.utils.lr.trainer_effective_lr, docs/scaling.md).
+    lr_schedule: "constant" or "cosine" after `warmup_steps` (ldm.utils.lr.warmup_scheduler; cosine
+        ends at trainer.max_steps).
     """
 
     def __init__(self, unet: nn.Module, first_stage: FirstStage, cond_stage: nn.Module | None = None,
@@ -92,15 +89,22 @@ class LatentDiffusion(BuildableModule):
                  timestep_focus: dict | None = None, learn_logvar: bool = False,
                  logvar_init: float = 0.0,
                  scale_factor: float = 1.0, scale_by_std: bool = False, ema_decay: float | None = 0.9999,
-                 base_lr: float = 1e-4, scale_lr: bool = True, weight_decay: float = 0.01, warmup_steps: int = 0,
+                 optimizer: Callable[..., torch.optim.Optimizer] | None = None, base_lr: float = 1e-4,
+                 scale_lr: bool = True, warmup_steps: int = 0,
                  lr_schedule: str = "constant", image_size: int = 256, val_sampler: dict | None = None,
                  log_images: int = 8, compile: bool | str = False, compile_mode: str | None = None,
-                 compile_first_stage: bool = False, nonfinite_loss: str = "stop"):
+                 compile_first_stage: bool = False, nonfinite_loss: str = "stop", **moved):
+        for name in moved:  # refused: a moved argument is named with its new place
+            new = MOVED_ARGUMENTS.get(name)
+            raise TypeError(f"model.{name} is now model.{new} (configs/model/ldm.yaml): move it there" if new
+                            else f"LatentDiffusion got an unexpected argument {name!r}")
         super().__init__()
-        self.save_hyperparameters(ignore=["unet", "first_stage", "cond_stage", "concat_stage"])
-        if min_snr_gamma is not None and min_snr_gamma <= 0:
-            raise ValueError(f"min_snr_gamma must be positive (e.g. 5) or null for uniform weights, "
-                             f"got {min_snr_gamma}")
+        # the optimiser factory is code, not a value: it stays out of the checkpoint's hparams
+        self.save_hyperparameters(ignore=["unet", "first_stage", "cond_stage", "concat_stage", "optimizer"])
+        # default: the reference's AdamW (its weight decay is AdamW's default)
+        self._optimizer_factory = optimizer or functools.partial(torch.optim.AdamW, weight_decay=0.01)
+        if "lr" in getattr(self._optimizer_factory, "keywords", {}):
+            raise ValueError("the optimizer config sets lr: set model.base_lr instead (scaled by model.scale_lr)")
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
         if not 0.0 <= p_uncond < 1.0:
@@ -114,32 +118,18 @@ class LatentDiffusion(BuildableModule):
         if conditioning_key == "concat" and (concat_stage is None) == (cond_stage is None or cond_stage is first_stage):
             raise ValueError("conditioning_key='concat' takes its channels from a concat_stage (ldm.nets.concat) or "
                              "from a cond_stage encoder of batch[cond_stage_key] (e.g. SpatialRescaler): give one of them")
-        self.parameterization = check_parameterization(parameterization)
         self.model = DiffusionWrapper(unet, conditioning_key)
         self.first_stage_model = first_stage.eval().requires_grad_(False)
-        if compile not in COMPILE_CHOICES:
-            raise ValueError(f"compile must be false, true (the whole UNet) or 'blocks' (its attention blocks), "
-                             f"got {compile!r}")
-        if compile == "blocks":
-            if not callable(getattr(unet, "compile_blocks", None)):
-                raise ValueError(f"compile=blocks: {type(unet).__name__} has no compile_blocks(); use compile=true")
-            unet.compile_blocks(mode=compile_mode)
-        elif compile:
-            unet.compile(mode=compile_mode)
+        compile_denoiser(unet, compile, compile_mode)
         if compile_first_stage:
-            encoder = getattr(first_stage, "encoder", None)
-            if not isinstance(encoder, nn.Module):
-                raise ValueError(f"compile_first_stage: {type(first_stage).__name__} has no encoder network to compile")
-            encoder.compile(mode=compile_mode)
+            compile_encoder(first_stage, compile_mode)
         self.cond_stage_model = cond_stage
         if cond_stage is not None and not cond_stage_trainable:
             cond_stage.eval().requires_grad_(False)
         self.concat_stage = concat_stage
         self.schedule = DiffusionSchedule(make_betas(beta_schedule, timesteps, linear_start, linear_end, cosine_s))
-        self.timestep_focus = TimestepFocus.from_config(timestep_focus).check(timesteps) if timestep_focus else None
+        self.loss = DiffusionLoss(self.schedule, parameterization, loss_type, min_snr_gamma, timestep_focus)
         self._register_schedule(self.schedule)
-        # the reference's weights where it has the parameterisation (eps, x0); v has no reference
-        self.lvlb_weights = lvlb_weights(self.schedule, parameterization, compat=parameterization != "v")
         logvar = torch.full((timesteps,), float(logvar_init))
         if learn_logvar:
             self.logvar = nn.Parameter(logvar)
@@ -168,7 +158,13 @@ class LatentDiffusion(BuildableModule):
         # float64 schedule stays when they are its own: a resumed run computes the same tables).
         if prefix + "betas" in state_dict:
             self.schedule = DiffusionSchedule.from_state_dict(state_dict, prefix, configured=self.schedule)
+            self.loss.schedule = self.schedule
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def parameterization(self) -> str:
+        """What the denoiser predicts: eps, x0 or v."""
+        return self.loss.parameterization
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -296,23 +292,11 @@ class LatentDiffusion(BuildableModule):
 
     def diffusion_loss(self, z: torch.Tensor, cond: dict | None, t: torch.Tensor | None = None,
                        noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The training loss on clean scaled latents z, and its logs (prefix-free names)."""
-        if t is None:
-            t = sample_timesteps(z.shape[0], self.schedule.num_timesteps, self.timestep_focus, z.device)
+        """The training loss (self.loss) of the denoiser on clean scaled latents z, and its logs
+        (prefix-free names); t and noise default to draws from the global RNG."""
+        t = self.loss.timesteps(z.shape[0], z.device) if t is None else t
         noise = torch.randn_like(z) if noise is None else noise
-        x_t = q_sample(self.schedule, z, t, noise)
-        out = self.model(x_t, t, cond)
-        target = training_target(self.parameterization, self.schedule, z, noise, t)
-        per_sample = loss_simple(out.float(), target.float(), self.hparams.loss_type)
-        weighted = per_sample
-        if self.hparams.min_snr_gamma is not None:
-            abar = self.schedule.gather("alphas_cumprod", t, per_sample)
-            weighted = per_sample * min_snr_weight(self.parameterization, abar, self.hparams.min_snr_gamma)
-        loss = logvar_weighted(weighted, self.logvar, t).mean()
-        logs = {"loss_simple": per_sample.mean(), "loss_vlb": vlb_term(per_sample, self.lvlb_weights, t), "loss": loss}
-        if self.hparams.learn_logvar:
-            logs["logvar"] = self.logvar.mean()
-        return loss, logs
+        return self.loss(self.model, z, cond, t, noise, self.logvar)
 
     def _step(self, batch: dict, split: str, drop: bool) -> torch.Tensor:
         n = _batch_len(batch)
@@ -321,9 +305,9 @@ class LatentDiffusion(BuildableModule):
         generators = self.sample_generators(n) if split == "train" else None
         z = self.scale_factor * self.first_stage_latents(batch, generators)  # from images or a latent cache
         u = draw_uniforms(n, 4, generators)  # condition dropout, then the three of sample_timesteps
-        mask = u[:, 0] < self.hparams.p_uncond if drop and self.hparams.p_uncond > 0 else None
+        mask = dropout_mask(u[:, 0], self.hparams.p_uncond) if drop else None
         cond = self.condition(batch, tuple(z.shape[-2:]), drop=mask)
-        t = sample_timesteps(n, self.schedule.num_timesteps, self.timestep_focus, z.device, uniforms=u[:, 1:])
+        t = self.loss.timesteps(n, z.device, uniforms=u[:, 1:])
         noise = draw_noise(z.shape, generators, z.device, z.dtype)
         loss, logs = self.diffusion_loss(z, cond, t, noise)
         self.log_dict({f"{split}/{k}": v for k, v in logs.items()}, prog_bar=(split == "train"),
@@ -382,15 +366,12 @@ class LatentDiffusion(BuildableModule):
             params += list(self.cond_stage_model.parameters())
         if self.hparams.learn_logvar:
             params.append(self.logvar)
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=self.hparams.weight_decay,
-                                      **fast_optimizer_kwargs(params))
+        optimizer = make_optimizer(self._optimizer_factory, params, lr)
         warmup, lr_schedule = self.hparams.warmup_steps, self.hparams.lr_schedule
         if not warmup and lr_schedule == "constant":
             return optimizer
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else None
-        # LambdaLR evaluates step 0 here, so a cosine decay without trainer.max_steps is refused before training
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
-                                                      lambda step: lr_factor(step, warmup, total, lr_schedule))
+        scheduler = warmup_scheduler(optimizer, warmup, total, lr_schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -487,28 +468,21 @@ class LatentDiffusion(BuildableModule):
         sampler = get_sampler(name, schedule=self.schedule, parameterization=self.parameterization, **sampler_kwargs)
         steps = sampler.num_steps if init is None else round(strength * sampler.num_steps)
         swap = use_ema and self.model_ema is not None
-        if swap:
-            self._ema().store(self.model)
-            self.model_ema.copy_to(self.model)
-        try:
-            # Under FSDP the EMA swap works on this rank's pieces, so the root unit is gathered after it.
-            with root_params_gathered(self._trainer):
-                if init is not None:
-                    z_init = self.encode_images(init.to(self.device), sample=False)
-                    if steps == 0:
-                        return z_init if return_latents else self.decode_latents(z_init)
-                    if strength < 1.0:
-                        t0 = torch.full((n,), sampler.start_timestep(steps), device=self.device, dtype=torch.long)
-                        x_T = q_sample(self.schedule, z_init, t0, x_T)
-                cond = self.condition(batch, shape[1:])
-                uncond = None
-                if guidance_scale != 1.0:
-                    uncond = self.null_condition(batch, shape[1:]) if negative is None else \
-                        self.condition({**batch, self.hparams.cond_stage_key: negative}, shape[1:])
-                z0 = self.encode_images(known.to(self.device), sample=False) if known is not None else None
-                z = sampler.sample(self.model, x_T, cond, uncond=uncond, guidance_scale=guidance_scale,
-                                   mask=mask, x0=z0, generator=generators, progress=progress, steps=steps)
-                return z if return_latents else self.decode_latents(z)
-        finally:
-            if swap:
-                self.model_ema.restore(self.model)
+        # Under FSDP the EMA swap works on this rank's pieces, so the root unit is gathered after it.
+        with self._ema().ema_scope(self.model) if swap else nullcontext(), root_params_gathered(self._trainer):
+            if init is not None:
+                z_init = self.encode_images(init.to(self.device), sample=False)
+                if steps == 0:
+                    return z_init if return_latents else self.decode_latents(z_init)
+                if strength < 1.0:
+                    t0 = torch.full((n,), sampler.start_timestep(steps), device=self.device, dtype=torch.long)
+                    x_T = q_sample(self.schedule, z_init, t0, x_T)
+            cond = self.condition(batch, shape[1:])
+            uncond = None
+            if guidance_scale != 1.0:
+                uncond = self.null_condition(batch, shape[1:]) if negative is None else \
+                    self.condition({**batch, self.hparams.cond_stage_key: negative}, shape[1:])
+            z0 = self.encode_images(known.to(self.device), sample=False) if known is not None else None
+            z = sampler.sample(self.model, x_T, cond, uncond=uncond, guidance_scale=guidance_scale,
+                               mask=mask, x0=z0, generator=generators, progress=progress, steps=steps)
+            return z if return_latents else self.decode_latents(z)

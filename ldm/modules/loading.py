@@ -48,10 +48,17 @@ MODEL_TARGETS = frozenset({
 })
 
 
+# Model-config entries that only training uses, left out when a stored config is rebuilt: the
+# optimiser (a `_partial_` factory, which the allow-list refuses) and weight_decay, which earlier
+# checkpoints carry at the top level (now optimizer.weight_decay).
+TRAINING_ONLY = {"ldm.modules.latent_diffusion.LatentDiffusion": ("optimizer", "weight_decay")}
+
+
 def load_module(path: str | Path, map_location: str | torch.device = "cpu",
                 trust_config: bool = False) -> BuildableModule:
     """The LightningModule saved at `path` (file or run folder), rebuilt from the model config
-    stored in the checkpoint and loaded with strict key checking, in eval mode.
+    stored in the checkpoint (less its TRAINING_ONLY entries: the rebuilt module has the default
+    optimiser) and loaded with strict key checking, in eval mode.
 
     Unless `trust_config`, a stored config naming anything outside MODEL_TARGETS (or using
     `_args_`, `_partial_`, interpolations) is refused with UntrustedConfigError before anything is
@@ -61,9 +68,11 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu",
     if "build_config" not in ckpt:
         raise ValueError(f"{ckpt_path} holds no build_config: it was not written by this project's train.py. "
                          "Original LDM checkpoints load with ldm.convert.reference")
+    config = ckpt["build_config"]
+    config = {k: v for k, v in config.items() if k not in TRAINING_ONLY.get(config.get("_target_"), ())}
     if not trust_config:
-        check_trusted(ckpt["build_config"], MODEL_TARGETS, str(ckpt_path))
-    module = instantiate(ckpt["build_config"], _convert_="all")
+        check_trusted(config, MODEL_TARGETS, str(ckpt_path))
+    module = instantiate(config, _convert_="all")
     load_strict(module, ckpt["state_dict"], str(ckpt_path))
     module.on_load_checkpoint(ckpt)
     return module.eval()

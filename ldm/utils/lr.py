@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import pytorch_lightning as pl
+import torch
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -49,3 +50,10 @@ def lr_factor(step: int, warmup: int, total: int | None = None, schedule: str = 
     if schedule == "constant":
         return 1.0
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
+
+
+def warmup_scheduler(optimizer: torch.optim.Optimizer, warmup: int, total: int | None = None,
+                     schedule: str = "constant") -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step LambdaLR of lr_factor(step, warmup, total, schedule). LambdaLR evaluates step 0
+    at once, so a cosine decay without `total` is refused here, before training starts."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total, schedule))

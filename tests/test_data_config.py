@@ -55,11 +55,12 @@ def test_a_mistyped_train_path_never_creates_data(tmp_path):
 def test_synthetic_data_configs_keep_their_datasets(tmp_path):
     """The toy, quickstart and f-sweep experiments write the same folders with the same settings as
     before their synthetic counts moved into the data configs (folders written then are reused)."""
-    expected = {"toy/ae_kl": ("shapes-32", 32, 3, None), "toy/ldm_text": ("shapes-32", 32, 3, None),
-                "toy/ae_kl_quickstart": ("shapes-32-large", 32, 1, {"large": 0.4}),
-                "toy/ldm_text_quickstart": ("shapes-32-large", 32, 1, {"large": 0.4}),
-                "fsweep/ae": ("shapes-64-single", 64, 1, None), "fsweep/ldm": ("shapes-64-single", 64, 1, None)}
-    for experiment, (folder, resolution, max_objects, sizes) in expected.items():
+    # (the f-sweep's own folder since it takes 512 validation scenes: FID on >= 500 real images)
+    expected = {"toy/ae_kl": ("shapes-32", 32, 3, None, 128), "toy/ldm_text": ("shapes-32", 32, 3, None, 128),
+                "toy/ae_kl_quickstart": ("shapes-32-large", 32, 1, {"large": 0.4}, 128),
+                "toy/ldm_text_quickstart": ("shapes-32-large", 32, 1, {"large": 0.4}, 128),
+                "fsweep/ae": ("shapes-64-fsweep", 64, 1, None, 512), "fsweep/ldm": ("shapes-64-fsweep", 64, 1, None, 512)}
+    for experiment, (folder, resolution, max_objects, sizes, val_samples) in expected.items():
         extra = ["first_stage.path=r"] if "ldm" in experiment else []
         extra += ["fsweep.f=4"] if experiment == "fsweep/ldm" else []
         cfg = compose("train", [f"experiment={experiment}", *extra], tmp_path / "run", tmp_path / "data")
@@ -68,7 +69,8 @@ def test_synthetic_data_configs_keep_their_datasets(tmp_path):
         assert data["val_urls"] == str(tmp_path / "data" / folder / "val"), experiment
         spec = data["synthetic"]
         assert (spec["train_samples"], spec["val_samples"], spec["resolution"], spec["seed"], spec["per_shard"],
-                spec["max_objects"], spec["sizes"]) == (2000, 128, resolution, 0, 250, max_objects, sizes), experiment
+                spec["max_objects"], spec["sizes"]) == (2000, val_samples, resolution, 0, 250, max_objects, sizes), \
+            experiment
 
 
 @pytest.mark.parametrize("size", [0, -4])
